@@ -1,0 +1,102 @@
+"""Multi-head latent attention (MLA) over a slotted KV cache, in DeepSeek's naive and absorb forms."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tp_infer.config import ModelArgs
+from tp_infer.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, TensorParallel
+from tp_infer.rope import apply_rope
+
+
+@dataclass
+class AttentionBatch:
+    """Where a forward's tokens sit: rows are cache slots, each row at its own start position (new tokens padded)."""
+
+    slots: torch.Tensor  # [B] cache slot of each row
+    positions: torch.Tensor  # [B, T] absolute position of each new token
+    valid: torch.Tensor  # [B, T] False on padding
+    mask: torch.Tensor  # [B, T, S] additive causal mask over the S = kv_len cached + new positions
+    cos: torch.Tensor  # [B, T, rope_dim / 2]
+    sin: torch.Tensor
+    slot_range: slice | None  # the slots as a contiguous range, when they are one (read the cache as a view)
+
+    def write(self, cache: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the valid tokens' values [B, T, ...] at their positions in their slots."""
+        rows = self.slots[:, None].expand_as(self.positions)
+        cache[rows[self.valid], self.positions[self.valid]] = values[self.valid].to(cache.dtype)
+
+    def read(self, cache: torch.Tensor) -> torch.Tensor:
+        """The rows' first S = kv_len cached positions, [B, S, ...]."""
+        kv_len = self.mask.shape[-1]
+        if self.slot_range is not None:
+            return cache[self.slot_range, :kv_len]
+        return cache[self.slots, :kv_len]
+
+
+class MLA(nn.Module):
+    """Latent attention on this rank's heads. naive caches per-head k/v; absorb caches the shared latent and
+    rope key and folds wkv_b into the query and the output."""
+
+    def __init__(self, args: ModelArgs, tp: TensorParallel, dtype: torch.dtype):
+        super().__init__()
+        self.local_heads = tp.split(args.n_heads)
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        self.softmax_scale = args.softmax_scale
+        self.attn_impl = args.attn_impl
+        q_out = args.n_heads * args.qk_head_dim
+        fp8 = args.fp8_weights
+        if args.q_lora_rank == 0:
+            self.wq = ColumnParallelLinear(args.dim, q_out, tp, dtype, fp8)
+        else:
+            self.wq_a = Linear(args.dim, args.q_lora_rank, dtype, fp8)
+            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps, dtype)
+            self.wq_b = ColumnParallelLinear(args.q_lora_rank, q_out, tp, dtype, fp8)
+        self.wkv_a = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, dtype, fp8)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps, dtype)
+        self.wkv_b = ColumnParallelLinear(args.kv_lora_rank, args.n_heads * (self.nope_dim + self.v_dim), tp, dtype, fp8)
+        self.wo = RowParallelLinear(args.n_heads * self.v_dim, args.dim, tp, dtype, fp8)
+        slots, seq = args.max_batch_size, args.max_seq_len
+        if self.attn_impl == "naive":
+            k_shape, v_shape = (slots, seq, self.local_heads, args.qk_head_dim), (slots, seq, self.local_heads, self.v_dim)
+            self.register_buffer("k_cache", torch.zeros(k_shape, dtype=dtype), persistent=False)
+            self.register_buffer("v_cache", torch.zeros(v_shape, dtype=dtype), persistent=False)
+        else:
+            self.register_buffer("kv_cache", torch.zeros(slots, seq, self.kv_lora_rank, dtype=dtype), persistent=False)
+            self.register_buffer("pe_cache", torch.zeros(slots, seq, self.rope_dim, dtype=dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(bsz, seqlen, self.local_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, batch.cos, batch.sin)
+        latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_norm(latent)
+        k_pe = apply_rope(k_pe, batch.cos, batch.sin)
+        wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        if self.attn_impl == "naive":
+            kv = torch.einsum("btc,hdc->bthd", latent, wkv_b)
+            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
+            batch.write(self.k_cache, k)
+            batch.write(self.v_cache, v)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            scores = torch.einsum("bthd,bshd->bths", q, batch.read(self.k_cache))
+        else:
+            batch.write(self.kv_cache, latent)
+            batch.write(self.pe_cache, k_pe)
+            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, : self.nope_dim])
+            kv_cache = batch.read(self.kv_cache)
+            scores = torch.einsum("bthc,bsc->bths", q_latent, kv_cache)
+            scores = scores + torch.einsum("bthr,bsr->bths", q_pe, batch.read(self.pe_cache))
+        scores = scores.float() * self.softmax_scale + batch.mask.unsqueeze(2)
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        if self.attn_impl == "naive":
+            out = torch.einsum("bths,bshd->bthd", probs, batch.read(self.v_cache))
+        else:
+            out = torch.einsum("bths,bsc->bthc", probs, kv_cache)
+            out = torch.einsum("bthc,hdc->bthd", out, wkv_b[:, self.nope_dim :])
+        return self.wo(out.flatten(2))

@@ -1,0 +1,105 @@
+"""Feed-forward layers: the tensor-parallel dense MLP, the router, and the mixture of experts split across ranks."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_infer.config import ModelArgs
+from tp_infer.distributed import all_reduce
+from tp_infer.layers import ColumnParallelLinear, Linear, RowParallelLinear, TensorParallel
+
+
+class MLP(nn.Module):
+    """SwiGLU with w1/w3 column-parallel and w2 row-parallel; `reduce=False` leaves the all-reduce to the caller."""
+
+    def __init__(self, dim: int, inter_dim: int, tp: TensorParallel, dtype: torch.dtype, fp8: bool, reduce=True):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, inter_dim, tp, dtype, fp8)
+        self.w2 = RowParallelLinear(inter_dim, dim, tp, dtype, fp8, reduce=reduce)
+        self.w3 = ColumnParallelLinear(dim, inter_dim, tp, dtype, fp8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Expert(nn.Module):
+    """One routed expert, whole on the rank that owns it."""
+
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, fp8: bool):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim, dtype, fp8)
+        self.w2 = Linear(inter_dim, dim, dtype, fp8)
+        self.w3 = Linear(dim, inter_dim, dtype, fp8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router: softmax or sigmoid scores; the optional bias steers the choice only; group-limited top-k."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype):
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.score_func, self.route_scale, self.route_norm = args.score_func, args.route_scale, args.route_norm
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype), requires_grad=False)
+        if args.score_func == "sigmoid":
+            self.bias = nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights [N, topk] (in x's dtype) and expert indices [N, topk]."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        choice = scores if self.bias is None else scores + self.bias
+        if self.n_groups > 1:
+            grouped = choice.view(x.size(0), self.n_groups, -1)
+            if self.bias is None:
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.topk, dim=-1)[1]
+        weights = scores.gather(1, indices)
+        if self.route_norm:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights * self.route_scale).to(x.dtype), indices
+
+
+class MoE(nn.Module):
+    """Routed experts [rank*E/ws, (rank+1)*E/ws) live here; the shared experts are tensor-parallel. Both partial
+    sums are added before a single all-reduce."""
+
+    def __init__(self, args: ModelArgs, tp: TensorParallel, dtype: torch.dtype):
+        super().__init__()
+        self.world_size = tp.world_size
+        self.n_routed = args.n_routed_experts
+        local = tp.split(args.n_routed_experts)
+        self.first_expert = tp.rank * local
+        self.gate = Gate(args, dtype)
+        fp8 = args.fp8_weights
+        self.experts = nn.ModuleDict(
+            {str(i): Expert(args.dim, args.moe_inter_dim, dtype, fp8) for i in range(self.first_expert, self.first_expert + local)}
+        )
+        self.shared_experts = (
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, tp, dtype, fp8, reduce=False)
+            if args.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.view(-1, shape[-1])
+        weights, indices = self.gate(x)
+        y = torch.zeros_like(x) if self.shared_experts is None else self.shared_experts(x)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed).tolist()
+        for name, expert in self.experts.items():
+            i = int(name)
+            if counts[i] == 0:
+                continue
+            rows, slot = torch.where(indices == i)
+            y.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
+        return all_reduce(y, self.world_size).view(shape)

@@ -1,0 +1,47 @@
+"""Rotary position embedding on interleaved pairs (x[2i], x[2i+1]), with YaRN frequency scaling."""
+
+import math
+
+import torch
+
+from tp_infer.config import ModelArgs
+
+
+def yarn_correction_range(args: ModelArgs) -> tuple[int, int]:
+    """The rotary dimensions (low, high) between which YaRN blends interpolated and original frequencies."""
+
+    def correction_dim(num_rotations: float) -> float:
+        dim, base = args.qk_rope_head_dim, args.rope_theta
+        return dim * math.log(args.original_seq_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = math.floor(correction_dim(args.beta_fast))
+    high = math.ceil(correction_dim(args.beta_slow))
+    return max(low, 0), min(high, args.qk_rope_head_dim - 1)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Angular frequency of each rotary pair, [qk_rope_head_dim // 2], fp32."""
+    dim = args.qk_rope_head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if args.yarn:
+        low, high = yarn_correction_range(args)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+def rope_cos_sin(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_seq_len, qk_rope_head_dim // 2], scaled by YaRN's rope mscale."""
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), rope_frequencies(args))
+    return angles.cos() * args.rope_mscale, angles.sin() * args.rope_mscale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs of x [B, T, H, D] (or [B, T, D]) by cos/sin [B, T, D/2], computed in fp32."""
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    xf = x.float()
+    even, odd = xf[..., 0::2], xf[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
