@@ -56,11 +56,16 @@ class MLA(nn.Module):
             self.wq_b = ColumnParallelLinear(args.q_lora_rank, q_out, tp, dtype, fp8)
         self.wkv_a = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, dtype, fp8)
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps, dtype)
-        self.wkv_b = ColumnParallelLinear(args.kv_lora_rank, args.n_heads * (self.nope_dim + self.v_dim), tp, dtype, fp8)
+        self.wkv_b = ColumnParallelLinear(
+            args.kv_lora_rank, args.n_heads * (self.nope_dim + self.v_dim), tp, dtype, fp8
+        )
         self.wo = RowParallelLinear(args.n_heads * self.v_dim, args.dim, tp, dtype, fp8)
         slots, seq = args.max_batch_size, args.max_seq_len
         if self.attn_impl == "naive":
-            k_shape, v_shape = (slots, seq, self.local_heads, args.qk_head_dim), (slots, seq, self.local_heads, self.v_dim)
+            k_shape, v_shape = (
+                (slots, seq, self.local_heads, args.qk_head_dim),
+                (slots, seq, self.local_heads, self.v_dim),
+            )
             self.register_buffer("k_cache", torch.zeros(k_shape, dtype=dtype), persistent=False)
             self.register_buffer("v_cache", torch.zeros(v_shape, dtype=dtype), persistent=False)
         else:

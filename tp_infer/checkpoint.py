@@ -93,7 +93,8 @@ def load_shard(model: Transformer, ckpt_dir: str | Path) -> None:
             tensor = f.get_tensor(name)
             if tensor.shape != param.shape:
                 raise CheckpointError(
-                    f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                    f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(param.shape)}"
                 )
             if (tensor.dtype == torch.float8_e4m3fn) != (param.dtype == torch.float8_e4m3fn):
                 raise CheckpointError(

@@ -90,7 +90,8 @@ class ModelArgs:
         if self.n_dense_layers < self.n_layers:
             if self.n_routed_experts % self.n_expert_groups:
                 raise ConfigError(
-                    f"n_routed_experts={self.n_routed_experts} is not divisible by n_expert_groups={self.n_expert_groups}"
+                    f"n_routed_experts={self.n_routed_experts} is not divisible by "
+                    f"n_expert_groups={self.n_expert_groups}"
                 )
             if not 1 <= self.n_limited_groups <= self.n_expert_groups:
                 raise ConfigError(f"n_limited_groups={self.n_limited_groups}: must be in 1..n_expert_groups")
@@ -169,7 +170,9 @@ def _from_hf(raw: dict) -> ModelArgs:
     if model_type not in ("deepseek_v2", "deepseek_v3"):
         raise ConfigError(f"model_type={model_type!r}: only deepseek_v2 and deepseek_v3 are supported")
     if raw.get("rope_interleave") is False:
-        raise ConfigError("rope_interleave=false: DeepSeek weights rotate interleaved pairs; no other layout is supported")
+        raise ConfigError(
+            "rope_interleave=false: DeepSeek weights rotate interleaved pairs; no other layout is supported"
+        )
     kw = {ours: raw[theirs] for theirs, ours in HF_NAMES.items() if raw.get(theirs) is not None}
     kw["q_lora_rank"] = raw.get("q_lora_rank") or 0
     kw["score_func"] = "sigmoid" if model_type == "deepseek_v3" else raw.get("scoring_func", "softmax")
@@ -195,6 +198,8 @@ def _rope_from_hf(raw: dict) -> dict:
         return {"rope_theta": theta, "rope_factor": 1.0}
     if kind != "yarn":
         raise ConfigError(f"rope type {kind!r}: only yarn (or none) is supported")
+    if rope.get("factor") is None:
+        raise ConfigError(f"rope type yarn without a factor: {rope}")
     factor = rope["factor"]
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if rope.get("attention_factor") is not None:
@@ -206,7 +211,8 @@ def _rope_from_hf(raw: dict) -> dict:
     return {
         "rope_theta": theta,
         "rope_factor": factor,
-        "original_seq_len": rope.get("original_max_position_embeddings", 4096),
+        # absent, transformers takes the pretraining length to be max_position_embeddings
+        "original_seq_len": rope.get("original_max_position_embeddings") or raw.get("max_position_embeddings", 4096),
         "beta_fast": rope.get("beta_fast") or 32,
         "beta_slow": rope.get("beta_slow") or 1,
         "mscale": mscale_all_dim or 0.0,

@@ -58,10 +58,12 @@ def read_slice(f, hf_name: str, full_shape: tuple, shard_shape: tuple, rank: int
     """This rank's part of a tensor: whole when the shapes agree, else the rank-th chunk of the one split dim."""
     src = f.get_slice(hf_name)
     if tuple(src.get_shape()) != tuple(full_shape):
-        raise CheckpointError(f"tensor {hf_name} has shape {tuple(src.get_shape())}, the config implies {tuple(full_shape)}")
+        raise CheckpointError(
+            f"tensor {hf_name} has shape {tuple(src.get_shape())}, the config implies {tuple(full_shape)}"
+        )
     if tuple(full_shape) == tuple(shard_shape):
         return src[:]
-    (dim,) = [d for d, (a, b) in enumerate(zip(full_shape, shard_shape)) if a != b]
+    (dim,) = [d for d, (a, b) in enumerate(zip(full_shape, shard_shape, strict=True)) if a != b]
     if full_shape[dim] % shard_shape[dim]:
         raise CheckpointError(
             f"tensor {hf_name}: {full_shape[dim]} rows do not split into shards of {shard_shape[dim]} "
@@ -100,7 +102,9 @@ def convert(hf_dir: str | Path, save_dir: str | Path, model_parallel: int, dtype
             path, hf_name = sources[name]
             with safe_open(path, framework="pt") as f:
                 state[name] = read_slice(f, hf_name, full[name][0], shape, rank).contiguous()
-        save_file(state, save_dir / shard_name(rank, model_parallel), {"world_size": str(model_parallel), "rank": str(rank)})
+        save_file(
+            state, save_dir / shard_name(rank, model_parallel), {"world_size": str(model_parallel), "rank": str(rank)}
+        )
         del state
 
     if dequant:
@@ -122,5 +126,5 @@ def dequantized_slice(sources: dict, name: str, full: dict, shard_shape: tuple, 
     weight = fp8.dequantize(*tensors, torch.bfloat16)
     if weight.shape == shard_shape:
         return weight
-    (dim,) = [d for d, (a, b) in enumerate(zip(weight.shape, shard_shape)) if a != b]
+    (dim,) = [d for d, (a, b) in enumerate(zip(weight.shape, shard_shape, strict=True)) if a != b]
     return weight.narrow(dim, rank * shard_shape[dim], shard_shape[dim]).contiguous()

@@ -39,7 +39,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistCont
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=dev if backend == "nccl" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), device_id=dev if backend == "nccl" else None
+        )
     return DistContext(rank, world_size, dev)
 
 

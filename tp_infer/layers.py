@@ -57,7 +57,12 @@ class RowParallelLinear(Linear):
     """Input features split across ranks; partial outputs are summed by an all-reduce (unless the caller fuses it)."""
 
     def __init__(
-        self, in_features: int, out_features: int, tp: TensorParallel, dtype: torch.dtype, fp8_weights=False,
+        self,
+        in_features: int,
+        out_features: int,
+        tp: TensorParallel,
+        dtype: torch.dtype,
+        fp8_weights=False,
         reduce: bool = True,
     ):
         super().__init__(tp.split(in_features), out_features, dtype, fp8_weights)

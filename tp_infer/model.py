@@ -32,8 +32,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Embedding, blocks, final norm and the vocab-parallel head; state dict names follow DeepSeek's reference."""
 
-    def __init__(self, args: ModelArgs, tp: TensorParallel = TensorParallel()):
+    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None):
         super().__init__()
+        tp = tp or TensorParallel()
         args.check_world_size(tp.world_size)
         self.args, self.tp = args, tp
         dtype = DTYPES[args.dtype]

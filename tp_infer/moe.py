@@ -40,7 +40,11 @@ class Gate(nn.Module):
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype):
         super().__init__()
-        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.topk, self.n_groups, self.topk_groups = (
+            args.n_activated_experts,
+            args.n_expert_groups,
+            args.n_limited_groups,
+        )
         self.score_func, self.route_scale, self.route_norm = args.score_func, args.route_scale, args.route_norm
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype), requires_grad=False)
         if args.score_func == "sigmoid":
@@ -55,10 +59,8 @@ class Gate(nn.Module):
         choice = scores if self.bias is None else scores + self.bias
         if self.n_groups > 1:
             grouped = choice.view(x.size(0), self.n_groups, -1)
-            if self.bias is None:
-                group_scores = grouped.amax(dim=-1)
-            else:
-                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            # without a bias a group scores its best expert; with one, its best two (as V3 was trained)
+            group_scores = grouped.amax(dim=-1) if self.bias is None else grouped.topk(2, dim=-1)[0].sum(dim=-1)
             keep = group_scores.topk(self.topk_groups, dim=-1)[1]
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
@@ -82,7 +84,10 @@ class MoE(nn.Module):
         self.gate = Gate(args, dtype)
         fp8 = args.fp8_weights
         self.experts = nn.ModuleDict(
-            {str(i): Expert(args.dim, args.moe_inter_dim, dtype, fp8) for i in range(self.first_expert, self.first_expert + local)}
+            {
+                str(i): Expert(args.dim, args.moe_inter_dim, dtype, fp8)
+                for i in range(self.first_expert, self.first_expert + local)
+            }
         )
         self.shared_experts = (
             MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, tp, dtype, fp8, reduce=False)

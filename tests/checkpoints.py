@@ -1,0 +1,79 @@
+"""Tiny random DeepSeek checkpoints written by transformers itself (the independent oracle), with weights scaled
+so that activations and logits are O(1) and every routing decision matters."""
+
+import math
+from pathlib import Path
+
+import torch
+
+YARN_V3 = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+YARN_V2 = {**YARN_V3, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    v_head_dim=16,
+    qk_nope_head_dim=32,
+    n_group=2,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+
+def hf_model(kind: str, seed: int = 0):
+    """kind "v3": q_lora, sigmoid routing with bias, groups; "v2": plain wq, softmax, group-limited greedy."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "v3":
+        config = transformers.DeepseekV3Config(
+            **COMMON, q_lora_rank=48, routed_scaling_factor=2.5, rope_parameters=YARN_V3
+        )
+        model = transformers.DeepseekV3ForCausalLM(config)
+    else:
+        config = transformers.DeepseekV2Config(
+            **COMMON,
+            q_lora_rank=None,
+            routed_scaling_factor=1.5,
+            topk_method="group_limited_greedy",
+            rope_parameters=YARN_V2,
+        )
+        model = transformers.DeepseekV2ForCausalLM(config)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if "norm" in name:
+                t.uniform_(0.5, 1.5)
+            elif "e_score_correction_bias" in name:
+                t.uniform_(-0.2, 0.2)
+            elif "embed_tokens" in name:
+                t.normal_(0, 1.0)
+            elif t.dim() >= 2:
+                t.normal_(0, 1 / math.sqrt(t.shape[-1]))
+    return model.float().eval()
+
+
+def write_hf_checkpoint(kind: str, path: Path, seed: int = 0) -> Path:
+    hf_model(kind, seed).save_pretrained(path, max_shard_size="300KB")
+    return path

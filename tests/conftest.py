@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import write_hf_checkpoint
+
+from tp_infer.convert import convert
+
+
+@pytest.fixture(scope="session")
+def hf_ckpt(tmp_path_factory):
+    """Hugging Face folders of the two tiny variants, {"v3": path, "v2": path}."""
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: write_hf_checkpoint(kind, root / kind) for kind in ("v3", "v2")}
+
+
+@pytest.fixture(scope="session")
+def converted(hf_ckpt, tmp_path_factory):
+    """converted[kind] is a folder holding shards for world sizes 1, 2 and 4."""
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for kind, path in hf_ckpt.items():
+        out[kind] = root / kind
+        for world_size in (1, 2, 4):
+            convert(path, out[kind], world_size)
+    return out

@@ -1,0 +1,66 @@
+"""Functions that run on every rank of a harness job (module level, so spawned processes can import them)."""
+
+import torch
+
+from tp_infer.checkpoint import load_model
+from tp_infer.config import load_config
+from tp_infer.layers import TensorParallel
+
+PROMPT = [5, 17, 200, 3, 99, 42, 7, 7, 130, 250, 61, 8, 190, 33, 2, 77, 145, 12, 9, 240, 64, 101, 55, 18]
+
+
+def load(ctx, ckpt_dir, **options):
+    args = load_config(f"{ckpt_dir}/config.json", dtype="fp32", max_seq_len=128, max_batch_size=4, **options)
+    return load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
+
+
+def logits_suite(ctx, ckpt_dir):
+    """For naive and absorb: prefill logits in one piece, in chunks (several tokens at start_pos > 0), token by
+    token, greedy decode steps, and a ragged batch of rows at different positions."""
+    out = {}
+    tokens = torch.tensor([PROMPT])
+    n = len(PROMPT)
+
+    def step(model, toks, start, slot):
+        return model(torch.tensor([toks]), torch.tensor([start]), torch.tensor([slot]), last_only=False)[0]
+
+    for impl in ("naive", "absorb"):
+        model = load(ctx, ckpt_dir, attn_impl=impl)
+        whole = model(tokens, torch.tensor([0]), torch.tensor([0]), last_only=False)[0]
+        chunks = torch.cat([step(model, PROMPT[a:b], a, 1) for a, b in ((0, 7), (7, 8), (8, 19), (19, n))])
+        single = torch.cat([step(model, PROMPT[i : i + 1], i, 2) for i in range(n)])
+        decode, seq = [], list(PROMPT)
+        last = whole[-1]
+        for _ in range(6):
+            seq.append(int(last.argmax()))
+            last = model(torch.tensor([[seq[-1]]]), torch.tensor([len(seq) - 1]), torch.tensor([0]))[0]
+            decode.append(last)
+        # Slot 3 holds the prompt's first 10 tokens, slot 1 the whole prompt: one forward carries 6 new tokens
+        # for slot 3 and 2 padded-to-6 tokens for slot 1, at positions 10 and n.
+        step(model, PROMPT[:10], 0, 3)
+        ragged = model(
+            torch.tensor([PROMPT[10:16], [seq[n], seq[n + 1], 0, 0, 0, 0]]),
+            torch.tensor([10, n]),
+            torch.tensor([3, 1]),
+            torch.tensor([6, 2]),
+        )
+        out[impl] = {
+            "whole": whole,
+            "chunks": chunks,
+            "single": single,
+            "decode": torch.stack(decode),
+            "ragged": ragged,
+        }
+    return out
+
+
+def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32"):
+    """Prefill logits for every prompt position, and `new_tokens` greedy tokens decoded one by one."""
+    args = load_config(f"{ckpt_dir}/config.json", dtype=dtype, max_seq_len=128, max_batch_size=1, attn_impl=attn_impl)
+    model = load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
+    prefill = model(torch.tensor([prompt]), torch.tensor([0]), torch.tensor([0]), last_only=False)[0]
+    seq, logits = list(prompt), prefill[-1]
+    for _ in range(new_tokens):
+        seq.append(int(logits.argmax()))
+        logits = model(torch.tensor([[seq[-1]]]), torch.tensor([len(seq) - 1]), torch.tensor([0]))[0]
+    return prefill, seq[len(prompt) :]

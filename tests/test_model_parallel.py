@@ -1,0 +1,64 @@
+"""The model gives the same logits at every world size, in naive and absorb form, however a sequence is fed."""
+
+import pytest
+import rank_fns
+import torch
+from harness import run_ranks
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def suites(converted):
+    """suites[kind][world_size] = rank 0's logits_suite; every rank's logits are checked to agree."""
+    out = {}
+    for kind, ckpt in converted.items():
+        out[kind] = {}
+        for world_size in (1, 2, 4):
+            results = run_ranks(world_size, rank_fns.logits_suite, str(ckpt))
+            for other in results[1:]:
+                for impl in other:
+                    for key in other[impl]:
+                        assert torch.equal(other[impl][key], results[0][impl][key]), (kind, world_size, impl, key)
+            out[kind][world_size] = results[0]
+    return out
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_world_sizes_agree(suites, kind, world_size, impl):
+    """Prefill, multi-token forwards at start_pos > 0, decode and ragged batches match world size 1."""
+    base, other = suites[kind][1][impl], suites[kind][world_size][impl]
+    for key in base:
+        assert max_diff(base[key], other[key]) <= TOL, key
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_naive_and_absorb_agree(suites, kind, world_size):
+    naive, absorb = suites[kind][world_size]["naive"], suites[kind][world_size]["absorb"]
+    for key in naive:
+        assert max_diff(naive[key], absorb[key]) <= TOL, key
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_whole_chunked_and_token_by_token_agree(suites, kind, impl):
+    s = suites[kind][2][impl]
+    assert max_diff(s["whole"], s["chunks"]) <= TOL
+    assert max_diff(s["whole"], s["single"]) <= TOL
+    # ragged rows: slot 3 continues the prompt at position 10, slot 1 decodes at position len(prompt)
+    assert max_diff(s["ragged"][0], s["whole"][15]) <= TOL
+    assert max_diff(s["ragged"][1], s["decode"][1]) <= TOL
+
+
+def test_logits_are_not_degenerate(suites):
+    """Guard against a vacuous pass: the logits spread over several units and depend on the tokens."""
+    whole = suites["v3"][1]["absorb"]["whole"]
+    assert whole.std() > 0.3
+    assert max_diff(whole[3], whole[4]) > 0.3
