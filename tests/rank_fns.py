@@ -64,3 +64,24 @@ def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32"):
         seq.append(int(logits.argmax()))
         logits = model(torch.tensor([[seq[-1]]]), torch.tensor([len(seq) - 1]), torch.tensor([0]))[0]
     return prefill, seq[len(prompt) :]
+
+
+def serve(ctx, ckpt_dir, options, driver, *driver_args):
+    """Load the model on every rank; rank 0 runs driver(engine, *driver_args) on an Engine and returns its
+    result, the other ranks follow the plans until shutdown."""
+    from tp_infer.engine import Engine
+    from tp_infer.runner import ModelRunner
+
+    options = dict(options)
+    reuse = options.pop("reuse", True)
+    prefill_chunk = options.pop("prefill_chunk", 2048)
+    args = load_config(f"{ckpt_dir}/config.json", **{"dtype": "fp32", **options})
+    model = load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
+    runner = ModelRunner(model, ctx)
+    if ctx.rank != 0:
+        runner.follow()
+        return None
+    try:
+        return driver(Engine(runner, reuse=reuse, prefill_chunk=prefill_chunk), *driver_args)
+    finally:
+        runner.shutdown()

@@ -58,3 +58,12 @@ def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def gather_last_dim(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor | None:
+    """Concatenate every rank's x along the last dimension on rank 0 only; other ranks get None."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)] if rank == 0 else None
+    dist.gather(x.contiguous(), parts, dst=0)
+    return torch.cat(parts, dim=-1) if rank == 0 else None

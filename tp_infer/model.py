@@ -5,7 +5,7 @@ from torch import nn
 
 from tp_infer.attention import MLA, AttentionBatch
 from tp_infer.config import ModelArgs
-from tp_infer.distributed import all_gather_last_dim
+from tp_infer.distributed import all_gather_last_dim, gather_last_dim
 from tp_infer.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, TensorParallel
 from tp_infer.moe import MLP, MoE
 from tp_infer.rope import rope_cos_sin
@@ -54,10 +54,11 @@ class Transformer(nn.Module):
         slots: torch.Tensor,
         num_new: torch.Tensor | None = None,
         last_only: bool = True,
-    ) -> torch.Tensor:
+        logits_on_all_ranks: bool = True,
+    ) -> torch.Tensor | None:
         """Run rows of new tokens [B, T] (row b holds num_new[b] real tokens, the rest padding) at positions
         start_pos[b].. in cache slot slots[b]. Returns fp32 logits of each row's last real token [B, V], or of
-        every position [B, T, V] with last_only=False."""
+        every position [B, T, V] with last_only=False; with logits_on_all_ranks=False only rank 0 gets them."""
         bsz, seqlen = tokens.shape
         device = tokens.device
         if num_new is None:
@@ -87,5 +88,11 @@ class Transformer(nn.Module):
             h = layer(h, batch)
         if last_only:
             h = h[torch.arange(bsz, device=device), num_new - 1].unsqueeze(1)
-        logits = all_gather_last_dim(self.head(self.norm(h)).float(), self.tp.world_size)
+        local = self.head(self.norm(h)).float()
+        if logits_on_all_ranks:
+            logits = all_gather_last_dim(local, self.tp.world_size)
+        else:
+            logits = gather_last_dim(local, self.tp.rank, self.tp.world_size)
+            if logits is None:
+                return None
         return logits.squeeze(1) if last_only else logits
