@@ -85,3 +85,19 @@ def serve(ctx, ckpt_dir, options, driver, *driver_args):
         return driver(Engine(runner, reuse=reuse, prefill_chunk=prefill_chunk), *driver_args)
     finally:
         runner.shutdown()
+
+
+def load_errors(ctx, ckpt_dirs):
+    """Try to load each folder in turn; per folder, the message the load raised (None when it loaded). Loading
+    is collective, so every rank learns of every rank's failure and goes on to the next folder in step."""
+    from tp_infer.checkpoint import CheckpointError
+    from tp_infer.config import ConfigError
+
+    out = []
+    for ckpt_dir in ckpt_dirs:
+        try:
+            load(ctx, ckpt_dir)
+            out.append(None)
+        except (CheckpointError, ConfigError) as e:
+            out.append(str(e))
+    return out

@@ -4,10 +4,10 @@ import re
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 
 from tp_infer.config import ModelArgs
+from tp_infer.distributed import StartupError, agree
 from tp_infer.layers import TensorParallel
 from tp_infer.model import Transformer
 
@@ -72,6 +72,11 @@ def load_shard(model: Transformer, ckpt_dir: str | Path) -> None:
         others = sorted(p.name for p in ckpt_dir.glob("model*-mp*.safetensors"))
         if others:
             sizes = sorted({int(re.search(r"-mp(\d+)", name).group(1)) for name in others})
+            if tp.world_size in sizes:
+                raise CheckpointError(
+                    f"{path} is missing: the shards for world size {tp.world_size} are incomplete; "
+                    f"convert with --model-parallel {tp.world_size} again"
+                )
             raise CheckpointError(
                 f"{ckpt_dir} holds shards for world size {', '.join(map(str, sizes))}, not {tp.world_size} "
                 f"({path.name} is missing); convert with --model-parallel {tp.world_size}"
@@ -106,21 +111,15 @@ def load_shard(model: Transformer, ckpt_dir: str | Path) -> None:
 
 def load_model(args: ModelArgs, ckpt_dir: str | Path, tp: TensorParallel, device: torch.device) -> Transformer:
     """Build and load this rank's model. Every rank learns of any rank's failure, so none is left waiting."""
-    error = None
-    model = None
+    error, model = None, None
     try:
         with torch.device(device):
             model = Transformer(args, tp)
         load_shard(model, ckpt_dir)
-    except (CheckpointError, ValueError) as e:
+    except ValueError as e:  # CheckpointError, ConfigError
         error = str(e)
-    if tp.world_size > 1:
-        errors = [None] * tp.world_size
-        dist.all_gather_object(errors, error)
-        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-        if failed:
-            rank, e = failed[0]
-            raise CheckpointError(f"rank {rank}: {e}")
-    elif error is not None:
-        raise CheckpointError(error)
+    try:
+        agree(error, tp.world_size)
+    except StartupError as e:
+        raise CheckpointError(str(e)) from None
     return model.eval()

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -54,9 +54,27 @@ def check_complete(sources: dict, full: dict, hf_dir: Path) -> None:
         raise CheckpointError(f"{path.name}: unexpected tensor {hf_name} (the config does not describe it)")
 
 
+def check_fp8_blocks(sources: dict, full: dict, shard: dict) -> None:
+    """A split FP8 weight keeps its scales only if every shard holds whole 128x128 blocks (or the tensor is one
+    block wide along the split): else a rank's rows of the scale grid would not be the blocks its weights sit in."""
+    for name, (shape, _) in shard.items():
+        scale = name.removesuffix("weight") + "scale"
+        if scale not in shard:
+            continue
+        for dim, (whole, part) in enumerate(zip(full[name][0], shape, strict=True)):
+            if whole != part and part % fp8.BLOCK and full[scale][0][dim] > 1:
+                raise CheckpointError(
+                    f"tensor {sources[name][1]}: shards of {part} of its {whole} {('rows', 'columns')[dim]} cut "
+                    "through its FP8 128x128 scale blocks; convert with --dtype bf16 (or another --model-parallel)"
+                )
+
+
 def read_slice(f, hf_name: str, full_shape: tuple, shard_shape: tuple, rank: int) -> torch.Tensor:
     """This rank's part of a tensor: whole when the shapes agree, else the rank-th chunk of the one split dim."""
-    src = f.get_slice(hf_name)
+    try:
+        src = f.get_slice(hf_name)
+    except SafetensorError:
+        raise CheckpointError(f"tensor {hf_name} is missing from the file {INDEX} lists it in") from None
     if tuple(src.get_shape()) != tuple(full_shape):
         raise CheckpointError(
             f"tensor {hf_name} has shape {tuple(src.get_shape())}, the config implies {tuple(full_shape)}"
@@ -90,6 +108,7 @@ def convert(hf_dir: str | Path, save_dir: str | Path, model_parallel: int, dtype
     sources = source_tensors(hf_dir, src_args.n_layers)
     full = expected_shapes(src_args, TensorParallel())
     check_complete(sources, full, hf_dir)
+    check_fp8_blocks(sources, full, expected_shapes(dst_args, TensorParallel(0, model_parallel)))
 
     save_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(model_parallel):
