@@ -61,6 +61,12 @@ def hf_model(kind: str, seed: int = 0):
             rope_parameters=YARN_V2,
         )
         model = transformers.DeepseekV2ForCausalLM(config)
+    scale_weights(model)
+    return model.float().eval()
+
+
+def scale_weights(model) -> None:
+    """Norms near 1, a real routing bias, unit embeddings, 1/sqrt(fan-in) matrices: activations stay O(1)."""
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if "norm" in name:
@@ -71,9 +77,62 @@ def hf_model(kind: str, seed: int = 0):
                 t.normal_(0, 1.0)
             elif t.dim() >= 2:
                 t.normal_(0, 1 / math.sqrt(t.shape[-1]))
-    return model.float().eval()
 
 
 def write_hf_checkpoint(kind: str, path: Path, seed: int = 0) -> Path:
     hf_model(kind, seed).save_pretrained(path, max_shard_size="300KB")
+    return path
+
+
+# DeepSeek-V3's chat format, written for these tests: bos, system prompts, then <｜User｜>u<｜Assistant｜>a<eos>...
+DEEPSEEK_V3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+CHAT_VOCAB = 320
+
+
+def write_tokenizer(path: Path, vocab_size: int = CHAT_VOCAB) -> None:
+    """A byte-level BPE with DeepSeek's special tokens (ids 0-3) and the chat template, as a checkpoint ships them."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = ["Hello there, how are you today?", "My name is Ada and I live in Paris.", "The code is 4821."] * 20
+    tokenizer.train_from_iterator(text, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = {
+        "bos_token": SPECIAL_TOKENS[0],
+        "eos_token": SPECIAL_TOKENS[1],
+        "chat_template": DEEPSEEK_V3_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+
+
+def write_chat_checkpoint(path: Path, seed: int = 0) -> Path:
+    """The v3 variant with a vocabulary of CHAT_VOCAB and a tokenizer: a whole checkpoint, as the front end takes."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV3Config(
+        **{**COMMON, "vocab_size": CHAT_VOCAB}, q_lora_rank=48, routed_scaling_factor=2.5, rope_parameters=YARN_V3
+    )
+    model = transformers.DeepseekV3ForCausalLM(config)
+    scale_weights(model)
+    model.save_pretrained(path)
+    write_tokenizer(path)
     return path

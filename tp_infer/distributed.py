@@ -67,3 +67,20 @@ def gather_last_dim(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     parts = [torch.empty_like(x) for _ in range(world_size)] if rank == 0 else None
     dist.gather(x.contiguous(), parts, dst=0)
     return torch.cat(parts, dim=-1) if rank == 0 else None
+
+
+class StartupError(RuntimeError):
+    """Some rank could not start; raised on every rank with the first failing rank's message."""
+
+
+def agree(error: str | None, world_size: int) -> None:
+    """Collective: every rank passes its own error (or None); if any rank failed, all raise the first failure.
+    Used wherever one rank may fail alone, so that no other rank is left waiting in a later collective."""
+    errors = [error]
+    if world_size > 1:
+        errors = [None] * world_size
+        dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise StartupError(message if world_size == 1 or message.startswith("rank ") else f"rank {rank}: {message}")

@@ -107,10 +107,13 @@ class Engine:
         return tokens, starts, dropped
 
     # ---- running ----------------------------------------------------------------------------------------
-    def run(self, turns: list[Turn] | None = None) -> None:
-        """Step until the given turns (default: all submitted work) are done."""
+    def run(self, turns: list[Turn] | None = None, interrupted: Callable[[], bool] | None = None) -> None:
+        """Step until the given turns (default: all submitted work) are done, or until interrupted() says so
+        (checked between steps, so every rank stops at the same step boundary)."""
         while self.queue or self.active:
             if turns is not None and all(t.done for t in turns):
+                return
+            if interrupted is not None and interrupted():
                 return
             self.step()
 

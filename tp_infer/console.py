@@ -1,0 +1,192 @@
+"""The interactive console on rank 0: one conversation, replies streamed as they are generated."""
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from tp_infer.chat import Conversation
+from tp_infer.engine import Engine, TurnRefused
+from tp_infer.sampling import SamplingParams
+from tp_infer.session import Totals
+from tp_infer.tokenizer import ChatTokenizer, StreamDecoder, TokenizerError
+
+HELP = """commands:
+  /help          this text
+  /exit          leave (end of input does the same)
+  /clear         start a new conversation (the system prompt stays)
+  /system TEXT   start a new conversation with TEXT as its system prompt
+  /stats         reuse statistics of this conversation and of the whole engine
+  /save FILE     write the conversation (messages and exact token ids) as JSON
+  /load FILE     continue a saved conversation (its cache is recomputed on the next turn)
+Ctrl-C stops a reply (what was generated stays in the history); at the prompt it exits."""
+
+
+def format_totals(name: str, t: Totals) -> str:
+    share = t.reused_tokens / t.prompt_tokens if t.prompt_tokens else 0.0
+    return (
+        f"{name}: {t.turns} turns, prompt {t.prompt_tokens} tokens, reused {t.reused_tokens} ({share:.0%}), "
+        f"computed {t.computed_tokens}, generated {t.generated_tokens}"
+    )
+
+
+class Console:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: ChatTokenizer,
+        sampling: SamplingParams,
+        system: str | None = None,
+        show_stats: bool = True,
+        seed: int = 0,
+        stdin=None,
+        stdout: TextIO | None = None,
+    ):
+        self.engine, self.tokenizer, self.sampling = engine, tokenizer, sampling
+        self.show_stats, self.seed = show_stats, seed
+        self.stdin = stdin if stdin is not None else sys.stdin.buffer
+        self.out = stdout or sys.stdout
+        self.interactive = hasattr(self.stdin, "isatty") and self.stdin.isatty()
+        self.interrupted = False
+        self.conversations = 0
+        self.system = system
+        self.conversation = self.new_conversation()
+
+    def new_conversation(self) -> Conversation:
+        if getattr(self, "conversation", None) is not None:
+            self.engine.close_session(self.conversation.session)
+        self.conversations += 1
+        return Conversation.start(self.engine, self.tokenizer, f"console-{self.conversations}", self.system, self.seed)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def run(self) -> None:
+        """Read lines until /exit, end of input, or Ctrl-C at the prompt."""
+        while True:
+            line = self.read_line()
+            if line is None:
+                return
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+            elif line.strip():
+                self.reply(line)
+            else:
+                self.say("(empty message ignored; /help lists the commands)")
+
+    def read_line(self) -> str | None:
+        while True:
+            if self.interactive:
+                self.out.write(">>> ")
+                self.out.flush()
+            try:
+                raw = self.stdin.readline()
+            except KeyboardInterrupt:
+                self.out.write("\n")
+                return None
+            if not raw:
+                return None
+            try:
+                return raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                self.say(f"(input is not valid UTF-8 at byte {e.start}; line ignored)")
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.interrupted = True
+
+    def reply(self, content: str) -> None:
+        stream = StreamDecoder(self.tokenizer)
+        try:
+            turn = self.conversation.ask(content, self.sampling, lambda t: self._write(stream.push(t)))
+        except (TurnRefused, TokenizerError) as e:
+            self.say(f"(turn refused: {e})")
+            return
+        self.interrupted = False
+        previous = signal.signal(signal.SIGINT, self._on_sigint)  # Ctrl-C now stops the reply at a step boundary
+        try:
+            self.engine.run([turn], interrupted=lambda: self.interrupted)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if not turn.done:
+            self.engine.cancel(turn)
+        self.conversation.record(turn)
+        self._write(stream.flush())
+        self.out.write("\n")
+        if turn.finish_reason == "cancelled":
+            self.say("(reply stopped)")
+        if self.show_stats:
+            s = turn.stats
+            self.say(
+                f"[reused {s.reused_tokens} · computed {s.computed_tokens} · generated {s.generated_tokens} · "
+                f"ttft {s.ttft_s:.2f} s · {s.decode_tokens_per_s:.1f} tok/s]"
+            )
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means leave."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name == "/exit":
+            return False
+        if name == "/help":
+            self.say(HELP)
+        elif name == "/clear":
+            self.conversation = self.new_conversation()
+            self.say("(new conversation)")
+        elif name == "/system":
+            if not arg:
+                self.say("(usage: /system TEXT)")
+                return True
+            self.system = arg
+            self.conversation = self.new_conversation()
+            self.say("(new conversation with this system prompt)")
+        elif name == "/stats":
+            self.say(format_totals("conversation", self.conversation.session.totals))
+            self.say(format_totals("engine", self.engine.totals))
+        elif name in ("/save", "/load"):
+            if not arg:
+                self.say(f"(usage: {name} FILE)")
+            else:
+                self.save(arg) if name == "/save" else self.load(arg)
+        else:
+            self.say(f"(unknown command {name}; /help lists the commands)")
+        return True
+
+    def save(self, path: str) -> None:
+        try:
+            Path(path).write_text(json.dumps(self.conversation.save(), ensure_ascii=False) + "\n")
+        except OSError as e:
+            self.say(f"(cannot save to {path}: {e.strerror})")
+            return
+        self.say(f"(saved {len(self.conversation.messages)} messages to {path})")
+
+    def load(self, path: str) -> None:
+        try:
+            saved = json.loads(Path(path).read_text())
+            check_saved(saved, self.tokenizer.vocab_size)
+        except (OSError, ValueError) as e:
+            self.say(f"(cannot load {path}: {getattr(e, 'strerror', None) or e})")
+            return
+        self.engine.close_session(self.conversation.session)
+        self.conversations += 1
+        self.conversation = Conversation.restore(
+            self.engine, self.tokenizer, f"console-{self.conversations}", saved, self.seed
+        )
+        self.say(f"(loaded {len(saved['messages'])} messages, {len(saved['token_ids'])} tokens from {path})")
+
+
+def check_saved(saved: dict, vocab_size: int) -> None:
+    """Refuse a saved conversation that is not one, naming what is wrong."""
+    if not isinstance(saved, dict) or not {"messages", "token_ids", "turn_starts"} <= saved.keys():
+        raise ValueError("not a saved conversation (needs messages, token_ids, turn_starts)")
+    ids = saved["token_ids"]
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"token_ids must be integers in [0, {vocab_size})")
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in saved["messages"]):
+        raise ValueError("messages must be {role, content} objects")

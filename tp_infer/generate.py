@@ -1,0 +1,186 @@
+"""Command line: `torchrun --nproc-per-node N -m tp_infer.generate --ckpt-path DIR (--interactive | --input-file IN
+--output-file OUT)`. Every rank loads its shard; rank 0 drives the console or the batch job, the others follow."""
+
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from tp_infer.checkpoint import CheckpointError, load_model
+from tp_infer.config import ConfigError, ModelArgs, load_config
+from tp_infer.distributed import DistContext, StartupError, agree, init_distributed
+from tp_infer.engine import Engine
+from tp_infer.layers import TensorParallel
+from tp_infer.runner import ModelRunner, RemoteAbort
+from tp_infer.sampling import SamplingParams
+from tp_infer.tokenizer import ChatTokenizer, TokenizerError
+
+# Exit status of a batch job stopped by SIGTERM/SIGINT at a step boundary: its output is whole, rerun to resume.
+EXIT_PREEMPTED = 75
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option(
+    "--ckpt-path",
+    required=True,
+    type=click.Path(),
+    help="Converted checkpoint folder (model{rank}-mp{N}.safetensors, config.json, tokenizer).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(),
+    help="Model config JSON (reference or Hugging Face style); default: CKPT_PATH/config.json.",
+)
+@click.option("--interactive", is_flag=True, help="Chat in a console on rank 0.")
+@click.option("--input-file", type=click.Path(), help="Batch job: JSONL of conversations.")
+@click.option("--output-file", type=click.Path(), help="Batch job: JSONL of results; rerunning resumes it.")
+@click.option(
+    "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens per reply at most."
+)
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option(
+    "--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass."
+)
+@click.option(
+    "--top-k",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Sample among the k likeliest tokens (0: all).",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Random seed of sampling (each conversation draws its own stream).",
+)
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at end of sentence (benchmarks).")
+@click.option(
+    "--attn-impl",
+    type=click.Choice(["naive", "absorb"]),
+    help="Cache per-head k/v (naive) or the shared latent (absorb, default).",
+)
+@click.option(
+    "--max-seq-len", type=click.IntRange(min=1), help="Longest conversation in tokens (cache length per slot)."
+)
+@click.option("--max-batch-size", type=click.IntRange(min=1), help="Cache slots: conversations held at once.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Compute dtype (default bf16).")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where the ranks compute.",
+)
+@click.option(
+    "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
+)
+@click.option("--system", help="System prompt of the console's conversations.")
+@click.option("--no-turn-stats", is_flag=True, help="Console: no reuse/speed line after each reply.")
+def main(ckpt_path, config_path, interactive, input_file, output_file, no_reuse, system, no_turn_stats, device, **opts):
+    """Tensor-parallel DeepSeek-V2/V3 inference whose multi-turn conversations never recompute their history."""
+    if interactive == bool(input_file or output_file) or (input_file is None) != (output_file is None):
+        raise click.UsageError("give either --interactive or both --input-file and --output-file")
+    try:
+        ctx = init_distributed(device)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        status = run(
+            ctx, ckpt_path, config_path, interactive, input_file, output_file, no_reuse, system, no_turn_stats, opts
+        )
+    except (StartupError, CheckpointError, RemoteAbort) as e:
+        if ctx.rank == 0 or isinstance(e, RemoteAbort):
+            click.echo(f"Error: {e}", err=True)
+        status = 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    sys.exit(status)
+
+
+def run(
+    ctx: DistContext,
+    ckpt_path,
+    config_path,
+    interactive,
+    input_file,
+    output_file,
+    no_reuse,
+    system,
+    no_turn_stats,
+    opts,
+) -> int:
+    args, tokenizer, error = None, None, None
+    try:
+        args = model_args(ckpt_path, config_path, opts)
+        if ctx.rank == 0:
+            tokenizer = load_tokenizer(ckpt_path, interactive)
+            if output_file:
+                check_batch_files(input_file, output_file)
+    except (ConfigError, TokenizerError, ValueError, OSError) as e:
+        error = str(e)
+    agree(error, ctx.world_size)
+    model = load_model(args, ckpt_path, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
+    runner = ModelRunner(model, ctx)
+    if ctx.rank != 0:
+        runner.follow()
+        return 0
+    engine = Engine(runner, reuse=not no_reuse)
+    eos = tokenizer.eos_token_ids if tokenizer else ()
+    sampling = SamplingParams(
+        temperature=opts["temperature"],
+        top_p=opts["top_p"],
+        top_k=opts["top_k"],
+        max_new_tokens=opts["max_new_tokens"],
+        eos_token_ids=eos,
+        ignore_eos=opts["ignore_eos"],
+    )
+    try:
+        if interactive:
+            from tp_infer.console import Console
+
+            Console(engine, tokenizer, sampling, system, show_stats=not no_turn_stats, seed=opts["seed"]).run()
+            status = 0
+        else:
+            from tp_infer.batch import run_batch
+
+            status = run_batch(engine, tokenizer, input_file, output_file, sampling, opts["seed"])
+    except BaseException as e:
+        runner.abort(f"rank 0 failed: {type(e).__name__}: {e}")
+        raise
+    runner.shutdown()
+    return status
+
+
+def model_args(ckpt_path: str, config_path: str | None, opts: dict) -> ModelArgs:
+    if not Path(ckpt_path).is_dir():
+        raise ConfigError(f"--ckpt-path {ckpt_path}: no such folder")
+    options = {k: opts[k] for k in ("attn_impl", "max_seq_len", "max_batch_size", "dtype")}
+    return load_config(config_path or Path(ckpt_path) / "config.json", **options)
+
+
+def load_tokenizer(ckpt_path: str, required: bool) -> ChatTokenizer | None:
+    if not (Path(ckpt_path) / "tokenizer.json").exists() and not required:
+        return None  # raw token ids only
+    tokenizer = ChatTokenizer(ckpt_path)
+    if required and tokenizer.template is None:
+        raise TokenizerError(f"{ckpt_path}/tokenizer_config.json has no chat_template: the console needs one")
+    return tokenizer
+
+
+def check_batch_files(input_file: str, output_file: str) -> None:
+    if not Path(input_file).is_file():
+        raise ValueError(f"--input-file {input_file}: no such file")
+    try:
+        with open(output_file, "a"):  # the job appends to it; creating it early proves it can
+            pass
+    except OSError as e:
+        raise ValueError(f"--output-file {output_file}: cannot be written ({e.strerror})") from None
+
+
+if __name__ == "__main__":
+    main()
