@@ -417,6 +417,7 @@ def test_convert_misshaped_tensor(hf_copy, tmp_path):
     rewrite(hf_copy / index["weight_map"][name], lambda t: t.update({name: t[name][:, :-1].contiguous()}))
     with pytest.raises(CheckpointError, match=rf"{name} has shape \(64, 63\)"):
         convert(hf_copy, tmp_path / "out", 2)
+    assert not list((tmp_path / "out").glob("*.safetensors")), "a refused checkpoint writes no shard"
     result = cli("--hf-ckpt-path", hf_copy, "--save-path", tmp_path / "cli")
     assert_cli_error(result, name, "(64, 63)", "(64, 64)", progress=True)
 

@@ -69,8 +69,8 @@ def check_fp8_blocks(sources: dict, full: dict, shard: dict) -> None:
                 )
 
 
-def read_slice(f, hf_name: str, full_shape: tuple, shard_shape: tuple, rank: int) -> torch.Tensor:
-    """This rank's part of a tensor: whole when the shapes agree, else the rank-th chunk of the one split dim."""
+def open_slice(f, hf_name: str, full_shape: tuple):
+    """A lazy view of a source tensor whose presence and shape are checked (reads only the file header)."""
     try:
         src = f.get_slice(hf_name)
     except SafetensorError:
@@ -79,6 +79,23 @@ def read_slice(f, hf_name: str, full_shape: tuple, shard_shape: tuple, rank: int
         raise CheckpointError(
             f"tensor {hf_name} has shape {tuple(src.get_shape())}, the config implies {tuple(full_shape)}"
         )
+    return src
+
+
+def check_shapes(sources: dict, full: dict) -> None:
+    """Every source tensor present with the shape the config implies, checked before anything is written."""
+    by_file: dict[Path, list[str]] = {}
+    for name, (path, _) in sources.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                open_slice(f, sources[name][1], full[name][0])
+
+
+def read_slice(f, hf_name: str, full_shape: tuple, shard_shape: tuple, rank: int) -> torch.Tensor:
+    """This rank's part of a tensor: whole when the shapes agree, else the rank-th chunk of the one split dim."""
+    src = open_slice(f, hf_name, full_shape)
     if tuple(full_shape) == tuple(shard_shape):
         return src[:]
     (dim,) = [d for d, (a, b) in enumerate(zip(full_shape, shard_shape, strict=True)) if a != b]
@@ -108,6 +125,7 @@ def convert(hf_dir: str | Path, save_dir: str | Path, model_parallel: int, dtype
     sources = source_tensors(hf_dir, src_args.n_layers)
     full = expected_shapes(src_args, TensorParallel())
     check_complete(sources, full, hf_dir)
+    check_shapes(sources, full)
     check_fp8_blocks(sources, full, expected_shapes(dst_args, TensorParallel(0, model_parallel)))
 
     save_dir.mkdir(parents=True, exist_ok=True)
