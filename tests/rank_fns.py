@@ -101,3 +101,17 @@ def load_errors(ctx, ckpt_dirs):
         except (CheckpointError, ConfigError) as e:
             out.append(str(e))
     return out
+
+
+def cache_bytes(ctx, ckpt_dir):
+    """{(attn_impl, kv_cache_dtype): (measured KV-cache bytes, formula bytes)} on this rank."""
+    from tp_infer.memory import kv_bytes_per_token, measured_bytes
+
+    out = {}
+    for impl in ("naive", "absorb"):
+        for kv in ("auto", "bf16", "fp8"):
+            model = load(ctx, ckpt_dir, attn_impl=impl, kv_cache_dtype=kv)
+            args = model.args
+            formula = kv_bytes_per_token(args, ctx.world_size) * args.max_batch_size * args.max_seq_len
+            out[impl, kv] = (measured_bytes(model)[1], formula)
+    return out

@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from tp_infer.config import ModelArgs
+from tp_infer.kv_cache import CacheTensor
 from tp_infer.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, TensorParallel
 from tp_infer.rope import apply_rope
+
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}  # "auto": compute dtype
 
 
 @dataclass
@@ -60,17 +63,13 @@ class MLA(nn.Module):
             args.kv_lora_rank, args.n_heads * (self.nope_dim + self.v_dim), tp, dtype, fp8
         )
         self.wo = RowParallelLinear(args.n_heads * self.v_dim, args.dim, tp, dtype, fp8)
-        slots, seq = args.max_batch_size, args.max_seq_len
+        slots, seq, cache_dtype = args.max_batch_size, args.max_seq_len, CACHE_DTYPES.get(args.kv_cache_dtype, dtype)
         if self.attn_impl == "naive":
-            k_shape, v_shape = (
-                (slots, seq, self.local_heads, args.qk_head_dim),
-                (slots, seq, self.local_heads, self.v_dim),
-            )
-            self.register_buffer("k_cache", torch.zeros(k_shape, dtype=dtype), persistent=False)
-            self.register_buffer("v_cache", torch.zeros(v_shape, dtype=dtype), persistent=False)
+            self.k_cache = CacheTensor(slots, seq, (self.local_heads, args.qk_head_dim), cache_dtype)
+            self.v_cache = CacheTensor(slots, seq, (self.local_heads, self.v_dim), cache_dtype)
         else:
-            self.register_buffer("kv_cache", torch.zeros(slots, seq, self.kv_lora_rank, dtype=dtype), persistent=False)
-            self.register_buffer("pe_cache", torch.zeros(slots, seq, self.rope_dim, dtype=dtype), persistent=False)
+            self.kv_cache = CacheTensor(slots, seq, (self.kv_lora_rank,), cache_dtype)
+            self.pe_cache = CacheTensor(slots, seq, (self.rope_dim,), cache_dtype)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -86,21 +85,21 @@ class MLA(nn.Module):
             kv = torch.einsum("btc,hdc->bthd", latent, wkv_b)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
-            batch.write(self.k_cache, k)
-            batch.write(self.v_cache, v)
+            self.k_cache.write(batch, k)
+            self.v_cache.write(batch, v)
             q = torch.cat([q_nope, q_pe], dim=-1)
-            scores = torch.einsum("bthd,bshd->bths", q, batch.read(self.k_cache))
+            scores = torch.einsum("bthd,bshd->bths", q, self.k_cache.read(batch, x.dtype))
         else:
-            batch.write(self.kv_cache, latent)
-            batch.write(self.pe_cache, k_pe)
+            self.kv_cache.write(batch, latent)
+            self.pe_cache.write(batch, k_pe)
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, : self.nope_dim])
-            kv_cache = batch.read(self.kv_cache)
+            kv_cache = self.kv_cache.read(batch, x.dtype)
             scores = torch.einsum("bthc,bsc->bths", q_latent, kv_cache)
-            scores = scores + torch.einsum("bthr,bsr->bths", q_pe, batch.read(self.pe_cache))
+            scores = scores + torch.einsum("bthr,bsr->bths", q_pe, self.pe_cache.read(batch, x.dtype))
         scores = scores.float() * self.softmax_scale + batch.mask.unsqueeze(2)
         probs = scores.softmax(dim=-1).to(x.dtype)
         if self.attn_impl == "naive":
-            out = torch.einsum("bths,bshd->bthd", probs, batch.read(self.v_cache))
+            out = torch.einsum("bths,bshd->bthd", probs, self.v_cache.read(batch, x.dtype))
         else:
             out = torch.einsum("bths,bsc->bthc", probs, kv_cache)
             out = torch.einsum("bthc,hdc->bthd", out, wkv_b[:, self.nope_dim :])

@@ -43,6 +43,7 @@ class ModelArgs:
     max_seq_len: int = 16384
     dtype: Literal["bf16", "fp32"] = "bf16"
     attn_impl: Literal["naive", "absorb"] = "absorb"
+    kv_cache_dtype: Literal["auto", "bf16", "fp32", "fp8"] = "auto"  # auto: the compute dtype
     # architecture
     vocab_size: int = 102400
     dim: int = 2048
@@ -80,7 +81,12 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.route_norm is None:
             object.__setattr__(self, "route_norm", self.score_func == "sigmoid")
-        choices = {"dtype": ("bf16", "fp32"), "attn_impl": ("naive", "absorb"), "score_func": ("softmax", "sigmoid")}
+        choices = {
+            "dtype": ("bf16", "fp32"),
+            "attn_impl": ("naive", "absorb"),
+            "kv_cache_dtype": ("auto", "bf16", "fp32", "fp8"),
+            "score_func": ("softmax", "sigmoid"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")

@@ -89,9 +89,13 @@ class Console:
             if not raw:
                 return None
             try:
-                return raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 self.say(f"(input is not valid UTF-8 at byte {e.start}; line ignored)")
+                continue
+            if not self.interactive:  # piped input: echo it, so the transcript reads as a conversation
+                self.say(f">>> {line}")
+            return line
 
     def _on_sigint(self, signum, frame) -> None:
         self.interrupted = True
@@ -149,6 +153,12 @@ class Console:
         elif name == "/stats":
             self.say(format_totals("conversation", self.conversation.session.totals))
             self.say(format_totals("engine", self.engine.totals))
+            tokens, slots = self.engine.cache_usage()
+            capacity = self.engine.num_slots * self.engine.max_seq_len
+            self.say(
+                f"cache: {tokens} of {capacity} tokens ({tokens / capacity:.1%}), "
+                f"{slots} of {self.engine.num_slots} slots in use"
+            )
         elif name in ("/save", "/load"):
             if not arg:
                 self.say(f"(usage: {name} FILE)")

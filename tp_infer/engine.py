@@ -243,6 +243,11 @@ class Engine:
             turn.session.totals.add(s)
             self.totals.add(s)
 
+    def cache_usage(self) -> tuple[int, int]:
+        """(tokens the cache holds over all slots, slots holding a conversation)."""
+        held = [s for s in self.slot_owner if s is not None]
+        return sum(s.cached for s in held), len(held)
+
     def generator(self, session: Session) -> torch.Generator:
         """Per-session random stream, so a sampled conversation does not depend on what it was batched with."""
         if session.id not in self.generators:

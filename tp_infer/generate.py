@@ -1,6 +1,7 @@
 """Command line: `torchrun --nproc-per-node N -m tp_infer.generate --ckpt-path DIR (--interactive | --input-file IN
 --output-file OUT)`. Every rank loads its shard; rank 0 drives the console or the batch job, the others follow."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tp_infer.config import ConfigError, ModelArgs, load_config
 from tp_infer.distributed import DistContext, StartupError, agree, init_distributed
 from tp_infer.engine import Engine
 from tp_infer.layers import TensorParallel
+from tp_infer.memory import describe, measured_bytes, size_cache
 from tp_infer.runner import ModelRunner, RemoteAbort
 from tp_infer.sampling import SamplingParams
 from tp_infer.tokenizer import ChatTokenizer, TokenizerError
@@ -76,6 +78,16 @@ EXIT_PREEMPTED = 75
     help="Where the ranks compute.",
 )
 @click.option(
+    "--kv-cache-dtype",
+    type=click.Choice(["auto", "bf16", "fp32", "fp8"]),
+    help="KV cache storage; fp8 keeps e4m3 with a scale per token (auto: the compute dtype).",
+)
+@click.option(
+    "--kv-cache-memory",
+    help="Size the cache from memory per rank instead of --max-batch-size: gigabytes (12, 12GB) or, on CUDA, "
+    "a share of the free memory left after the weights (90%).",
+)
+@click.option(
     "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
 )
 @click.option("--system", help="System prompt of the console's conversations.")
@@ -114,9 +126,12 @@ def run(
     no_turn_stats,
     opts,
 ) -> int:
-    args, tokenizer, error = None, None, None
+    args, tokenizer, error, sizing = None, None, None, None
+    tp = TensorParallel(ctx.rank, ctx.world_size)
     try:
         args = model_args(ckpt_path, config_path, opts)
+        if opts["kv_cache_memory"]:
+            args, sizing = size_cache(args, tp, opts["kv_cache_memory"], ctx.device)
         if ctx.rank == 0:
             tokenizer = load_tokenizer(ckpt_path, interactive)
             if output_file:
@@ -124,9 +139,12 @@ def run(
     except (ConfigError, TokenizerError, ValueError, OSError) as e:
         error = str(e)
     agree(error, ctx.world_size)
-    model = load_model(args, ckpt_path, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
+    model = load_model(args, ckpt_path, tp, ctx.device)
+    report_memory(ctx, model, sizing)
     runner = ModelRunner(model, ctx)
     if ctx.rank != 0:
+        # rank 0 decides when to stop (a batch job at a step boundary) and then releases the followers
+        signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
         runner.follow()
         return 0
     engine = Engine(runner, reuse=not no_reuse)
@@ -156,10 +174,23 @@ def run(
     return status
 
 
+def report_memory(ctx: DistContext, model, sizing: str | None) -> None:
+    """Rank 0 logs every rank's weight and cache bytes, and what the cache holds."""
+    usage = [measured_bytes(model)]
+    if ctx.world_size > 1:
+        usage = [None] * ctx.world_size
+        torch.distributed.all_gather_object(usage, measured_bytes(model))
+    if ctx.rank == 0:
+        if sizing:
+            click.echo(sizing, err=True)
+        for rank, (weights, cache) in enumerate(usage):
+            click.echo(describe(rank, weights, cache, model.args, ctx.world_size), err=True)
+
+
 def model_args(ckpt_path: str, config_path: str | None, opts: dict) -> ModelArgs:
     if not Path(ckpt_path).is_dir():
         raise ConfigError(f"--ckpt-path {ckpt_path}: no such folder")
-    options = {k: opts[k] for k in ("attn_impl", "max_seq_len", "max_batch_size", "dtype")}
+    options = {k: opts[k] for k in ("attn_impl", "max_seq_len", "max_batch_size", "dtype", "kv_cache_dtype")}
     return load_config(config_path or Path(ckpt_path) / "config.json", **options)
 
 

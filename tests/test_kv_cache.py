@@ -1,0 +1,75 @@
+"""The KV cache: its measured size equals the formula, FP8 storage stays close to full precision, and reuse with
+an FP8 cache still computes only the new tokens."""
+
+import engine_drivers as drv
+import pytest
+import rank_fns
+import torch
+from harness import run_ranks
+from test_engine import EIGHT_TURNS
+
+from tp_infer.checkpoint import load_model
+from tp_infer.config import load_config
+from tp_infer.layers import TensorParallel
+from tp_infer.memory import kv_bytes_per_token, parse_budget, size_cache
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_measured_cache_bytes_equal_the_formula(converted, world_size):
+    for per_rank in run_ranks(world_size, rank_fns.cache_bytes, str(converted["v3"])):
+        assert len(per_rank) == 6
+        for combination, (measured, formula) in per_rank.items():
+            assert measured == formula, combination
+
+
+def test_formula_on_the_published_671B_config():
+    args = load_config("configs/config_671B.json", attn_impl="absorb", dtype="bf16")
+    assert kv_bytes_per_token(args, 8) == 61 * (512 + 64) * 2  # the latent and the rope key, the same on every rank
+    fp8 = load_config("configs/config_671B.json", attn_impl="absorb", kv_cache_dtype="fp8")
+    assert kv_bytes_per_token(fp8, 8) == 61 * (512 + 64 + 2 * 4)  # e4m3 values plus one fp32 scale per row
+    naive = load_config("configs/config_671B.json", attn_impl="naive", dtype="bf16")
+    assert kv_bytes_per_token(naive, 8) == 61 * 16 * (192 + 128) * 2  # 16 local heads' keys and values
+
+
+def logits(ckpt, **options) -> torch.Tensor:
+    args = load_config(f"{ckpt}/config.json", dtype="fp32", max_seq_len=64, max_batch_size=1, **options)
+    model = load_model(args, ckpt, TensorParallel(), torch.device("cpu"))
+    return model(torch.tensor([rank_fns.PROMPT]), torch.tensor([0]), torch.tensor([0]), last_only=False)[0]
+
+
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_fp8_cache_logits_stay_close(converted, impl):
+    """e4m3 keeps 3 mantissa bits: each cached value is off by up to 1/16 of its magnitude (about 2.5% rms). On
+    this deliberately sensitive random model that shows as about 10% of the logits' norm; we allow 20%."""
+    full = logits(converted["v3"], attn_impl=impl)
+    fp8 = logits(converted["v3"], attn_impl=impl, kv_cache_dtype="fp8")
+    relative = ((fp8 - full).norm() / full.norm()).item()
+    print(f"{impl}: fp8 cache relative logit error {relative:.3f}, max abs {(fp8 - full).abs().max():.3f}")
+    assert 0 < relative < 0.2
+
+
+def test_fp8_cache_reuse_computes_only_new_tokens(converted):
+    options = {"max_seq_len": 256, "max_batch_size": 2, "kv_cache_dtype": "fp8"}
+    out = run_ranks(2, rank_fns.serve, str(converted["v3"]), options, drv.reuse_and_recompute, EIGHT_TURNS)[0]
+    assert [t["computed"] for t in out["reuse"]] == [len(t) for t in EIGHT_TURNS]
+    agree = sum(
+        a == b
+        for r, f in zip(out["reuse"], out["recompute"], strict=True)
+        for a, b in zip(r["generated"], f["generated"], strict=False)
+    )
+    total = sum(len(t["generated"]) for t in out["reuse"])
+    assert agree / total > 0.8
+
+
+def test_cache_sized_from_memory():
+    args = load_config("configs/config_tiny.json", dtype="fp32", max_seq_len=512)
+    per_token = kv_bytes_per_token(args, 2)
+    sized, note = size_cache(args, TensorParallel(0, 2), f"{per_token * 512 * 3 / 1e9}GB", torch.device("cpu"))
+    assert (sized.max_batch_size, sized.max_seq_len) == (3, 512) and "3 slots x 512 tokens" in note
+    small, _ = size_cache(args, TensorParallel(0, 2), f"{per_token * 100 / 1e9}", torch.device("cpu"))
+    assert (small.max_batch_size, small.max_seq_len) == (1, 100)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        size_cache(args, TensorParallel(), "90%", torch.device("cpu"))
+    for bad in ("-1", "abc", "0", "150%"):
+        with pytest.raises(ValueError, match="--kv-cache-memory"):
+            parse_budget(bad)
