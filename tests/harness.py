@@ -24,7 +24,7 @@ def _rank_main(target: Callable, rank: int, world_size: int, port: int, args: tu
     from tp_infer.distributed import init_distributed
 
     try:
-        ctx = init_distributed("cpu", timeout_s=60)
+        ctx = init_distributed("cpu")
         buffer = io.BytesIO()  # tensors travel as bytes: shared-memory handles die with the process
         torch.save(target(ctx, *args), buffer)
         results.put((rank, "ok", buffer.getvalue()))

@@ -30,8 +30,16 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistContext:
-    """Join the torchrun job described by the environment; without torchrun, run as a world of one."""
+# rank 0's plans and start-up agreement travel on their own gloo group with no practical deadline: a follower may
+# wait for the next plan as long as the console's user thinks, and ranks may finish loading minutes apart
+CONTROL_TIMEOUT = timedelta(days=30)
+_control_group = None
+
+
+def init_distributed(device: str = "auto", collective_timeout_s: float = 60.0) -> DistContext:
+    """Join the torchrun job described by the environment; without torchrun, run as a world of one. The model's
+    collectives time out after collective_timeout_s, so a hung rank ends the job instead of stalling it."""
+    global _control_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -40,9 +48,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistCont
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend, timeout=timedelta(seconds=timeout_s), device_id=dev if backend == "nccl" else None
+            backend, timeout=timedelta(seconds=collective_timeout_s), device_id=dev if backend == "nccl" else None
         )
+        _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return DistContext(rank, world_size, dev)
+
+
+def control_group():
+    """The CPU (gloo) group for plans and agreement; the model's collectives use the default group."""
+    return _control_group
 
 
 def all_reduce(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -79,7 +93,7 @@ def agree(error: str | None, world_size: int) -> None:
     errors = [error]
     if world_size > 1:
         errors = [None] * world_size
-        dist.all_gather_object(errors, error)
+        dist.all_gather_object(errors, error, group=_control_group)
     failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
     if failed:
         rank, message = failed[0]

@@ -10,7 +10,7 @@ import torch
 
 from tp_infer.checkpoint import CheckpointError, load_model
 from tp_infer.config import ConfigError, ModelArgs, load_config
-from tp_infer.distributed import DistContext, StartupError, agree, init_distributed
+from tp_infer.distributed import DistContext, StartupError, agree, control_group, init_distributed
 from tp_infer.engine import Engine
 from tp_infer.layers import TensorParallel
 from tp_infer.memory import describe, measured_bytes, size_cache
@@ -179,7 +179,7 @@ def report_memory(ctx: DistContext, model, sizing: str | None) -> None:
     usage = [measured_bytes(model)]
     if ctx.world_size > 1:
         usage = [None] * ctx.world_size
-        torch.distributed.all_gather_object(usage, measured_bytes(model))
+        torch.distributed.all_gather_object(usage, measured_bytes(model), group=control_group())
     if ctx.rank == 0:
         if sizing:
             click.echo(sizing, err=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tp_infer.distributed import DistContext
+from tp_infer.distributed import DistContext, control_group
 from tp_infer.model import Transformer
 
 
@@ -107,6 +107,5 @@ class ModelRunner:
         return PlanKind(kind), rows, width, payload
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        on_device = tensor.to(self.ctx.device)
-        dist.broadcast(on_device, src=0)
-        return on_device.cpu()
+        dist.broadcast(tensor, src=0, group=control_group())
+        return tensor
