@@ -18,9 +18,6 @@ from tp_infer.runner import ModelRunner, RemoteAbort
 from tp_infer.sampling import SamplingParams
 from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 
-# Exit status of a batch job stopped by SIGTERM/SIGINT at a step boundary: its output is whole, rerun to resume.
-EXIT_PREEMPTED = 75
-
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option(
@@ -144,7 +141,8 @@ def run(
     runner = ModelRunner(model, ctx)
     if ctx.rank != 0:
         # rank 0 decides when to stop (a batch job at a step boundary) and then releases the followers
-        signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         runner.follow()
         return 0
     engine = Engine(runner, reuse=not no_reuse)
