@@ -1,5 +1,6 @@
 """Process group set-up from torchrun's environment (NCCL with CUDA, gloo otherwise), and small collectives."""
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,3 +99,23 @@ def agree(error: str | None, world_size: int) -> None:
     if failed:
         rank, message = failed[0]
         raise StartupError(message if world_size == 1 or message.startswith("rank ") else f"rank {rank}: {message}")
+
+
+FAILURE_KEY = "tp_infer/failure"
+
+
+def publish_failure(message: str) -> None:
+    """A failing follower leaves its one-line reason in the job's store, where rank 0 can read it after the
+    collectives broke. Best effort: the store may be gone too."""
+    with contextlib.suppress(Exception):  # reporting must never mask the failure being reported
+        dist.distributed_c10d._get_default_store().set(FAILURE_KEY, message)
+
+
+def fetch_failure(wait_s: float) -> str | None:
+    """A follower's published failure, waiting up to wait_s for it to arrive; None if there is none."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.wait([FAILURE_KEY], timedelta(seconds=wait_s))
+        return store.get(FAILURE_KEY).decode(errors="replace")
+    except Exception:  # no report arrived in time, or no store
+        return None

@@ -1,6 +1,8 @@
 """Command line: `torchrun --nproc-per-node N -m tp_infer.generate --ckpt-path DIR (--interactive | --input-file IN
 --output-file OUT)`. Every rank loads its shard; rank 0 drives the console or the batch job, the others follow."""
 
+import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -10,7 +12,15 @@ import torch
 
 from tp_infer.checkpoint import CheckpointError, load_model
 from tp_infer.config import ConfigError, ModelArgs, load_config
-from tp_infer.distributed import DistContext, StartupError, agree, control_group, init_distributed
+from tp_infer.distributed import (
+    DistContext,
+    StartupError,
+    agree,
+    control_group,
+    fetch_failure,
+    init_distributed,
+    publish_failure,
+)
 from tp_infer.engine import Engine
 from tp_infer.layers import TensorParallel
 from tp_infer.memory import describe, measured_bytes, size_cache
@@ -101,14 +111,34 @@ def main(ckpt_path, config_path, interactive, input_file, output_file, no_reuse,
         status = run(
             ctx, ckpt_path, config_path, interactive, input_file, output_file, no_reuse, system, no_turn_stats, opts
         )
-    except (StartupError, CheckpointError, RemoteAbort) as e:
-        if ctx.rank == 0 or isinstance(e, RemoteAbort):
+    except (StartupError, CheckpointError) as e:  # every rank has the same message: rank 0 says it
+        if ctx.rank == 0:
             click.echo(f"Error: {e}", err=True)
         status = 1
+    except RemoteAbort:  # rank 0 failed and says why itself
+        status = 1
+    except Exception as e:
+        click.echo(f"Error: {failure_message(ctx, e)}", err=True)
+        sys.stderr.flush()
+        os._exit(1)  # the process group may be broken: tearing it down could hang
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     sys.exit(status)
+
+
+def failure_message(ctx: DistContext, error: Exception) -> str:
+    """One line naming the rank and what failed. A follower publishes its own; rank 0, whose collectives break
+    when a follower dies, reports the follower's reason when one arrives within a few seconds."""
+    own = f"rank {ctx.rank}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+    if ctx.world_size == 1:
+        return own
+    if ctx.rank != 0:
+        publish_failure(own)
+        return own
+    if isinstance(error, (RuntimeError, torch.distributed.DistError)):
+        return fetch_failure(wait_s=5.0) or f"{own} (another rank stopped answering)"
+    return own
 
 
 def run(
@@ -166,7 +196,8 @@ def run(
 
             status = run_batch(engine, tokenizer, input_file, output_file, sampling, opts["seed"])
     except BaseException as e:
-        runner.abort(f"rank 0 failed: {type(e).__name__}: {e}")
+        with contextlib.suppress(Exception):  # the followers may be gone already
+            runner.abort(f"rank 0 failed: {type(e).__name__}: {e}")
         raise
     runner.shutdown()
     return status
