@@ -99,8 +99,43 @@ from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 )
 @click.option("--system", help="System prompt of the console's conversations.")
 @click.option("--no-turn-stats", is_flag=True, help="Console: no reuse/speed line after each reply.")
-def main(ckpt_path, config_path, interactive, input_file, output_file, no_reuse, system, no_turn_stats, device, **opts):
+@click.option("--pid-file", type=click.Path(), help="Rank 0 writes its process id here (for launch scripts).")
+@click.option(
+    "--exit-status-file",
+    type=click.Path(),
+    help="Rank 0 writes its exit status here as it ends (for launch scripts: torchrun reports every failure as 1).",
+)
+def main(pid_file, exit_status_file, **options):
     """Tensor-parallel DeepSeek-V2/V3 inference whose multi-turn conversations never recompute their history."""
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0 and pid_file:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
+
+    def leave(status: int, now: bool = False):
+        if rank0 and exit_status_file:
+            Path(exit_status_file).write_text(f"{status}\n")
+        sys.stderr.flush()
+        if now:
+            os._exit(status)  # the process group may be broken: tearing it down could hang
+        sys.exit(status)
+
+    try:
+        status = launch(**options)
+    except click.ClickException as e:
+        e.show()
+        leave(e.exit_code)
+    except LostRank:
+        leave(1, now=True)
+    leave(status)
+
+
+class LostRank(Exception):
+    """A failure after which the process group cannot be trusted; already reported."""
+
+
+def launch(
+    ckpt_path, config_path, interactive, input_file, output_file, no_reuse, system, no_turn_stats, device, **opts
+):
     if interactive == bool(input_file or output_file) or (input_file is None) != (output_file is None):
         raise click.UsageError("give either --interactive or both --input-file and --output-file")
     try:
@@ -119,12 +154,10 @@ def main(ckpt_path, config_path, interactive, input_file, output_file, no_reuse,
         status = 1
     except Exception as e:
         click.echo(f"Error: {failure_message(ctx, e)}", err=True)
-        sys.stderr.flush()
-        os._exit(1)  # the process group may be broken: tearing it down could hang
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    sys.exit(status)
+        raise LostRank from e
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return status
 
 
 def failure_message(ctx: DistContext, error: Exception) -> str:
