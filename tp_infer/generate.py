@@ -121,8 +121,9 @@ def main(pid_file, exit_status_file, **options):
 
     try:
         status = launch(**options)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # the same on every rank: rank 0 says it
+        if rank0:
+            e.show()
         leave(e.exit_code)
     except LostRank:
         leave(1, now=True)
@@ -275,5 +276,17 @@ def check_batch_files(input_file: str, output_file: str) -> None:
         raise ValueError(f"--output-file {output_file}: cannot be written ({e.strerror})") from None
 
 
+def cli() -> None:
+    """Entry point. A bad option is the same mistake on every rank: rank 0 alone says so, every rank exits."""
+    try:
+        main.main(standalone_mode=False)
+    except click.ClickException as e:
+        if os.environ.get("RANK", "0") == "0":
+            e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,0 +1,104 @@
+"""KV-cache benchmark: bf16 against fp8 storage on the same random model, each in its own process, side by side.
+
+    python scripts/bench_kv_cache.py [--config configs/config_bench.json] [--history 2000] [--decode 64]
+
+For each cache dtype: cache bytes per token (formula and measured), the cache's total bytes, peak process memory
+(resident set), prefill time of --history tokens and decode tokens per second. Prints a table and the ratios.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from tp_infer.config import load_config
+from tp_infer.layers import TensorParallel
+from tp_infer.memory import kv_bytes_per_token, measured_bytes
+from tp_infer.model import Transformer
+
+BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
+
+
+def random_model(config: str, kv_cache_dtype: str, history: int, decode: int, slots: int) -> Transformer:
+    args = load_config(config, dtype="bf16", kv_cache_dtype=kv_cache_dtype, max_batch_size=slots)
+    args = args.with_options(max_seq_len=max(args.max_seq_len, history + decode))
+    torch.manual_seed(0)
+    model = Transformer(args, TensorParallel())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.uniform_(-0.1, 0.1)
+            else:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def measure(config: str, kv_cache_dtype: str, history: int, decode: int, slots: int) -> dict:
+    """One cache dtype, in this process: prefill `history` tokens, then decode `decode` greedy tokens."""
+    torch.manual_seed(1)
+    model = random_model(config, kv_cache_dtype, history, decode, slots)
+    tokens = torch.randint(0, model.args.vocab_size, (1, history))
+    slot = torch.tensor([0])
+    start = time.perf_counter()
+    logits = model(tokens, torch.tensor([0]), slot)
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for pos in range(history, history + decode):
+        logits = model(logits.argmax(-1, keepdim=True), torch.tensor([pos]), slot)
+    decode_s = time.perf_counter() - start
+    weights, cache = measured_bytes(model)
+    args = model.args
+    return {
+        "kv_cache_dtype": kv_cache_dtype,
+        "bytes_per_token": kv_bytes_per_token(args, 1),
+        "measured_bytes_per_token": cache // (args.max_batch_size * args.max_seq_len),
+        "cache_mb": cache / 1e6,
+        "weights_mb": weights / 1e6,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "prefill_s": prefill_s,
+        "decode_tokens_per_s": decode / decode_s,
+    }
+
+
+@click.command()
+@click.option("--config", default=str(BENCH_CONFIG), show_default=True, help="Reference-style model config.")
+@click.option("--history", default=2000, show_default=True, help="Tokens prefilled before decoding.")
+@click.option("--decode", default=64, show_default=True, help="Tokens decoded one by one.")
+@click.option("--slots", default=8, show_default=True, help="Cache slots (max_batch_size): the cache's size.")
+@click.option("--one", type=click.Choice(["bf16", "fp8"]), hidden=True, help="Measure one dtype (child process).")
+def main(config: str, history: int, decode: int, slots: int, one: str | None) -> None:
+    """Cache bytes, peak memory and decode speed of a bf16 cache and an fp8 cache."""
+    if one:
+        print(json.dumps(measure(config, one, history, decode, slots)))
+        return
+    rows = []
+    for dtype in ("bf16", "fp8"):  # a process each, so that peak memory is each one's own
+        argv = [sys.executable, __file__, "--config", config, "--history", str(history), "--decode", str(decode)]
+        out = subprocess.run([*argv, "--slots", str(slots), "--one", dtype], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout))
+    print("| cache | bytes/token | cache MB | weights MB | peak RSS MB | prefill s | decode tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['kv_cache_dtype']} | {r['measured_bytes_per_token']} | {r['cache_mb']:.1f} | {r['weights_mb']:.1f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} |"
+        )
+    bf16, fp8 = rows
+    assert bf16["measured_bytes_per_token"] == bf16["bytes_per_token"]
+    assert fp8["measured_bytes_per_token"] == fp8["bytes_per_token"]
+    print(
+        f"fp8/bf16: bytes per token {fp8['bytes_per_token'] / bf16['bytes_per_token']:.3f}, "
+        f"peak RSS {fp8['peak_rss_mb'] / bf16['peak_rss_mb']:.3f}, "
+        f"decode speed {fp8['decode_tokens_per_s'] / bf16['decode_tokens_per_s']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
