@@ -31,11 +31,11 @@ def converted(hf_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chat_ckpt(tmp_path_factory):
-    """A converted checkpoint with a tokenizer and chat template, with shards for world sizes 1 and 2."""
+    """A converted checkpoint with a tokenizer and chat template, with shards for world sizes 1, 2 and 4."""
     from checkpoints import write_chat_checkpoint
 
     root = tmp_path_factory.mktemp("chat")
     hf = write_chat_checkpoint(root / "hf")
-    for world_size in (1, 2):
+    for world_size in (1, 2, 4):
         convert(hf, root / "ckpt", world_size)
     return root / "ckpt"

@@ -207,7 +207,8 @@ class Output:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict) -> None:
-        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        # ASCII JSON: a reply may hold U+2028, U+0085 and the like, which some line readers take as line breaks
+        data = memoryview((json.dumps(record) + "\n").encode())
         while data:
             data = data[os.write(self.fd, data) :]
 

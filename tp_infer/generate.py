@@ -99,6 +99,13 @@ from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 )
 @click.option("--system", help="System prompt of the console's conversations.")
 @click.option("--no-turn-stats", is_flag=True, help="Console: no reuse/speed line after each reply.")
+@click.option(
+    "--collective-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds a rank waits in one of the model's collectives before the job is declared broken.",
+)
 @click.option("--pid-file", type=click.Path(), help="Rank 0 writes its process id here (for launch scripts).")
 @click.option(
     "--exit-status-file",
@@ -135,12 +142,22 @@ class LostRank(Exception):
 
 
 def launch(
-    ckpt_path, config_path, interactive, input_file, output_file, no_reuse, system, no_turn_stats, device, **opts
+    ckpt_path,
+    config_path,
+    interactive,
+    input_file,
+    output_file,
+    no_reuse,
+    system,
+    no_turn_stats,
+    device,
+    collective_timeout,
+    **opts,
 ):
     if interactive == bool(input_file or output_file) or (input_file is None) != (output_file is None):
         raise click.UsageError("give either --interactive or both --input-file and --output-file")
     try:
-        ctx = init_distributed(device)
+        ctx = init_distributed(device, collective_timeout)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     try:
