@@ -1,6 +1,6 @@
 """Print the KV-cache bytes per token of the published configs, per rank, as a Markdown table.
 
-    python scripts/kv_cache_table.py [--tp 1 --tp 8 --tp 16]
+python scripts/kv_cache_table.py [--tp 1 --tp 8 --tp 16]
 """
 
 from pathlib import Path
