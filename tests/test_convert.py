@@ -2,7 +2,6 @@
 self-sufficient, and every bad checkpoint (to convert or to load) refused with the culprit named, on every rank."""
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import rank_fns
 import torch
+from checkpoints import scale_weights
 from fp8_fixtures import INDEX, make_fp8_checkpoint, tiny_config
 from harness import RankError, run_ranks
 from safetensors import safe_open
@@ -128,16 +128,7 @@ def write_bf16(path: Path, seed: int = 0, **overrides: object) -> Path:
 
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(tiny_config(**overrides))
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if "norm" in name:
-                t.uniform_(0.5, 1.5)
-            elif "e_score_correction_bias" in name:
-                t.uniform_(-0.2, 0.2)
-            elif "embed_tokens" in name:
-                t.normal_(0, 1.0)
-            elif t.dim() >= 2:
-                t.normal_(0, 1 / math.sqrt(t.shape[-1]))
+    scale_weights(model)
     model.to(torch.bfloat16).save_pretrained(path, max_shard_size="300KB")
     return path
 
