@@ -1,0 +1,427 @@
+"""Multi-turn benchmark: one conversation on a random DeepSeek-V3-shaped model, with history reuse on and off, and
+the same conversation through Hugging Face transformers on the same weights.
+
+python scripts/bench_multiturn.py [--config configs/config_bench.json] [--turns 8] [--new-tokens-min 200]
+    [--new-tokens-max 300] [--reply-tokens 24] [--dtype fp32] [--attn-impl absorb] [--seed 0] [--out FILE.json]
+    [--work-dir DIR] [--threads N] [--skip-transformers]
+
+Each turn is a user message of random token ids followed by a greedy reply of --reply-tokens tokens (eos ignored);
+the reply stays in the history. Reuse on prefills only the new user tokens; reuse off re-prefills the whole
+conversation every turn, as DeepSeek's reference does. Progress goes to stderr, the tables to stdout.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import click
+import torch
+import transformers
+from transformers.generation.streamers import BaseStreamer
+
+from tp_infer.checkpoint import load_model
+from tp_infer.config import HF_NAMES, ModelArgs, load_config
+from tp_infer.convert import convert
+from tp_infer.distributed import init_distributed
+from tp_infer.engine import Engine, Turn, common_prefix
+from tp_infer.layers import TensorParallel
+from tp_infer.model import DTYPES
+from tp_infer.runner import ModelRunner
+from tp_infer.sampling import SamplingParams
+from tp_infer.session import Session
+
+HFModel = transformers.DeepseekV3ForCausalLM
+BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- model and weights -----------------------------------------------------------------------------------------------
+def hf_config(args: ModelArgs) -> transformers.DeepseekV3Config:
+    """The transformers config describing the same architecture as `args` (a DeepSeek-V3-shaped reference config)."""
+    if args.score_func != "sigmoid" or not args.yarn:
+        raise click.ClickException("the benchmark config must be DeepSeek-V3-shaped: sigmoid routing and YaRN rope")
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": args.rope_theta,
+        "factor": float(args.rope_factor),
+        "original_max_position_embeddings": args.original_seq_len,
+        "beta_fast": args.beta_fast,
+        "beta_slow": args.beta_slow,
+        "mscale": args.mscale,  # equal to mscale_all_dim: cos/sin unscaled, as the reference's rope_mscale 1.0
+        "mscale_all_dim": args.mscale,
+    }
+    return transformers.DeepseekV3Config(
+        **{theirs: getattr(args, ours) for theirs, ours in HF_NAMES.items()},
+        num_key_value_heads=args.n_heads,
+        q_lora_rank=args.q_lora_rank or None,
+        max_position_embeddings=args.max_seq_len,
+        rope_parameters=rope,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def random_hf_model(args: ModelArgs, dtype: torch.dtype, seed: int) -> HFModel:
+    """Random weights scaled as in tests/checkpoints.py, so activations and logits are O(1) and routing matters."""
+    torch.manual_seed(seed)
+    model = HFModel(hf_config(args))
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if "norm" in name:
+                t.uniform_(0.5, 1.5)
+            elif "e_score_correction_bias" in name:
+                t.uniform_(-0.2, 0.2)
+            elif "embed_tokens" in name:
+                t.normal_(0, 1.0)
+            elif t.dim() >= 2:
+                t.normal_(0, 1 / math.sqrt(t.shape[-1]))
+    model.generation_config.eos_token_id = None  # replies are a fixed number of tokens, as ours with ignore_eos
+    return model.to(dtype).eval()  # every tensor in `dtype`, router included, so both engines use equal weights
+
+
+def check_same_architecture(ours: ModelArgs, converted: ModelArgs) -> None:
+    """The converted Hugging Face config must describe exactly the benchmark config."""
+    differ = [f.name for f in fields(ModelArgs) if getattr(ours, f.name) != getattr(converted, f.name)]
+    if differ:
+        raise click.ClickException(f"the Hugging Face config does not reproduce the benchmark config: {differ}")
+
+
+def build_runner(args: ModelArgs, hf_model: HFModel, work_dir: Path) -> ModelRunner:
+    """save_pretrained, convert to one shard, load at world size 1 in this process."""
+    hf_dir, ckpt_dir = work_dir / "hf", work_dir / "converted"
+    hf_model.save_pretrained(hf_dir)
+    convert(hf_dir, ckpt_dir, 1)
+    runtime = {"dtype": args.dtype, "attn_impl": args.attn_impl, "max_seq_len": args.max_seq_len, "max_batch_size": 1}
+    converted = load_config(ckpt_dir / "config.json", **runtime)
+    check_same_architecture(args, converted)
+    ctx = init_distributed("cpu")
+    return ModelRunner(load_model(converted, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device), ctx)
+
+
+# ---- the conversation ------------------------------------------------------------------------------------------------
+def user_messages(seed: int, turns: int, lo: int, hi: int, vocab_size: int) -> list[list[int]]:
+    """Random token ids, lo..hi of them per turn (ids 0 and 1 are bos/eos, left out)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(turns)]
+
+
+@dataclass
+class TurnTiming:
+    """One turn of one engine: time to first token, decode rate after it, and the reply."""
+
+    ttft_s: float
+    decode_tokens_per_s: float
+    reply: list[int]
+
+
+def decode_rate(first_token_at: float, last_token_at: float, tokens: int) -> float:
+    """Tokens after the first per second, as the engine's TurnStats count them."""
+    span = last_token_at - first_token_at
+    return (tokens - 1) / span if span > 0 else 0.0
+
+
+# ---- tp_infer --------------------------------------------------------------------------------------------------------
+def run_ours(runner: ModelRunner, users: list[list[int]], reply_tokens: int, reuse: bool) -> list[Turn]:
+    """The conversation through a fresh Engine (the runs share the model's one cache slot, so they go one after
+    the other, never interleaved)."""
+    engine = Engine(runner, reuse=reuse)
+    sampling = SamplingParams(max_new_tokens=reply_tokens, ignore_eos=True)
+    warm_up = Session("warm-up")
+    engine.generate(warm_up, users[0][:16], sampling)  # first-call allocations stay out of turn 1
+    engine.close_session(warm_up)
+    session, turns = Session("bench"), []
+    for i, user in enumerate(users, 1):
+        turns.append(engine.generate(session, user, sampling))
+        s = turns[-1].stats
+        log(
+            f"  ours reuse={'on' if reuse else 'off'} turn {i}/{len(users)}: prompt {s.prompt_tokens}, "
+            f"computed {s.computed_tokens}, ttft {s.ttft_s:.2f} s"
+        )
+    return turns
+
+
+# ---- transformers ----------------------------------------------------------------------------------------------------
+class TokenClock(BaseStreamer):
+    """Notes when generate() hands over tokens: first the prompt, then each new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def run_hf_generate(model: HFModel, users: list[list[int]], reply_tokens: int) -> list[TurnTiming]:
+    """model.generate on the whole conversation every turn (no cache kept between turns)."""
+    model.generate(torch.tensor([users[0][:16]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    history, timings = [], []
+    for i, user in enumerate(users, 1):
+        history += user
+        clock = TokenClock()
+        start = time.perf_counter()
+        out = model.generate(
+            torch.tensor([history]), max_new_tokens=reply_tokens, do_sample=False, pad_token_id=0, streamer=clock
+        )
+        log(
+            f"  transformers generate turn {i}/{len(users)}: prompt {len(history)}, ttft {clock.times[1] - start:.2f} s"
+        )
+        reply = out[0, len(history) :].tolist()
+        history += reply
+        first, last = clock.times[1], clock.times[-1]
+        timings.append(TurnTiming(first - start, decode_rate(first, last, len(reply)), reply))
+    return timings
+
+
+@torch.inference_mode()
+def run_hf_cached(model: HFModel, users: list[list[int]], reply_tokens: int) -> list[TurnTiming]:
+    """A greedy loop over model forward with one DynamicCache kept for the whole conversation: each turn feeds the
+    previous reply's last token (sampled, not yet in the cache) and the new user tokens."""
+
+    def step(ids: list[int], cache: transformers.DynamicCache) -> int:
+        logits = model(torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits
+        return int(logits[0, -1].argmax())
+
+    step(users[0][:16], transformers.DynamicCache(config=model.config))  # warm-up
+    cache, unfed, timings = transformers.DynamicCache(config=model.config), [], []
+    for i, user in enumerate(users, 1):
+        fed = unfed + user
+        start = time.perf_counter()
+        reply = [step(fed, cache)]
+        first = time.perf_counter()
+        while len(reply) < reply_tokens:
+            reply.append(step(reply[-1:], cache))
+        last = time.perf_counter()
+        unfed = reply[-1:]
+        timings.append(TurnTiming(first - start, decode_rate(first, last, len(reply)), reply))
+        log(f"  transformers kept cache turn {i}/{len(users)}: fed {len(fed)}, ttft {first - start:.2f} s")
+    return timings
+
+
+# ---- report ----------------------------------------------------------------------------------------------------------
+COLUMNS = [
+    ("turn", "turn", "{:d}"),
+    ("history_tokens", "history", "{:d}"),
+    ("new_tokens", "new", "{:d}"),
+    ("ttft_reuse_off_s", "TTFT off (s)", "{:.3f}"),
+    ("ttft_reuse_on_s", "TTFT on (s)", "{:.3f}"),
+    ("ttft_off_over_on", "off/on", "{:.1f}x"),
+    ("computed_tokens", "computed (on)", "{:d}"),
+    ("decode_tokens_per_s", "decode tok/s (on)", "{:.1f}"),
+]
+
+
+def turn_rows(users: list[list[int]], on: list[Turn], off: list[Turn]) -> list[dict]:
+    return [
+        {
+            "turn": i,
+            "history_tokens": a.stats.prompt_tokens - len(user),
+            "new_tokens": len(user),
+            "ttft_reuse_off_s": b.stats.ttft_s,
+            "ttft_reuse_on_s": a.stats.ttft_s,
+            "ttft_off_over_on": b.stats.ttft_s / a.stats.ttft_s,
+            "computed_tokens": a.stats.computed_tokens,
+            "decode_tokens_per_s": a.stats.decode_tokens_per_s,
+        }
+        for i, (user, a, b) in enumerate(zip(users, on, off, strict=True), 1)
+    ]
+
+
+def ours_summary(users: list[list[int]], on: list[Turn], off: list[Turn]) -> dict[str, float | int]:
+    """computed_over_new counts the user tokens as new: they are what the cache cannot hold."""
+    return {
+        "ttft_speedup_last_turn": off[-1].stats.ttft_s / on[-1].stats.ttft_s,
+        "computed_over_new": sum(t.stats.computed_tokens for t in on) / sum(map(len, users)),
+        "replies_same_reuse_on_off": sum(a.generated == b.generated for a, b in zip(on, off, strict=True)),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    widths = [max(len(title), *(len(fmt.format(r[key])) for r in rows)) for key, title, fmt in COLUMNS]
+    print("  ".join(title.rjust(w) for (_, title, _), w in zip(COLUMNS, widths, strict=True)))
+    for row in rows:
+        print("  ".join(fmt.format(row[key]).rjust(w) for (key, _, fmt), w in zip(COLUMNS, widths, strict=True)))
+
+
+def transformers_summary(
+    on: list[Turn], generate: list[TurnTiming], cached: list[TurnTiming], model: HFModel
+) -> dict[str, float | bool | str]:
+    """Last-turn figures of both transformers runs, our ratios to them, and for how many tokens turn 1's greedy
+    replies agree."""
+    ours = on[-1].stats
+    return {
+        "ours_ttft_last_turn_s": ours.ttft_s,
+        "ours_decode_tokens_per_s": ours.decode_tokens_per_s,
+        "attn_implementation": model.config._attn_implementation,
+        "experts_implementation": model.config._experts_implementation,
+        "generate_ttft_last_turn_s": generate[-1].ttft_s,
+        "generate_decode_tokens_per_s": generate[-1].decode_tokens_per_s,
+        "kept_cache_ttft_last_turn_s": cached[-1].ttft_s,
+        "kept_cache_decode_tokens_per_s": cached[-1].decode_tokens_per_s,
+        "ttft_kept_cache_over_ours": cached[-1].ttft_s / ours.ttft_s,
+        "decode_ours_over_kept_cache": ours.decode_tokens_per_s / cached[-1].decode_tokens_per_s,
+        "decode_ours_over_generate": ours.decode_tokens_per_s / generate[-1].decode_tokens_per_s,
+        "turn1_tokens_agreeing_with_generate": common_prefix(on[0].generated, generate[0].reply),
+        "turn1_tokens_agreeing_with_kept_cache": common_prefix(on[0].generated, cached[0].reply),
+    }
+
+
+def print_transformers(tf: dict, reply_tokens: int) -> None:
+    print(
+        f"\nlast turn ({tf['attn_implementation']} attention, {tf['experts_implementation']} experts in transformers):"
+    )
+    engines = (
+        ("tp_infer, reuse on", "ours"),
+        ("transformers generate", "generate"),
+        ("transformers kept cache", "kept_cache"),
+    )
+    for label, key in engines:
+        ttft, decode = tf[f"{key}_ttft_last_turn_s"], tf[f"{key}_decode_tokens_per_s"]
+        print(f"  {label:<24} TTFT {ttft:.3f} s, decode {decode:.1f} tok/s")
+    ttft, decode = tf["ttft_kept_cache_over_ours"], tf["decode_ours_over_kept_cache"]
+    print(f"  TTFT kept cache / ours: {ttft:.2f} (target >= 1: {'met' if ttft >= 1 else 'MISSED'})")
+    print(
+        f"  decode ours / kept cache: {decode:.2f} (target >= 3.5: {'met' if decode >= 3.5 else 'MISSED'}); "
+        f"ours / generate: {tf['decode_ours_over_generate']:.2f}"
+    )
+    for label, key in engines[1:]:
+        same = tf[f"turn1_tokens_agreeing_with_{key}"]
+        verdict = "agree" if same == reply_tokens else f"DISAGREE from token {same + 1}"
+        print(f"  turn-1 greedy reply, ours vs {label}: {verdict}")
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    default=str(BENCH_CONFIG),
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Reference-style DeepSeek-V3-shaped config (architecture and max_seq_len).",
+)
+@click.option("--turns", default=8, show_default=True, type=click.IntRange(min=1), help="User messages.")
+@click.option(
+    "--new-tokens-min", default=200, show_default=True, type=click.IntRange(min=1), help="Fewest user tokens in a turn."
+)
+@click.option(
+    "--new-tokens-max", default=300, show_default=True, type=click.IntRange(min=1), help="Most user tokens in a turn."
+)
+@click.option(
+    "--reply-tokens",
+    default=24,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Greedy tokens generated per turn (eos ignored).",
+)
+@click.option(
+    "--dtype",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "bf16"]),
+    help="Weights and compute of both engines for the whole run. In fp32 all runs generate the same replies, so they "
+    "time the very same conversation; bf16 rounding parts the engines' greedy replies after a few tokens.",
+)
+@click.option(
+    "--attn-impl",
+    default="absorb",
+    show_default=True,
+    type=click.Choice(["absorb", "naive"]),
+    help="tp_infer's MLA form: absorb caches the latent (DeepSeek's default), naive per-head keys and values.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Weights and user messages.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the rows and the summary as JSON.")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    help="Keep the Hugging Face and converted checkpoints here (default: a temporary folder).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="torch threads (default: torch's choice, one per core). On a machine other jobs share, 1 keeps the timings "
+    "steady: a thread descheduled by another job stalls every parallel op of the others.",
+)
+@click.option("--skip-transformers", is_flag=True, help="Time tp_infer only.")
+def main(
+    config_path: str,
+    turns: int,
+    new_tokens_min: int,
+    new_tokens_max: int,
+    reply_tokens: int,
+    dtype: str,
+    attn_impl: str,
+    seed: int,
+    out: str | None,
+    work_dir: str | None,
+    threads: int | None,
+    skip_transformers: bool,
+) -> None:
+    """Time one multi-turn conversation with history reuse on and off, and against transformers."""
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
+    if threads:
+        torch.set_num_threads(threads)
+    if new_tokens_min > new_tokens_max:
+        raise click.BadParameter("--new-tokens-min is above --new-tokens-max")
+    args = load_config(config_path, dtype=dtype, attn_impl=attn_impl, max_batch_size=1)
+    users = user_messages(seed, turns, new_tokens_min, new_tokens_max, args.vocab_size)
+    length = sum(map(len, users)) + turns * reply_tokens
+    if length > args.max_seq_len:
+        raise click.BadParameter(f"the conversation reaches {length} tokens, past max_seq_len {args.max_seq_len}")
+
+    log(f"building a random DeepSeek-V3 model ({config_path}, {dtype}) and converting it")
+    hf_model = random_hf_model(args, DTYPES[dtype], seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = build_runner(args, hf_model, Path(work_dir or tmp))
+    log("tp_infer, reuse on, then reuse off")
+    on = run_ours(runner, users, reply_tokens, reuse=True)
+    off = run_ours(runner, users, reply_tokens, reuse=False)
+    rows = turn_rows(users, on, off)
+    summary = {
+        "config": config_path,
+        "dtype": dtype,
+        "attn_impl": attn_impl,
+        "torch_threads": torch.get_num_threads(),
+        **ours_summary(users, on, off),
+    }
+    if not skip_transformers:
+        log("transformers: generate re-prefilling every turn, then a kept DynamicCache")
+        generate = run_hf_generate(hf_model, users, reply_tokens)
+        cached = run_hf_cached(hf_model, users, reply_tokens)
+        summary["transformers"] = transformers_summary(on, generate, cached, hf_model)
+
+    print(f"\n{turns} turns, {reply_tokens}-token greedy replies, {dtype}, {attn_impl}, {config_path}")
+    print_table(rows)
+    print(
+        f"\nttft_speedup_last_turn {summary['ttft_speedup_last_turn']:.2f}x, "
+        f"computed_over_new {summary['computed_over_new']:.3f}, "
+        f"replies identical with reuse on and off in {summary['replies_same_reuse_on_off']}/{turns} turns"
+    )
+    if not skip_transformers:
+        print_transformers(summary["transformers"], reply_tokens)
+    summary["runtime_s"] = time.perf_counter() - started
+    load = {"start": load_at_start, "end": os.getloadavg()[0]}
+    summary["load_average_1min"] = load
+    cores = os.cpu_count() or 1
+    print(
+        f"\ntotal runtime {summary['runtime_s']:.0f} s; 1-minute load average {load['start']:.1f} at the start, "
+        f"{load['end']:.1f} at the end, on {cores} cores"
+        + (": other jobs were running, the timings are skewed" if max(load.values()) > cores else "")
+    )
+    if out:
+        Path(out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
