@@ -15,8 +15,9 @@ def load(ctx, ckpt_dir, **options):
 
 
 def logits_suite(ctx, ckpt_dir):
-    """For naive and absorb: prefill logits in one piece, in chunks (several tokens at start_pos > 0), token by
-    token, greedy decode steps, and a ragged batch of rows at different positions."""
+    """For naive, absorb, and absorb with the cached latent expanded to per-head keys and values: prefill logits
+    in one piece, in chunks (several tokens at start_pos > 0), token by token, greedy decode steps, and a ragged
+    batch of rows at different positions."""
     out = {}
     tokens = torch.tensor([PROMPT])
     n = len(PROMPT)
@@ -24,8 +25,11 @@ def logits_suite(ctx, ckpt_dir):
     def step(model, toks, start, slot):
         return model(torch.tensor([toks]), torch.tensor([start]), torch.tensor([slot]), last_only=False)[0]
 
-    for impl in ("naive", "absorb"):
-        model = load(ctx, ckpt_dir, attn_impl=impl)
+    for impl in ("naive", "absorb", "absorb_expanded"):
+        model = load(ctx, ckpt_dir, attn_impl=impl.removesuffix("_expanded"))
+        if impl == "absorb_expanded":  # every forward through the expanded form, which the FLOP count never picks here
+            for layer in model.layers:
+                layer.attn.expanding_is_cheaper = lambda new_tokens, kv_len: True
         whole = model(tokens, torch.tensor([0]), torch.tensor([0]), last_only=False)[0]
         chunks = torch.cat([step(model, PROMPT[a:b], a, 1) for a, b in ((0, 7), (7, 8), (8, 19), (19, n))])
         single = torch.cat([step(model, PROMPT[i : i + 1], i, 2) for i in range(n)])

@@ -1,9 +1,17 @@
 """The model gives the same logits at every world size, in naive and absorb form, however a sequence is fed."""
 
+from pathlib import Path
+
 import pytest
 import rank_fns
 import torch
 from harness import run_ranks
+
+from tp_infer.attention import MLA
+from tp_infer.config import load_config
+from tp_infer.layers import TensorParallel
+
+CONFIG_671B = Path(__file__).resolve().parent.parent / "configs" / "config_671B.json"
 
 TOL = 1e-5
 
@@ -28,9 +36,12 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+IMPLS = ["naive", "absorb", "absorb_expanded"]
+
+
 @pytest.mark.parametrize("kind", ["v3", "v2"])
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("impl", ["naive", "absorb"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_world_sizes_agree(suites, kind, world_size, impl):
     """Prefill, multi-token forwards at start_pos > 0, decode and ragged batches match world size 1."""
     base, other = suites[kind][1][impl], suites[kind][world_size][impl]
@@ -40,14 +51,25 @@ def test_world_sizes_agree(suites, kind, world_size, impl):
 
 @pytest.mark.parametrize("kind", ["v3", "v2"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_naive_and_absorb_agree(suites, kind, world_size):
-    naive, absorb = suites[kind][world_size]["naive"], suites[kind][world_size]["absorb"]
+@pytest.mark.parametrize("impl", ["absorb", "absorb_expanded"])
+def test_naive_and_absorb_agree(suites, kind, world_size, impl):
+    naive, absorb = suites[kind][world_size]["naive"], suites[kind][world_size][impl]
     for key in naive:
         assert max_diff(naive[key], absorb[key]) <= TOL, key
 
 
+def test_absorb_expands_the_latent_for_long_prefills_only():
+    """At V3's shapes the FLOP count expands the latent for long new rows over a long history, never for decode."""
+    with torch.device("meta"):
+        mla = MLA(load_config(CONFIG_671B, max_seq_len=4096, max_batch_size=1), TensorParallel(0, 1), torch.bfloat16)
+    assert not mla.expanding_is_cheaper(1, 4096)
+    assert not mla.expanding_is_cheaper(64, 4096)
+    assert mla.expanding_is_cheaper(512, 4096)
+    assert mla.expanding_is_cheaper(2048, 2048)
+
+
 @pytest.mark.parametrize("kind", ["v3", "v2"])
-@pytest.mark.parametrize("impl", ["naive", "absorb"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_whole_chunked_and_token_by_token_agree(suites, kind, impl):
     s = suites[kind][2][impl]
     assert max_diff(s["whole"], s["chunks"]) <= TOL

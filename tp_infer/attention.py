@@ -92,15 +92,39 @@ class MLA(nn.Module):
         else:
             self.kv_cache.write(batch, latent)
             self.pe_cache.write(batch, k_pe)
-            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, : self.nope_dim])
-            kv_cache = self.kv_cache.read(batch, x.dtype)
+            kv_cache, pe_cache = self.kv_cache.read(batch, x.dtype), self.pe_cache.read(batch, x.dtype)
+            w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]
+            if self.expanding_is_cheaper(seqlen, kv_cache.shape[1]):
+                return self.wo(self.expanded_attention(q_nope, q_pe, kv_cache, pe_cache, w_k, w_v, batch).flatten(2))
+            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)
             scores = torch.einsum("bthc,bsc->bths", q_latent, kv_cache)
-            scores = scores + torch.einsum("bthr,bsr->bths", q_pe, self.pe_cache.read(batch, x.dtype))
-        scores = scores.float() * self.softmax_scale + batch.mask.unsqueeze(2)
-        probs = scores.softmax(dim=-1).to(x.dtype)
+            scores = scores + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
+        probs = self.attention_probs(scores, batch, x.dtype)
         if self.attn_impl == "naive":
             out = torch.einsum("bths,bshd->bthd", probs, self.v_cache.read(batch, x.dtype))
         else:
             out = torch.einsum("bths,bsc->bthc", probs, kv_cache)
-            out = torch.einsum("bthc,hdc->bthd", out, wkv_b[:, self.nope_dim :])
+            out = torch.einsum("bthc,hdc->bthd", out, w_v)
         return self.wo(out.flatten(2))
+
+    def attention_probs(self, scores: torch.Tensor, batch: AttentionBatch, dtype: torch.dtype) -> torch.Tensor:
+        scores = scores.float() * self.softmax_scale + batch.mask.unsqueeze(2)
+        return scores.softmax(dim=-1).to(dtype)
+
+    def expanding_is_cheaper(self, new_tokens: int, kv_len: int) -> bool:
+        """Whether an absorb-mode forward costs fewer FLOPs by expanding the cached latent to per-head keys and
+        values once (kv_len x latent x (nope + v)) than by attending in latent space (new x kv_len x 2 latent).
+        True for long prefills (over ~170 new tokens on a long history at V3's shapes), never for decode."""
+        absorb = new_tokens * (self.kv_lora_rank * (self.nope_dim + self.v_dim + 2 * kv_len) + kv_len * self.rope_dim)
+        expand = kv_len * (self.kv_lora_rank + new_tokens) * (self.nope_dim + self.v_dim) + (
+            new_tokens * kv_len * self.rope_dim
+        )
+        return expand < absorb
+
+    def expanded_attention(self, q_nope, q_pe, kv_cache, pe_cache, w_k, w_v, batch: AttentionBatch) -> torch.Tensor:
+        """Multi-head attention over keys and values expanded from the cached latent: the same result as the
+        absorbed form, at the cost of the naive form."""
+        k_nope = torch.einsum("bsc,hdc->bshd", kv_cache, w_k)
+        scores = torch.einsum("bthd,bshd->bths", q_nope, k_nope) + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
+        probs = self.attention_probs(scores, batch, q_nope.dtype)
+        return torch.einsum("bths,bshd->bthd", probs, torch.einsum("bsc,hdc->bshd", kv_cache, w_v))
