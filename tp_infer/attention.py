@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tp_infer.config import ModelArgs
@@ -20,7 +21,7 @@ class AttentionBatch:
     slots: torch.Tensor  # [B] cache slot of each row
     positions: torch.Tensor  # [B, T] absolute position of each new token
     valid: torch.Tensor  # [B, T] False on padding
-    mask: torch.Tensor  # [B, T, S] additive causal mask over the S = kv_len cached + new positions
+    visible: torch.Tensor  # [B, T, S] causal mask: True where a new token may attend, over S = kv_len positions
     cos: torch.Tensor  # [B, T, rope_dim / 2]
     sin: torch.Tensor
     slot_range: slice | None  # the slots as a contiguous range, when they are one (read the cache as a view)
@@ -32,7 +33,7 @@ class AttentionBatch:
 
     def read(self, cache: torch.Tensor) -> torch.Tensor:
         """The rows' first S = kv_len cached positions, [B, S, ...]."""
-        kv_len = self.mask.shape[-1]
+        kv_len = self.visible.shape[-1]
         if self.slot_range is not None:
             return cache[self.slot_range, :kv_len]
         return cache[self.slots, :kv_len]
@@ -81,35 +82,44 @@ class MLA(nn.Module):
         latent = self.kv_norm(latent)
         k_pe = apply_rope(k_pe, batch.cos, batch.sin)
         wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]
         if self.attn_impl == "naive":
-            kv = torch.einsum("btc,hdc->bthd", latent, wkv_b)
-            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            k_nope, v = torch.einsum("btc,hdc->bthd", latent, wkv_b).split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
             self.k_cache.write(batch, k)
             self.v_cache.write(batch, v)
-            q = torch.cat([q_nope, q_pe], dim=-1)
-            scores = torch.einsum("bthd,bshd->bths", q, self.k_cache.read(batch, x.dtype))
-        else:
-            self.kv_cache.write(batch, latent)
-            self.pe_cache.write(batch, k_pe)
-            kv_cache, pe_cache = self.kv_cache.read(batch, x.dtype), self.pe_cache.read(batch, x.dtype)
-            w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]
-            if self.expanding_is_cheaper(seqlen, kv_cache.shape[1]):
-                return self.wo(self.expanded_attention(q_nope, q_pe, kv_cache, pe_cache, w_k, w_v, batch).flatten(2))
-            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)
-            scores = torch.einsum("bthc,bsc->bths", q_latent, kv_cache)
-            scores = scores + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
-        probs = self.attention_probs(scores, batch, x.dtype)
-        if self.attn_impl == "naive":
-            out = torch.einsum("bths,bshd->bthd", probs, self.v_cache.read(batch, x.dtype))
-        else:
-            out = torch.einsum("bths,bsc->bthc", probs, kv_cache)
-            out = torch.einsum("bthc,hdc->bthd", out, w_v)
+            k, v = self.k_cache.read(batch, x.dtype), self.v_cache.read(batch, x.dtype)
+            out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, batch)
+            return self.wo(out.flatten(2))
+        self.kv_cache.write(batch, latent)
+        self.pe_cache.write(batch, k_pe)
+        kv_cache, pe_cache = self.kv_cache.read(batch, x.dtype), self.pe_cache.read(batch, x.dtype)
+        if self.expanding_is_cheaper(seqlen, kv_cache.shape[1]):
+            k_nope = torch.einsum("bsc,hdc->bshd", kv_cache, w_k)
+            k = torch.cat([k_nope, pe_cache.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
+            v = torch.einsum("bsc,hdc->bshd", kv_cache, w_v)
+            out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, batch)
+            return self.wo(out.flatten(2))
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)
+        scores = torch.einsum("bthc,bsc->bths", q_latent, kv_cache)
+        scores = scores + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
+        scores = scores.float() * self.softmax_scale
+        probs = scores.masked_fill(~batch.visible.unsqueeze(2), float("-inf")).softmax(dim=-1).to(x.dtype)
+        out = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", probs, kv_cache), w_v)
         return self.wo(out.flatten(2))
 
-    def attention_probs(self, scores: torch.Tensor, batch: AttentionBatch, dtype: torch.dtype) -> torch.Tensor:
-        scores = scores.float() * self.softmax_scale + batch.mask.unsqueeze(2)
-        return scores.softmax(dim=-1).to(dtype)
+    def multi_head_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """Fused causal attention of q [B, T, H, D] over per-head k [B, S, H, D] and v [B, S, H, Dv]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=batch.visible.unsqueeze(1),
+            scale=self.softmax_scale,
+        )
+        return out.transpose(1, 2)
 
     def expanding_is_cheaper(self, new_tokens: int, kv_len: int) -> bool:
         """Whether an absorb-mode forward costs fewer FLOPs by expanding the cached latent to per-head keys and
@@ -120,11 +130,3 @@ class MLA(nn.Module):
             new_tokens * kv_len * self.rope_dim
         )
         return expand < absorb
-
-    def expanded_attention(self, q_nope, q_pe, kv_cache, pe_cache, w_k, w_v, batch: AttentionBatch) -> torch.Tensor:
-        """Multi-head attention over keys and values expanded from the cached latent: the same result as the
-        absorbed form, at the cost of the naive form."""
-        k_nope = torch.einsum("bsc,hdc->bshd", kv_cache, w_k)
-        scores = torch.einsum("bthd,bshd->bths", q_nope, k_nope) + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
-        probs = self.attention_probs(scores, batch, q_nope.dtype)
-        return torch.einsum("bths,bshd->bthd", probs, torch.einsum("bsc,hdc->bshd", kv_cache, w_v))

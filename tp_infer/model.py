@@ -71,14 +71,13 @@ class Transformer(nn.Module):
             raise ValueError(f"forward reaches position {kv_len}, past max_seq_len={self.args.max_seq_len}")
         table_index = positions.clamp(max=self.args.max_seq_len - 1)
         visible = torch.arange(kv_len, device=device) <= positions[:, :, None]
-        mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
         slot_list = slots.tolist()
         contiguous = slot_list == list(range(slot_list[0], slot_list[0] + bsz))
         batch = AttentionBatch(
             slots=slots,
             positions=positions,
             valid=valid,
-            mask=mask,
+            visible=visible,
             cos=self.rope_cos[table_index],
             sin=self.rope_sin[table_index],
             slot_range=slice(slot_list[0], slot_list[0] + bsz) if contiguous else None,
