@@ -2,6 +2,9 @@
 
 import contextlib
 import os
+import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,12 +38,15 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 # wait for the next plan as long as the console's user thinks, and ranks may finish loading minutes apart
 CONTROL_TIMEOUT = timedelta(days=30)
 _control_group = None
+_collective_timeout_s = 20.0
 
 
-def init_distributed(device: str = "auto", collective_timeout_s: float = 60.0) -> DistContext:
+def init_distributed(device: str = "auto", collective_timeout_s: float = 20.0) -> DistContext:
     """Join the torchrun job described by the environment; without torchrun, run as a world of one. The model's
-    collectives time out after collective_timeout_s, so a hung rank ends the job instead of stalling it."""
-    global _control_group
+    collectives, and rank 0's sending of plans, time out after collective_timeout_s, so a hung rank ends the job
+    instead of stalling it."""
+    global _control_group, _collective_timeout_s
+    _collective_timeout_s = collective_timeout_s
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -60,9 +66,51 @@ def control_group():
     return _control_group
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed because another rank did not take part in time (timeout_s set) or its connection closed.
+    A symptom, not a cause: the failure report finds the rank responsible."""
+
+    def __init__(self, op: str, timeout_s: float | None, detail: str):
+        self.op, self.timeout_s, self.detail = op, timeout_s, detail
+        super().__init__(f"{op}: no answer within {timeout_s:g} s" if timeout_s is not None else f"{op}: {detail}")
+
+
+@contextlib.contextmanager
+def collective(op: str, deadline_s: float | None) -> Iterator[None]:
+    """Turn a failure of the collective `op` into CollectiveError. gloo raises a plain RuntimeError both for a
+    timeout and for a closed connection; a failure after deadline_s (None: no deadline) is the timeout."""
+    start = time.monotonic()
+    try:
+        yield
+    except RuntimeError as e:
+        timed_out = deadline_s is not None and time.monotonic() - start >= deadline_s
+        raise CollectiveError(op, deadline_s if timed_out else None, _first_line(e)) from e
+
+
+def _first_line(error: Exception) -> str:
+    """gloo's message without its source location: "[.../pair.cc:534] Connection closed by peer" -> the rest."""
+    lines = str(error).strip().splitlines()
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(error).__name__
+
+
+def broadcast_plan(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rank 0's tensor to every rank, on the control group. Rank 0 waits at most the collective timeout for every
+    rank to take it (gloo's sender waits for each receiver), so a stuck follower cannot hold the job; the others wait
+    without limit, since rank 0 may be waiting for the console's user."""
+    deadline_s = _collective_timeout_s if rank == 0 else None
+    with collective("plan broadcast", deadline_s):
+        work = dist.broadcast(tensor, src=0, group=_control_group, async_op=True)
+        if deadline_s is None:
+            work.wait()
+        else:
+            work.wait(timedelta(seconds=deadline_s))  # raises once the deadline passes
+    return tensor
+
+
 def all_reduce(x: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
-        dist.all_reduce(x)
+        with collective("all_reduce", _collective_timeout_s):
+            dist.all_reduce(x)
     return x
 
 
@@ -71,7 +119,8 @@ def all_gather_last_dim(x: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous())
+    with collective("all_gather", _collective_timeout_s):
+        dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
 
 
@@ -80,7 +129,8 @@ def gather_last_dim(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     if world_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size)] if rank == 0 else None
-    dist.gather(x.contiguous(), parts, dst=0)
+    with collective("gather", _collective_timeout_s):
+        dist.gather(x.contiguous(), parts, dst=0)
     return torch.cat(parts, dim=-1) if rank == 0 else None
 
 
@@ -99,23 +149,3 @@ def agree(error: str | None, world_size: int) -> None:
     if failed:
         rank, message = failed[0]
         raise StartupError(message if world_size == 1 or message.startswith("rank ") else f"rank {rank}: {message}")
-
-
-FAILURE_KEY = "tp_infer/failure"
-
-
-def publish_failure(message: str) -> None:
-    """A failing follower leaves its one-line reason in the job's store, where rank 0 can read it after the
-    collectives broke. Best effort: the store may be gone too."""
-    with contextlib.suppress(Exception):  # reporting must never mask the failure being reported
-        dist.distributed_c10d._get_default_store().set(FAILURE_KEY, message)
-
-
-def fetch_failure(wait_s: float) -> str | None:
-    """A follower's published failure, waiting up to wait_s for it to arrive; None if there is none."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.wait([FAILURE_KEY], timedelta(seconds=wait_s))
-        return store.get(FAILURE_KEY).decode(errors="replace")
-    except Exception:  # no report arrived in time, or no store
-        return None

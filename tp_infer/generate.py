@@ -12,16 +12,9 @@ import torch
 
 from tp_infer.checkpoint import CheckpointError, load_model
 from tp_infer.config import ConfigError, ModelArgs, load_config
-from tp_infer.distributed import (
-    DistContext,
-    StartupError,
-    agree,
-    control_group,
-    fetch_failure,
-    init_distributed,
-    publish_failure,
-)
+from tp_infer.distributed import CollectiveError, DistContext, StartupError, agree, control_group, init_distributed
 from tp_infer.engine import Engine
+from tp_infer.failures import report_failure
 from tp_infer.layers import TensorParallel
 from tp_infer.memory import describe, measured_bytes, size_cache
 from tp_infer.runner import ModelRunner, RemoteAbort
@@ -101,10 +94,11 @@ from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 @click.option("--no-turn-stats", is_flag=True, help="Console: no reuse/speed line after each reply.")
 @click.option(
     "--collective-timeout",
-    default=60.0,
+    default=20.0,
     show_default=True,
     type=click.FloatRange(min=1),
-    help="Seconds a rank waits in one of the model's collectives before the job is declared broken.",
+    help="Seconds a rank waits for the others in one of the model's collectives (and rank 0 for the others to take "
+    "its next step) before the job is declared broken.",
 )
 @click.option("--pid-file", type=click.Path(), help="Rank 0 writes its process id here (for launch scripts).")
 @click.option(
@@ -171,25 +165,11 @@ def launch(
     except RemoteAbort:  # rank 0 failed and says why itself
         status = 1
     except Exception as e:
-        click.echo(f"Error: {failure_message(ctx, e)}", err=True)
+        report_failure(ctx, e)
         raise LostRank from e
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return status
-
-
-def failure_message(ctx: DistContext, error: Exception) -> str:
-    """One line naming the rank and what failed. A follower publishes its own; rank 0, whose collectives break
-    when a follower dies, reports the follower's reason when one arrives within a few seconds."""
-    own = f"rank {ctx.rank}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-    if ctx.world_size == 1:
-        return own
-    if ctx.rank != 0:
-        publish_failure(own)
-        return own
-    if isinstance(error, (RuntimeError, torch.distributed.DistError)):
-        return fetch_failure(wait_s=5.0) or f"{own} (another rank stopped answering)"
-    return own
 
 
 def run(
@@ -247,8 +227,9 @@ def run(
 
             status = run_batch(engine, tokenizer, input_file, output_file, sampling, opts["seed"])
     except BaseException as e:
-        with contextlib.suppress(Exception):  # the followers may be gone already
-            runner.abort(f"rank 0 failed: {type(e).__name__}: {e}")
+        if not isinstance(e, CollectiveError):  # after a broken collective, an abort plan cannot get through
+            with contextlib.suppress(Exception):
+                runner.abort(f"rank 0 failed: {type(e).__name__}: {e}")
         raise
     runner.shutdown()
     return status

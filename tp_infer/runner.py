@@ -6,9 +6,8 @@ import enum
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from tp_infer.distributed import DistContext, control_group
+from tp_infer.distributed import DistContext, broadcast_plan
 from tp_infer.model import Transformer
 
 
@@ -107,5 +106,4 @@ class ModelRunner:
         return PlanKind(kind), rows, width, payload
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(tensor, src=0, group=control_group())
-        return tensor
+        return broadcast_plan(tensor, self.ctx.rank)
