@@ -1,13 +1,16 @@
 """Multi-turn benchmark: one conversation on a random DeepSeek-V3-shaped model, with history reuse on and off, and
 the same conversation through Hugging Face transformers on the same weights.
 
-python scripts/bench_multiturn.py [--config configs/config_bench.json] [--turns 8] [--new-tokens-min 200]
-    [--new-tokens-max 300] [--reply-tokens 24] [--dtype fp32] [--attn-impl absorb] [--seed 0] [--out FILE.json]
+python scripts/bench_multiturn.py [--config configs/config_bench.json] [--turns 24] [--new-tokens-min 30]
+    [--new-tokens-max 70] [--reply-tokens 32] [--dtype fp32] [--attn-impl absorb] [--seed 0] [--out FILE.json]
     [--work-dir DIR] [--threads N] [--skip-transformers]
 
 Each turn is a user message of random token ids followed by a greedy reply of --reply-tokens tokens (eos ignored);
-the reply stays in the history. Reuse on prefills only the new user tokens; reuse off re-prefills the whole
-conversation every turn, as DeepSeek's reference does. Progress goes to stderr, the tables to stdout.
+the reply stays in the history. The default is shaped like a chat: short user messages (30-70 tokens), the history
+growing by each reply, about 1,900 tokens of it by the last turn. Reuse on prefills only the new user tokens; reuse
+off re-prefills the whole conversation every turn, as DeepSeek's reference does. transformers times every turn's
+first token and decodes the last turn's reply; its history takes our replies, which are its own greedy replies in
+fp32 (checked: first tokens of every turn, the whole last reply). Progress goes to stderr, the tables to stdout.
 """
 
 import json
@@ -164,31 +167,38 @@ class TokenClock(BaseStreamer):
 
 
 @torch.inference_mode()
-def run_hf_generate(model: HFModel, users: list[list[int]], reply_tokens: int) -> list[TurnTiming]:
-    """model.generate on the whole conversation every turn (no cache kept between turns)."""
+def run_hf_generate(model: HFModel, users: list[list[int]], replies: list[list[int]]) -> list[TurnTiming]:
+    """model.generate on the whole conversation every turn (no cache kept between turns). Earlier turns generate
+    one token, for the time to first token; the history then takes our reply (the same greedy reply in fp32), and
+    the last turn generates the whole reply, for the decode rate."""
     model.generate(torch.tensor([users[0][:16]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
     history, timings = [], []
-    for i, user in enumerate(users, 1):
+    for i, (user, ours) in enumerate(zip(users, replies, strict=True), 1):
         history += user
         clock = TokenClock()
         start = time.perf_counter()
         out = model.generate(
-            torch.tensor([history]), max_new_tokens=reply_tokens, do_sample=False, pad_token_id=0, streamer=clock
+            torch.tensor([history]),
+            max_new_tokens=len(ours) if i == len(users) else 1,
+            do_sample=False,
+            pad_token_id=0,
+            streamer=clock,
         )
         log(
             f"  transformers generate turn {i}/{len(users)}: prompt {len(history)}, ttft {clock.times[1] - start:.2f} s"
         )
         reply = out[0, len(history) :].tolist()
-        history += reply
+        history += ours
         first, last = clock.times[1], clock.times[-1]
         timings.append(TurnTiming(first - start, decode_rate(first, last, len(reply)), reply))
     return timings
 
 
 @torch.inference_mode()
-def run_hf_cached(model: HFModel, users: list[list[int]], reply_tokens: int) -> list[TurnTiming]:
+def run_hf_cached(model: HFModel, users: list[list[int]], replies: list[list[int]]) -> list[TurnTiming]:
     """A greedy loop over model forward with one DynamicCache kept for the whole conversation: each turn feeds the
-    previous reply's last token (sampled, not yet in the cache) and the new user tokens."""
+    previous reply's last token (not yet in the cache) and the new user tokens. Earlier turns time the first token
+    and then feed the rest of our reply in one forward; the last turn decodes the whole reply token by token."""
 
     def step(ids: list[int], cache: transformers.DynamicCache) -> int:
         logits = model(torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits
@@ -196,15 +206,18 @@ def run_hf_cached(model: HFModel, users: list[list[int]], reply_tokens: int) -> 
 
     step(users[0][:16], transformers.DynamicCache(config=model.config))  # warm-up
     cache, unfed, timings = transformers.DynamicCache(config=model.config), [], []
-    for i, user in enumerate(users, 1):
+    for i, (user, ours) in enumerate(zip(users, replies, strict=True), 1):
         fed = unfed + user
         start = time.perf_counter()
         reply = [step(fed, cache)]
         first = time.perf_counter()
-        while len(reply) < reply_tokens:
-            reply.append(step(reply[-1:], cache))
+        if i == len(users):
+            while len(reply) < len(ours):
+                reply.append(step(reply[-1:], cache))
+        elif len(ours) > 1:
+            step(ours[:-1], cache)
         last = time.perf_counter()
-        unfed = reply[-1:]
+        unfed = ours[-1:]
         timings.append(TurnTiming(first - start, decode_rate(first, last, len(reply)), reply))
         log(f"  transformers kept cache turn {i}/{len(users)}: fed {len(fed)}, ttft {first - start:.2f} s")
     return timings
@@ -255,11 +268,15 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(fmt.format(row[key]).rjust(w) for (key, _, fmt), w in zip(COLUMNS, widths, strict=True)))
 
 
+def first_tokens_agreeing(on: list[Turn], theirs: list[TurnTiming]) -> int:
+    return sum(ours.generated[0] == t.reply[0] for ours, t in zip(on, theirs, strict=True))
+
+
 def transformers_summary(
     on: list[Turn], generate: list[TurnTiming], cached: list[TurnTiming], model: HFModel
 ) -> dict[str, float | bool | str]:
-    """Last-turn figures of both transformers runs, our ratios to them, and for how many tokens turn 1's greedy
-    replies agree."""
+    """Last-turn figures of both transformers runs, our ratios to them, in how many turns their first token is
+    ours, and for how many tokens the last turn's greedy replies agree."""
     ours = on[-1].stats
     return {
         "ours_ttft_last_turn_s": ours.ttft_s,
@@ -273,12 +290,14 @@ def transformers_summary(
         "ttft_kept_cache_over_ours": cached[-1].ttft_s / ours.ttft_s,
         "decode_ours_over_kept_cache": ours.decode_tokens_per_s / cached[-1].decode_tokens_per_s,
         "decode_ours_over_generate": ours.decode_tokens_per_s / generate[-1].decode_tokens_per_s,
-        "turn1_tokens_agreeing_with_generate": common_prefix(on[0].generated, generate[0].reply),
-        "turn1_tokens_agreeing_with_kept_cache": common_prefix(on[0].generated, cached[0].reply),
+        "first_tokens_agreeing_with_generate": first_tokens_agreeing(on, generate),
+        "first_tokens_agreeing_with_kept_cache": first_tokens_agreeing(on, cached),
+        "last_reply_tokens_agreeing_with_generate": common_prefix(on[-1].generated, generate[-1].reply),
+        "last_reply_tokens_agreeing_with_kept_cache": common_prefix(on[-1].generated, cached[-1].reply),
     }
 
 
-def print_transformers(tf: dict, reply_tokens: int) -> None:
+def print_transformers(tf: dict, turns: int, reply_tokens: int) -> None:
     print(
         f"\nlast turn ({tf['attn_implementation']} attention, {tf['experts_implementation']} experts in transformers):"
     )
@@ -297,9 +316,12 @@ def print_transformers(tf: dict, reply_tokens: int) -> None:
         f"ours / generate: {tf['decode_ours_over_generate']:.2f}"
     )
     for label, key in engines[1:]:
-        same = tf[f"turn1_tokens_agreeing_with_{key}"]
-        verdict = "agree" if same == reply_tokens else f"DISAGREE from token {same + 1}"
-        print(f"  turn-1 greedy reply, ours vs {label}: {verdict}")
+        same = tf[f"last_reply_tokens_agreeing_with_{key}"]
+        verdict = "agrees" if same == reply_tokens else f"DISAGREES from token {same + 1}"
+        print(
+            f"  ours vs {label}: first token the same in {tf[f'first_tokens_agreeing_with_{key}']}/{turns} turns, "
+            f"last turn's greedy reply {verdict}"
+        )
 
 
 @click.command()
@@ -311,16 +333,16 @@ def print_transformers(tf: dict, reply_tokens: int) -> None:
     type=click.Path(dir_okay=False),
     help="Reference-style DeepSeek-V3-shaped config (architecture and max_seq_len).",
 )
-@click.option("--turns", default=8, show_default=True, type=click.IntRange(min=1), help="User messages.")
+@click.option("--turns", default=24, show_default=True, type=click.IntRange(min=1), help="User messages.")
 @click.option(
-    "--new-tokens-min", default=200, show_default=True, type=click.IntRange(min=1), help="Fewest user tokens in a turn."
+    "--new-tokens-min", default=30, show_default=True, type=click.IntRange(min=1), help="Fewest user tokens in a turn."
 )
 @click.option(
-    "--new-tokens-max", default=300, show_default=True, type=click.IntRange(min=1), help="Most user tokens in a turn."
+    "--new-tokens-max", default=70, show_default=True, type=click.IntRange(min=1), help="Most user tokens in a turn."
 )
 @click.option(
     "--reply-tokens",
-    default=24,
+    default=32,
     show_default=True,
     type=click.IntRange(min=2),
     help="Greedy tokens generated per turn (eos ignored).",
@@ -397,8 +419,9 @@ def main(
     }
     if not skip_transformers:
         log("transformers: generate re-prefilling every turn, then a kept DynamicCache")
-        generate = run_hf_generate(hf_model, users, reply_tokens)
-        cached = run_hf_cached(hf_model, users, reply_tokens)
+        replies = [turn.generated for turn in on]
+        generate = run_hf_generate(hf_model, users, replies)
+        cached = run_hf_cached(hf_model, users, replies)
         summary["transformers"] = transformers_summary(on, generate, cached, hf_model)
 
     print(f"\n{turns} turns, {reply_tokens}-token greedy replies, {dtype}, {attn_impl}, {config_path}")
@@ -409,7 +432,7 @@ def main(
         f"replies identical with reuse on and off in {summary['replies_same_reuse_on_off']}/{turns} turns"
     )
     if not skip_transformers:
-        print_transformers(summary["transformers"], reply_tokens)
+        print_transformers(summary["transformers"], turns, reply_tokens)
     summary["runtime_s"] = time.perf_counter() - started
     load = {"start": load_at_start, "end": os.getloadavg()[0]}
     summary["load_average_1min"] = load
