@@ -204,3 +204,23 @@ def test_an_exception_on_a_follower_ends_the_job_with_one_line(chat_ckpt, refere
     lines = error_lines(err)
     assert "Error: rank 1: RuntimeError: injected fault in the forward" in lines, err
     assert_whole_and_correct(out, reference_output)
+
+
+def test_a_hung_follower_ends_the_job_within_the_limit(chat_ckpt, reference_output, tmp_path):
+    """A follower that stays alive but stops answering: rank 0 names it after --collective-timeout, and torchrun
+    kills it (a follower ignores SIGTERM, so that on preemption rank 0 can end its step) 30 s after rank 0 exits."""
+    batch_input(tmp_path / "in.jsonl")
+    out, mark = tmp_path / "out.jsonl", tmp_path / "hung"
+    env = {**ENV, "FAULT_RANK": "1", "FAULT_AFTER": "80", "FAULT_KIND": "hang", "FAULT_MARK": str(mark)}
+    cmd = torchrun(
+        2, "--ckpt-path", str(chat_ckpt), *OPTIONS, "--ignore-eos", script=str(REPO / "tests" / "faulty_rank.py")
+    )
+    cmd += ["--collective-timeout", "5", "--input-file", str(tmp_path / "in.jsonl"), "--output-file", str(out)]
+    started = time.time()
+    status, _, err, elapsed = run_job(cmd, env=env, limit=LIMIT + 30)  # the start-up comes before the hang
+    assert status != 0
+    assert mark.exists(), "the follower hung"
+    assert started + elapsed - mark.stat().st_mtime < LIMIT, "from the hang to the end of every rank"
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("Error: rank 1: no answer within 5 s in "), err
+    assert 0 < assert_whole_and_correct(out, reference_output) < 40
