@@ -100,11 +100,11 @@ class MLA(nn.Module):
             v = torch.einsum("bsc,hdc->bshd", kv_cache, w_v)
             out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, batch)
             return self.wo(out.flatten(2))
+        # one product over latent and rope key together, the softmax scale applied to the (smaller) query
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)
-        scores = torch.einsum("bthc,bsc->bths", q_latent, kv_cache)
-        scores = scores + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
-        scores = scores.float() * self.softmax_scale
-        probs = scores.masked_fill(~batch.visible.unsqueeze(2), float("-inf")).softmax(dim=-1).to(x.dtype)
+        query = torch.cat([q_latent, q_pe], dim=-1) * self.softmax_scale
+        scores = torch.einsum("bthc,bsc->bths", query, torch.cat([kv_cache, pe_cache], dim=-1)).float()
+        probs = scores.masked_fill_(~batch.visible.unsqueeze(2), float("-inf")).softmax(dim=-1).to(x.dtype)
         out = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", probs, kv_cache), w_v)
         return self.wo(out.flatten(2))
 
