@@ -17,9 +17,9 @@ import click
 import torch
 
 from tp_infer.config import load_config
-from tp_infer.layers import TensorParallel
-from tp_infer.memory import kv_bytes_per_token, measured_bytes
-from tp_infer.model import Transformer
+from tp_infer.kv.memory import kv_bytes_per_token, measured_bytes
+from tp_infer.model.layers import TensorParallel
+from tp_infer.model.transformer import Transformer
 
 BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
 

@@ -32,12 +32,12 @@ from tp_infer.checkpoint import load_model
 from tp_infer.config import HF_NAMES, ModelArgs, load_config
 from tp_infer.convert import convert
 from tp_infer.distributed import init_distributed
-from tp_infer.engine import Engine, Turn, common_prefix
-from tp_infer.layers import TensorParallel
-from tp_infer.model import DTYPES
-from tp_infer.runner import ModelRunner
-from tp_infer.sampling import SamplingParams
-from tp_infer.session import Session
+from tp_infer.engine.engine import Engine, Turn, common_prefix
+from tp_infer.engine.runner import ModelRunner
+from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.session import Session
+from tp_infer.model.layers import TensorParallel
+from tp_infer.model.transformer import DTYPES
 
 HFModel = transformers.DeepseekV3ForCausalLM
 BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"

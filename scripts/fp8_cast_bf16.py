@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from tp_infer import fp8
+from tp_infer.model import fp8
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tp_infer.config import load_config
-from tp_infer.memory import kv_bytes_per_token
+from tp_infer.kv.memory import kv_bytes_per_token
 
 CONFIGS = {"16B": "config_16B.json", "236B": "config_236B.json", "671B": "config_671B.json"}
 MODES = [("naive", "bf16"), ("absorb", "bf16"), ("absorb", "fp8")]

@@ -1,8 +1,8 @@
 """Drivers run on rank 0 by rank_fns.serve: each gets an Engine and returns plain data for the test to check."""
 
-from tp_infer.engine import Engine, TurnRefused
-from tp_infer.sampling import SamplingParams
-from tp_infer.session import Session
+from tp_infer.engine.engine import Engine, TurnRefused
+from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.session import Session
 
 GREEDY = SamplingParams(max_new_tokens=8, eos_token_ids=(1,))
 

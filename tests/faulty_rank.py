@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from tp_infer import generate
-from tp_infer.model import Transformer
+from tp_infer.model.transformer import Transformer
 
 if os.environ.get("RANK") == os.environ["FAULT_RANK"]:
     forward, calls = Transformer.forward, [0]

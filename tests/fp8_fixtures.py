@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tp_infer import fp8
+from tp_infer.model import fp8
 
 INDEX = "model.safetensors.index.json"
 QUANTIZATION_CONFIG = {

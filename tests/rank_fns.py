@@ -4,7 +4,7 @@ import torch
 
 from tp_infer.checkpoint import load_model
 from tp_infer.config import load_config
-from tp_infer.layers import TensorParallel
+from tp_infer.model.layers import TensorParallel
 
 PROMPT = [5, 17, 200, 3, 99, 42, 7, 7, 130, 250, 61, 8, 190, 33, 2, 77, 145, 12, 9, 240, 64, 101, 55, 18]
 
@@ -73,8 +73,8 @@ def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32"):
 def serve(ctx, ckpt_dir, options, driver, *driver_args):
     """Load the model on every rank; rank 0 runs driver(engine, *driver_args) on an Engine and returns its
     result, the other ranks follow the plans until shutdown."""
-    from tp_infer.engine import Engine
-    from tp_infer.runner import ModelRunner
+    from tp_infer.engine.engine import Engine
+    from tp_infer.engine.runner import ModelRunner
 
     options = dict(options)
     reuse = options.pop("reuse", True)
@@ -109,7 +109,7 @@ def load_errors(ctx, ckpt_dirs):
 
 def cache_bytes(ctx, ckpt_dir):
     """{(attn_impl, kv_cache_dtype): (measured KV-cache bytes, formula bytes)} on this rank."""
-    from tp_infer.memory import kv_bytes_per_token, measured_bytes
+    from tp_infer.kv.memory import kv_bytes_per_token, measured_bytes
 
     out = {}
     for impl in ("naive", "absorb"):

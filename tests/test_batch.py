@@ -318,7 +318,7 @@ def test_without_tokenizer_raw_ids_run_and_text_forms_are_refused(job, chat_ckpt
 )
 def test_bad_fields_are_named(line, message):
     from tp_infer.batch import LineError, parse_request
-    from tp_infer.sampling import SamplingParams
+    from tp_infer.engine.sampling import SamplingParams
 
     with pytest.raises(LineError) as e:
         parse_request(line, SamplingParams(max_new_tokens=6), vocab_size=320, max_seq_len=64, tokenizer=None)

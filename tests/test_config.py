@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tp_infer.config import ConfigError, ModelArgs, load_config
-from tp_infer.rope import rope_frequencies, yarn_correction_range
+from tp_infer.model.rope import rope_frequencies, yarn_correction_range
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = ["config_16B.json", "config_236B.json", "config_671B.json", "config_v3.1.json"]

@@ -17,12 +17,12 @@ from harness import RankError, run_ranks
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tp_infer import fp8
 from tp_infer.checkpoint import CheckpointError, expected_shapes, load_model, ref_name, shard_name
 from tp_infer.config import load_config
 from tp_infer.convert import convert
 from tp_infer.distributed import DistContext
-from tp_infer.layers import TensorParallel
+from tp_infer.model import fp8
+from tp_infer.model.layers import TensorParallel
 
 ROOT = Path(__file__).resolve().parents[1]
 WS1 = DistContext(0, 1, torch.device("cpu"))  # world size 1 needs no process group: run in this process

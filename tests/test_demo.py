@@ -67,10 +67,10 @@ def test_fp8_cache_greedy_continuations_agree(demo_ckpt):
     from tp_infer.checkpoint import load_model
     from tp_infer.config import load_config
     from tp_infer.distributed import DistContext
-    from tp_infer.engine import Engine
-    from tp_infer.layers import TensorParallel
-    from tp_infer.runner import ModelRunner
-    from tp_infer.sampling import SamplingParams
+    from tp_infer.engine.engine import Engine
+    from tp_infer.engine.runner import ModelRunner
+    from tp_infer.engine.sampling import SamplingParams
+    from tp_infer.model.layers import TensorParallel
     from tp_infer.tokenizer import ChatTokenizer
 
     tokenizer = ChatTokenizer(demo_ckpt)

@@ -7,7 +7,7 @@ import pytest
 import rank_fns
 from harness import run_ranks
 
-from tp_infer.engine import common_prefix
+from tp_infer.engine.engine import common_prefix
 
 
 def token_lists(seed: int, lengths: list[int]) -> list[list[int]]:
@@ -93,7 +93,7 @@ def test_sessions_batched_at_different_lengths_equal_each_alone(converted, world
 
 def test_sampled_sessions_do_not_depend_on_batching(converted):
     """With temperature, each session draws from its own seeded stream: batched equals alone."""
-    from tp_infer.sampling import SamplingParams
+    from tp_infer.engine.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=8)
     histories = [token_lists(8, [6]), token_lists(9, [9, 3]), token_lists(10, [4])]

@@ -12,7 +12,7 @@ from fp8_fixtures import INDEX, make_bf16_checkpoint, make_fp8_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tp_infer import fp8
+from tp_infer.model import fp8
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "fp8_cast_bf16.py"

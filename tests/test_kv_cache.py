@@ -10,8 +10,8 @@ from test_engine import EIGHT_TURNS
 
 from tp_infer.checkpoint import load_model
 from tp_infer.config import load_config
-from tp_infer.layers import TensorParallel
-from tp_infer.memory import kv_bytes_per_token, parse_budget, size_cache
+from tp_infer.kv.memory import kv_bytes_per_token, parse_budget, size_cache
+from tp_infer.model.layers import TensorParallel
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -7,9 +7,9 @@ import rank_fns
 import torch
 from harness import run_ranks
 
-from tp_infer.attention import MLA
 from tp_infer.config import load_config
-from tp_infer.layers import TensorParallel
+from tp_infer.model.attention import MLA
+from tp_infer.model.layers import TensorParallel
 
 CONFIG_671B = Path(__file__).resolve().parent.parent / "configs" / "config_671B.json"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tp_infer.sampling import SamplingParams, sample
+from tp_infer.engine.sampling import SamplingParams, sample
 
 LOGITS = torch.tensor([0.5, 3.0, 2.9, -1.0, 1.0])
 

@@ -50,9 +50,9 @@ from typing import Any
 from tqdm import tqdm
 
 from tp_infer.chat import Conversation
-from tp_infer.engine import Engine, Turn
-from tp_infer.sampling import SamplingParams
-from tp_infer.session import Session
+from tp_infer.engine.engine import Engine, Turn
+from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.session import Session
 from tp_infer.tokenizer import ChatTokenizer
 
 FORMS = ("messages", "turns", "prompt_token_ids", "turns_token_ids")

@@ -4,9 +4,9 @@ generated ids stay in the history exactly as they were generated."""
 
 from dataclasses import dataclass
 
-from tp_infer.engine import Engine, Turn
-from tp_infer.sampling import SamplingParams
-from tp_infer.session import Session
+from tp_infer.engine.engine import Engine, Turn
+from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.session import Session
 from tp_infer.tokenizer import ChatTokenizer
 
 

@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import StartupError, agree
-from tp_infer.layers import TensorParallel
-from tp_infer.model import Transformer
+from tp_infer.model.layers import TensorParallel
+from tp_infer.model.transformer import Transformer
 
 # Hugging Face name components -> DeepSeek reference names (the names our state dict uses).
 HF_TO_REF = {

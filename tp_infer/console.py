@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import TextIO
 
 from tp_infer.chat import Conversation
-from tp_infer.engine import Engine, TurnRefused
-from tp_infer.sampling import SamplingParams
-from tp_infer.session import Totals
+from tp_infer.engine.engine import Engine, TurnRefused
+from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.session import Totals
 from tp_infer.tokenizer import ChatTokenizer, StreamDecoder, TokenizerError
 
 HELP = """commands:

@@ -11,10 +11,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from tp_infer import fp8
 from tp_infer.checkpoint import CheckpointError, expected_shapes, layer_index, ref_name, shard_name
 from tp_infer.config import load_config
-from tp_infer.layers import TensorParallel
+from tp_infer.model import fp8
+from tp_infer.model.layers import TensorParallel
 
 INDEX = "model.safetensors.index.json"
 

@@ -13,12 +13,12 @@ import torch
 from tp_infer.checkpoint import CheckpointError, load_model
 from tp_infer.config import ConfigError, ModelArgs, load_config
 from tp_infer.distributed import CollectiveError, DistContext, StartupError, agree, control_group, init_distributed
-from tp_infer.engine import Engine
+from tp_infer.engine.engine import Engine
+from tp_infer.engine.runner import ModelRunner, RemoteAbort
+from tp_infer.engine.sampling import SamplingParams
 from tp_infer.failures import report_failure
-from tp_infer.layers import TensorParallel
-from tp_infer.memory import describe, measured_bytes, size_cache
-from tp_infer.runner import ModelRunner, RemoteAbort
-from tp_infer.sampling import SamplingParams
+from tp_infer.kv.memory import describe, measured_bytes, size_cache
+from tp_infer.model.layers import TensorParallel
 from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tp_infer.distributed import DistContext, broadcast_plan
-from tp_infer.model import Transformer
+from tp_infer.model.transformer import Transformer
 
 
 class PlanKind(enum.IntEnum):

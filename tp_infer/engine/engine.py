@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tp_infer.runner import ModelRunner, StepPlan
-from tp_infer.sampling import SamplingParams, sample
-from tp_infer.session import Session, Totals, TurnStats
+from tp_infer.engine.runner import ModelRunner, StepPlan
+from tp_infer.engine.sampling import SamplingParams, sample
+from tp_infer.engine.session import Session, Totals, TurnStats
 
 
 class TurnRefused(ValueError):

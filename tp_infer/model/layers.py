@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp_infer import fp8
 from tp_infer.distributed import all_reduce
+from tp_infer.model import fp8
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@
 import torch
 from torch import nn
 
-from tp_infer.attention import MLA, AttentionBatch
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import all_gather_last_dim, gather_last_dim
-from tp_infer.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, TensorParallel
-from tp_infer.moe import MLP, MoE
-from tp_infer.rope import rope_cos_sin
+from tp_infer.model.attention import MLA, AttentionBatch
+from tp_infer.model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, TensorParallel
+from tp_infer.model.moe import MLP, MoE
+from tp_infer.model.rope import rope_cos_sin
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

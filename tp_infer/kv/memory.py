@@ -7,9 +7,9 @@ from dataclasses import replace
 import torch
 
 from tp_infer.config import ConfigError, ModelArgs
-from tp_infer.kv_cache import CacheTensor
-from tp_infer.layers import TensorParallel
-from tp_infer.model import Transformer
+from tp_infer.kv.pool import CacheTensor
+from tp_infer.model.layers import TensorParallel
+from tp_infer.model.transformer import Transformer
 
 CACHE_BYTES = {"bf16": 2, "fp32": 4, "fp8": 1}
 SCALE_BYTES = 4  # one fp32 scale per cached row in FP8 mode

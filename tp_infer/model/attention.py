@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_infer.config import ModelArgs
-from tp_infer.kv_cache import CacheTensor
-from tp_infer.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, TensorParallel
-from tp_infer.rope import apply_rope
+from tp_infer.kv.pool import CacheTensor
+from tp_infer.model.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, TensorParallel
+from tp_infer.model.rope import apply_rope
 
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}  # "auto": compute dtype
 

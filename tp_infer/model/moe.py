@@ -6,7 +6,7 @@ from torch import nn
 
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import all_reduce
-from tp_infer.layers import ColumnParallelLinear, Linear, RowParallelLinear, TensorParallel
+from tp_infer.model.layers import ColumnParallelLinear, Linear, RowParallelLinear, TensorParallel
 
 
 class MLP(nn.Module):
