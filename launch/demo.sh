@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh
 ckpt=out/demo-mp2
 if [ ! -f "$ckpt/model1-mp2.safetensors" ]; then
-	.venv/bin/python scripts/convert.py --hf-ckpt-path demo/model --save-path "$ckpt" --model-parallel 2
+	.venv/bin/tp-infer-convert --hf-ckpt-path demo/model --save-path "$ckpt" --model-parallel 2
 fi
 conversation=(
 	"My name is Alice."

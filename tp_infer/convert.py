@@ -6,13 +6,14 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import click
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tp_infer.checkpoint import CheckpointError, expected_shapes, layer_index, ref_name, shard_name
-from tp_infer.config import load_config
+from tp_infer.config import ConfigError, load_config
 from tp_infer.model import fp8
 from tp_infer.model.layers import TensorParallel
 
@@ -165,3 +166,18 @@ def dequantized_slice(sources: dict, name: str, full: dict, shard_shape: tuple, 
         return weight
     (dim,) = [d for d, (a, b) in enumerate(zip(weight.shape, shard_shape, strict=True)) if a != b]
     return weight.narrow(dim, rank * shard_shape[dim], shard_shape[dim]).contiguous()
+
+
+@click.command()
+@click.option("--hf-ckpt-path", required=True, type=click.Path(file_okay=False), help="Hugging Face checkpoint folder.")
+@click.option("--save-path", required=True, type=click.Path(file_okay=False), help="Folder for the converted shards.")
+@click.option("--model-parallel", default=1, show_default=True, type=click.IntRange(min=1), help="Ranks to shard for.")
+@click.option(
+    "--dtype", type=click.Choice(["bf16"]), default=None, help="Dequantise FP8 weights to bf16 (default: keep)."
+)
+def cli(hf_ckpt_path: str, save_path: str, model_parallel: int, dtype: str | None) -> None:
+    """Write model{rank}-mp{N}.safetensors per rank plus config.json and tokenizer files, so SAVE_PATH alone runs."""
+    try:
+        convert(hf_ckpt_path, save_path, model_parallel, dtype)
+    except (CheckpointError, ConfigError) as e:
+        raise click.ClickException(str(e)) from None
