@@ -1,0 +1,164 @@
+"""The prefix tree on rank 0: a radix tree over token ids indexing everything the pool holds, one block per node.
+
+A node at depth d holds the tokens [d*block_size, d*block_size + len(tokens)) of every conversation through it, in
+its block. Full nodes (block_size tokens) may have children; a tail (fewer tokens: the end of a conversation) is
+always a leaf. Nodes are immutable: a turn never writes into a block the tree holds. The tree is one holder of each
+of its blocks; eviction frees the least recently used leaves that no running turn holds, so a conversation loses
+its newest tokens first and keeps the prefix it shares with others.
+"""
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from tp_infer.kv.blocks import BlockAllocator
+
+
+def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+    """Length of the longest common prefix, comparing 64-token slices at C speed before single tokens."""
+    n, i = min(len(a), len(b)), 0
+    while i + 64 <= n and a[i : i + 64] == b[i : i + 64]:
+        i += 64
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(eq=False)
+class Node:
+    tokens: tuple[int, ...]
+    block: int  # -1 at the root
+    parent: "Node | None"
+    depth: int  # tokens before this node
+    children: dict[tuple[int, ...], "Node"] = field(default_factory=dict)
+    last_used: int = 0
+    attached: bool = True
+
+
+@dataclass
+class Match:
+    """The longest cached prefix of a prompt: whole nodes along it, then a node sharing `partial_len` more tokens
+    within the next block (0: none)."""
+
+    nodes: list[Node]
+    partial: Node | None
+    partial_len: int
+
+    @property
+    def length(self) -> int:
+        return sum(len(n.tokens) for n in self.nodes) + self.partial_len
+
+
+class PrefixTree:
+    def __init__(self, allocator: BlockAllocator, block_size: int):
+        self.allocator, self.block_size = allocator, block_size
+        self.root = Node((), -1, None, 0)
+        self.num_nodes = 0
+        self.cached_tokens = 0
+        self.evicted_blocks = 0
+        self.clock = 0
+        self.heap: list[tuple[int, int, Node]] = []  # (last_used, order, node): eviction candidates, lazily checked
+        self.order = itertools.count()
+
+    def match(self, tokens: list[int], limit: int) -> Match:
+        """The longest prefix of tokens[:limit] the tree holds. Changes nothing."""
+        bs, node, nodes, k = self.block_size, self.root, [], 0
+        while (k + 1) * bs <= limit:
+            child = node.children.get(tuple(tokens[k * bs : (k + 1) * bs]))
+            if child is None:
+                break
+            nodes.append(child)
+            node, k = child, k + 1
+        rest = tokens[k * bs : min(limit, (k + 1) * bs)]
+        best, best_len = None, 0
+        if rest:
+            for child in node.children.values():
+                n = common_prefix(child.tokens, rest)
+                if n > best_len:
+                    best, best_len = child, n
+        return Match(nodes, best, best_len)
+
+    def touch(self, nodes: list[Node]) -> None:
+        """Mark a path as just used (LRU); ancestors are never older than their descendants."""
+        self.clock += 1
+        for node in nodes:
+            node.last_used = self.clock
+        if nodes:
+            self.offer(nodes[-1])
+
+    def insert(self, parent: Node, tokens: tuple[int, ...], block: int) -> Node | None:
+        """Index `block`, holding `tokens`, under parent (a full node or the root); the tree takes a reference.
+        Returns the node now holding these tokens: an existing one if they were there already (the caller's block
+        stays the caller's), or None for a tail that a sibling already covers."""
+        assert parent.attached and (parent is self.root or len(parent.tokens) == self.block_size)
+        existing = parent.children.get(tokens)
+        if existing is not None:
+            return existing
+        for sibling in list(parent.children.values()):
+            shared = common_prefix(sibling.tokens, tokens)
+            if shared == len(tokens):
+                return None  # a tail inside a longer sibling: nothing new
+            if shared == len(sibling.tokens) and self.allocator.refs[sibling.block] == 1:
+                self.remove(sibling)  # an unused tail that the new block covers
+        node = Node(tokens, block, parent, parent.depth + len(parent.tokens), last_used=self.clock)
+        parent.children[tokens] = node
+        self.allocator.share(block)
+        self.num_nodes += 1
+        self.cached_tokens += len(tokens)
+        self.offer(node)
+        return node
+
+    def detach(self, node: Node) -> int:
+        """Take an unreferenced tail out of the tree; its reference passes to the caller. Returns its block."""
+        assert not node.children and self.allocator.refs[node.block] == 1
+        self._unlink(node)
+        return node.block
+
+    def remove(self, node: Node) -> None:
+        """Drop a leaf and the tree's reference to its block."""
+        self._unlink(node)
+        self.allocator.release(node.block)
+
+    def _unlink(self, node: Node) -> None:
+        parent = node.parent
+        del parent.children[node.tokens]
+        node.attached = False
+        self.num_nodes -= 1
+        self.cached_tokens -= len(node.tokens)
+        if parent is not self.root and not parent.children:
+            self.offer(parent)
+
+    def offer(self, node: Node) -> None:
+        """node may have become evictable (a leaf whose block only the tree holds): queue it."""
+        if node is not self.root and not node.children:
+            heapq.heappush(self.heap, (node.last_used, next(self.order), node))
+            if len(self.heap) > 4 * self.num_nodes + 1024:
+                self._rebuild_heap()
+
+    def evictable(self, node: Node) -> bool:
+        return node.attached and not node.children and self.allocator.refs[node.block] == 1
+
+    def evict(self, count: int) -> int:
+        """Free up to `count` blocks, least recently used unheld leaves first. Returns how many were freed."""
+        freed = 0
+        while freed < count and self.heap:
+            last_used, _, node = heapq.heappop(self.heap)
+            if last_used != node.last_used or not self.evictable(node):
+                continue  # stale: touched since, in use, or gone
+            self.remove(node)
+            self.evicted_blocks += 1
+            freed += 1
+        return freed
+
+    def _rebuild_heap(self) -> None:
+        self.heap = [(n.last_used, next(self.order), n) for n in self.nodes() if not n.children]
+        heapq.heapify(self.heap)
+
+    def nodes(self) -> list[Node]:
+        """Every node but the root."""
+        out, stack = [], list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
