@@ -10,21 +10,27 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
 import torch
 
 from tp_infer.config import load_config
+from tp_infer.distributed import DistContext
+from tp_infer.engine.engine import Engine
+from tp_infer.engine.runner import ModelRunner
+from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.session import Session
 from tp_infer.kv.memory import kv_bytes_per_token, measured_bytes
 from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import Transformer
 
 BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
+BLOCK_SIZE = 16
 
 
-def random_model(config: str, kv_cache_dtype: str, history: int, decode: int, slots: int) -> Transformer:
+def random_runner(config: str, kv_cache_dtype: str, history: int, decode: int, slots: int) -> ModelRunner:
+    """A random model whose pool holds `slots` conversations of max_seq_len tokens."""
     args = load_config(config, dtype="bf16", kv_cache_dtype=kv_cache_dtype, max_batch_size=slots)
     args = args.with_options(max_seq_len=max(args.max_seq_len, history + decode))
     torch.manual_seed(0)
@@ -37,33 +43,27 @@ def random_model(config: str, kv_cache_dtype: str, history: int, decode: int, sl
                 p.uniform_(-0.1, 0.1)
             else:
                 p.normal_(0, p.shape[-1] ** -0.5)
-    return model.eval()
+    ctx = DistContext(0, 1, torch.device("cpu"))
+    return ModelRunner(model.eval(), ctx, slots * args.max_seq_len // BLOCK_SIZE, BLOCK_SIZE)
 
 
 def measure(config: str, kv_cache_dtype: str, history: int, decode: int, slots: int) -> dict:
     """One cache dtype, in this process: prefill `history` tokens, then decode `decode` greedy tokens."""
     torch.manual_seed(1)
-    model = random_model(config, kv_cache_dtype, history, decode, slots)
-    tokens = torch.randint(0, model.args.vocab_size, (1, history))
-    slot = torch.tensor([0])
-    start = time.perf_counter()
-    logits = model(tokens, torch.tensor([0]), slot)
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for pos in range(history, history + decode):
-        logits = model(logits.argmax(-1, keepdim=True), torch.tensor([pos]), slot)
-    decode_s = time.perf_counter() - start
-    weights, cache = measured_bytes(model)
-    args = model.args
+    runner = random_runner(config, kv_cache_dtype, history, decode, slots)
+    engine = Engine(runner, max_num_batched_tokens=history)
+    prompt = torch.randint(2, runner.model.args.vocab_size, (history,)).tolist()
+    turn = engine.generate(Session("bench"), prompt, SamplingParams(max_new_tokens=decode, ignore_eos=True))
+    weights, cache = measured_bytes(runner.model, runner.pool)
     return {
         "kv_cache_dtype": kv_cache_dtype,
-        "bytes_per_token": kv_bytes_per_token(args, 1),
-        "measured_bytes_per_token": cache // (args.max_batch_size * args.max_seq_len),
+        "bytes_per_token": kv_bytes_per_token(runner.model.args, 1),
+        "measured_bytes_per_token": cache // (runner.pool.num_blocks * runner.pool.block_size),
         "cache_mb": cache / 1e6,
         "weights_mb": weights / 1e6,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "prefill_s": prefill_s,
-        "decode_tokens_per_s": decode / decode_s,
+        "prefill_s": turn.stats.ttft_s,
+        "decode_tokens_per_s": turn.stats.decode_tokens_per_s,
     }
 
 
@@ -71,7 +71,7 @@ def measure(config: str, kv_cache_dtype: str, history: int, decode: int, slots: 
 @click.option("--config", default=str(BENCH_CONFIG), show_default=True, help="Reference-style model config.")
 @click.option("--history", default=2000, show_default=True, help="Tokens prefilled before decoding.")
 @click.option("--decode", default=64, show_default=True, help="Tokens decoded one by one.")
-@click.option("--slots", default=8, show_default=True, help="Cache slots (max_batch_size): the cache's size.")
+@click.option("--slots", default=8, show_default=True, help="The pool holds this many max_seq_len conversations.")
 @click.option("--one", type=click.Choice(["bf16", "fp8"]), hidden=True, help="Measure one dtype (child process).")
 def main(config: str, history: int, decode: int, slots: int, one: str | None) -> None:
     """Cache bytes, peak memory and decode speed of a bf16 cache and an fp8 cache."""

@@ -107,7 +107,8 @@ def build_runner(args: ModelArgs, hf_model: HFModel, work_dir: Path) -> ModelRun
     converted = load_config(ckpt_dir / "config.json", **runtime)
     check_same_architecture(args, converted)
     ctx = init_distributed("cpu")
-    return ModelRunner(load_model(converted, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device), ctx)
+    model = load_model(converted, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
+    return ModelRunner(model, ctx, num_blocks=converted.max_seq_len // 16, block_size=16)
 
 
 # ---- the conversation ------------------------------------------------------------------------------------------------
@@ -134,12 +135,13 @@ def decode_rate(first_token_at: float, last_token_at: float, tokens: int) -> flo
 
 # ---- tp_infer --------------------------------------------------------------------------------------------------------
 def run_ours(runner: ModelRunner, users: list[list[int]], reply_tokens: int, reuse: bool) -> list[Turn]:
-    """The conversation through a fresh Engine (the runs share the model's one cache slot, so they go one after
-    the other, never interleaved)."""
+    """The conversation through a fresh Engine (a fresh view of the runner's pool, whose blocks the runs share, so
+    they go one after the other, never interleaved)."""
     engine = Engine(runner, reuse=reuse)
     sampling = SamplingParams(max_new_tokens=reply_tokens, ignore_eos=True)
     warm_up = Session("warm-up")
-    engine.generate(warm_up, users[0][:16], sampling)  # first-call allocations stay out of turn 1
+    # first-call allocations stay out of turn 1; the warm-up shares no token with the conversation's opening
+    engine.generate(warm_up, [3 if users[0][0] == 2 else 2] * 16, sampling)
     engine.close_session(warm_up)
     session, turns = Session("bench"), []
     for i, user in enumerate(users, 1):

@@ -20,6 +20,11 @@ def turn_record(turn) -> dict:
     }
 
 
+def recomputing(engine: Engine) -> Engine:
+    """An engine on the same runner and pool that reuses nothing: the oracle for reuse."""
+    return Engine(engine.runner, reuse=False, manager=engine.manager)
+
+
 def conversation(engine: Engine, turns: list[list[int]], sampling=GREEDY, session_id="s") -> list[dict]:
     session = Session(session_id)
     return [turn_record(engine.generate(session, t, sampling)) for t in turns]
@@ -27,7 +32,7 @@ def conversation(engine: Engine, turns: list[list[int]], sampling=GREEDY, sessio
 
 def reuse_and_recompute(engine: Engine, turns: list[list[int]]) -> dict:
     """The same conversation with the cache kept between turns and with everything re-prefilled each turn."""
-    recompute = Engine(engine.runner, reuse=False)
+    recompute = recomputing(engine)
     return {"reuse": conversation(engine, turns), "recompute": conversation(recompute, turns)}
 
 
@@ -42,8 +47,9 @@ def edited_history(engine: Engine, turns: list[list[int]], edit_at: int) -> dict
     edited += [9, 8, 7]
     turn = engine.submit(session, edited, None, GREEDY)
     engine.run([turn])
-    fresh_turn = engine.submit(Session("fresh"), edited, None, GREEDY)
-    engine.run([fresh_turn])
+    fresh = recomputing(engine)
+    fresh_turn = fresh.submit(Session("fresh"), edited, None, GREEDY)
+    fresh.run([fresh_turn])
     return {"edited": turn_record(turn), "fresh": turn_record(fresh_turn)}
 
 
@@ -53,10 +59,11 @@ def overflow(engine: Engine, system: list[int], turns: list[list[int]], too_long
     session = Session("long")
     session.tokens, session.turn_starts = list(system), []
     records = []
+    oracle = recomputing(engine)
     for t in turns:
         turn = engine.generate(session, t, GREEDY)
-        fresh = engine.submit(Session(f"fresh{len(records)}"), turn.prompt, None, GREEDY)
-        engine.run([fresh])
+        fresh = oracle.submit(Session(f"fresh{len(records)}"), turn.prompt, None, GREEDY)
+        oracle.run([fresh])
         records.append({"turn": turn_record(turn), "fresh": turn_record(fresh)})
     before = list(session.tokens)
     try:
@@ -66,8 +73,8 @@ def overflow(engine: Engine, system: list[int], turns: list[list[int]], too_long
         refused = str(e)
     unchanged = session.tokens == before and not session.busy
     turn = engine.generate(session, after, GREEDY)
-    fresh = engine.submit(Session("fresh-after"), turn.prompt, None, GREEDY)
-    engine.run([fresh])
+    fresh = oracle.submit(Session("fresh-after"), turn.prompt, None, GREEDY)
+    oracle.run([fresh])
     return {
         "records": records,
         "refused": refused,
@@ -88,7 +95,7 @@ def interleaved(engine: Engine, histories: list[list[list[int]]], final: list[li
     forward = engine.runner.forward
 
     def counting_forward(plan):
-        widths.append(plan.tokens.shape[0])
+        widths.append(plan.num_new.numel())
         return forward(plan)
 
     engine.runner.forward = counting_forward
@@ -119,3 +126,70 @@ def round_robin(engine: Engine, n_sessions: int, rounds: list[list[int]]) -> lis
             new = [(t + 13 * i + r) % 256 for t in tokens]
             out[i].append(turn_record(engine.generate(session, new, GREEDY)))
     return out
+
+
+def shared_system_prompt(engine: Engine, system: list[int], own: list[list[int]]) -> dict:
+    """Conversations that open with the same system prompt, all submitted at once; then each alone through an engine
+    that reuses nothing. Returns both, the tree blocks each one's system prompt sits in, and the pool's use."""
+    turns = [engine.submit(Session(f"c{i}"), system + tokens, None, GREEDY) for i, tokens in enumerate(own)]
+    engine.run()
+    paths = [[n.block for n in engine.manager.tree.match(t.prompt, len(system)).nodes] for t in turns]
+    used = engine.manager.allocator.num_used
+    oracle = recomputing(engine)
+    alone = []
+    for i, tokens in enumerate(own):
+        alone.append(turn_record(oracle.generate(Session(f"alone{i}"), system + tokens, GREEDY)))
+    return {"shared": [turn_record(t) for t in turns], "alone": alone, "paths": paths, "used_blocks": used}
+
+
+def interleaved_rounds(engine: Engine, n_sessions: int, rounds: list[list[int]], sampling=GREEDY) -> dict:
+    """n_sessions conversations, each round submitting one more turn of every conversation at once."""
+    sessions = [Session(f"r{i}", seed=7 + i) for i in range(n_sessions)]
+    out = [[] for _ in sessions]
+    for r, tokens in enumerate(rounds):
+        turns = [
+            engine.append_turn(s, [(t + 17 * i + r) % 250 + 2 for t in tokens], sampling)
+            for i, s in enumerate(sessions)
+        ]
+        engine.run()
+        for i, t in enumerate(turns):
+            out[i].append(turn_record(t))
+    usage = engine.cache_usage()
+    return {"turns": out, "evicted": usage.evicted_blocks, "preemptions": usage.preemptions}
+
+
+def sequence(engine: Engine, prompts: list[list[int]]) -> dict:
+    """Whole conversations one after the other through one engine (each finds what the earlier ones left in the
+    pool), and each through an engine that reuses nothing."""
+    oracle = recomputing(engine)
+    reused = [turn_record(engine.generate(Session(f"q{i}"), p, GREEDY)) for i, p in enumerate(prompts)]
+    fresh = [turn_record(oracle.generate(Session(f"f{i}"), p, GREEDY)) for i, p in enumerate(prompts)]
+    return {"reused": reused, "fresh": fresh}
+
+
+def decode_during_prefill(engine: Engine, short: list[list[int]], long: list[int]) -> dict:
+    """Short conversations start generating; a long prompt arrives. Counts, over the steps that prefill the long
+    prompt, the decode rows they carry; and checks every output against each conversation alone."""
+    sampling = SamplingParams(max_new_tokens=40)
+    turns = [engine.submit(Session(f"d{i}"), t, None, sampling) for i, t in enumerate(short)]
+    for _ in range(3):
+        engine.step()
+    plans = []
+    forward = engine.runner.forward
+
+    def recording_forward(plan):
+        plans.append(plan.num_new.tolist())
+        return forward(plan)
+
+    engine.runner.forward = recording_forward
+    turns.append(engine.submit(Session("long"), long, None, sampling))
+    engine.run()
+    engine.runner.forward = forward
+    prefilling = [rows for rows in plans if any(n > 1 for n in rows)]
+    oracle = recomputing(engine)
+    alone = [oracle.generate(Session(f"a{i}"), p, sampling).generated for i, p in enumerate([*short, long])]
+    return {
+        "prefill_steps": len(prefilling),
+        "decode_rows_while_prefilling": sum(rows.count(1) for rows in prefilling),
+        "same_as_alone": [t.generated for t in turns] == alone,
+    }

@@ -9,9 +9,34 @@ from tp_infer.model.layers import TensorParallel
 PROMPT = [5, 17, 200, 3, 99, 42, 7, 7, 130, 250, 61, 8, 190, 33, 2, 77, 145, 12, 9, 240, 64, 101, 55, 18]
 
 
-def load(ctx, ckpt_dir, **options):
-    args = load_config(f"{ckpt_dir}/config.json", dtype="fp32", max_seq_len=128, max_batch_size=4, **options)
-    return load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
+BLOCK = 16
+
+
+def load(ctx, ckpt_dir, slots=4, max_seq_len=128, **options):
+    """A runner whose pool holds `slots` conversations of max_seq_len tokens."""
+    from tp_infer.engine.runner import ModelRunner
+
+    options = {"dtype": "fp32", **options}
+    args = load_config(f"{ckpt_dir}/config.json", max_seq_len=max_seq_len, max_batch_size=slots, **options)
+    model = load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
+    return ModelRunner(model, ctx, slots * max_seq_len // BLOCK, BLOCK)
+
+
+def forward(runner, rows, all_logits=False):
+    """Run rows of (slot, start position, token ids) on every rank, slot k owning the pool's blocks [k*M, (k+1)*M)
+    (M blocks of max_seq_len); every rank gets the logits."""
+    from tp_infer.engine.runner import StepPlan, build_batch
+
+    per_slot = runner.model.args.max_seq_len // BLOCK
+    plan = StepPlan.from_rows(
+        [
+            (list(range(slot * per_slot, slot * per_slot + -(-(start + len(ids)) // BLOCK))), start, ids)
+            for slot, start, ids in rows
+        ],
+        all_logits=all_logits,
+    )
+    batch = build_batch(plan, BLOCK, runner.ctx.device)
+    return runner.model(plan.tokens, batch, runner.pool.layers, all_logits=all_logits)
 
 
 def logits_suite(ctx, ckpt_dir):
@@ -19,35 +44,29 @@ def logits_suite(ctx, ckpt_dir):
     in one piece, in chunks (several tokens at start_pos > 0), token by token, greedy decode steps, and a ragged
     batch of rows at different positions."""
     out = {}
-    tokens = torch.tensor([PROMPT])
     n = len(PROMPT)
 
-    def step(model, toks, start, slot):
-        return model(torch.tensor([toks]), torch.tensor([start]), torch.tensor([slot]), last_only=False)[0]
+    def step(runner, toks, start, slot):
+        return forward(runner, [(slot, start, toks)], all_logits=True)
 
     for impl in ("naive", "absorb", "absorb_expanded"):
-        model = load(ctx, ckpt_dir, attn_impl=impl.removesuffix("_expanded"))
+        runner = load(ctx, ckpt_dir, attn_impl=impl.removesuffix("_expanded"))
         if impl == "absorb_expanded":  # every forward through the expanded form, which the FLOP count never picks here
-            for layer in model.layers:
+            for layer in runner.model.layers:
                 layer.attn.expanding_is_cheaper = lambda new_tokens, kv_len: True
-        whole = model(tokens, torch.tensor([0]), torch.tensor([0]), last_only=False)[0]
-        chunks = torch.cat([step(model, PROMPT[a:b], a, 1) for a, b in ((0, 7), (7, 8), (8, 19), (19, n))])
-        single = torch.cat([step(model, PROMPT[i : i + 1], i, 2) for i in range(n)])
+        whole = step(runner, PROMPT, 0, 0)
+        chunks = torch.cat([step(runner, PROMPT[a:b], a, 1) for a, b in ((0, 7), (7, 8), (8, 19), (19, n))])
+        single = torch.cat([step(runner, PROMPT[i : i + 1], i, 2) for i in range(n)])
         decode, seq = [], list(PROMPT)
         last = whole[-1]
         for _ in range(6):
             seq.append(int(last.argmax()))
-            last = model(torch.tensor([[seq[-1]]]), torch.tensor([len(seq) - 1]), torch.tensor([0]))[0]
+            last = forward(runner, [(0, len(seq) - 1, [seq[-1]])])[0]
             decode.append(last)
         # Slot 3 holds the prompt's first 10 tokens, slot 1 the whole prompt: one forward carries 6 new tokens
-        # for slot 3 and 2 padded-to-6 tokens for slot 1, at positions 10 and n.
-        step(model, PROMPT[:10], 0, 3)
-        ragged = model(
-            torch.tensor([PROMPT[10:16], [seq[n], seq[n + 1], 0, 0, 0, 0]]),
-            torch.tensor([10, n]),
-            torch.tensor([3, 1]),
-            torch.tensor([6, 2]),
-        )
+        # for slot 3 and 2 tokens for slot 1, at positions 10 and n.
+        step(runner, PROMPT[:10], 0, 3)
+        ragged = forward(runner, [(3, 10, PROMPT[10:16]), (1, n, [seq[n], seq[n + 1]])])
         out[impl] = {
             "whole": whole,
             "chunks": chunks,
@@ -60,33 +79,33 @@ def logits_suite(ctx, ckpt_dir):
 
 def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32"):
     """Prefill logits for every prompt position, and `new_tokens` greedy tokens decoded one by one."""
-    args = load_config(f"{ckpt_dir}/config.json", dtype=dtype, max_seq_len=128, max_batch_size=1, attn_impl=attn_impl)
-    model = load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
-    prefill = model(torch.tensor([prompt]), torch.tensor([0]), torch.tensor([0]), last_only=False)[0]
+    runner = load(ctx, ckpt_dir, slots=1, attn_impl=attn_impl, dtype=dtype)
+    prefill = forward(runner, [(0, 0, prompt)], all_logits=True)
     seq, logits = list(prompt), prefill[-1]
     for _ in range(new_tokens):
         seq.append(int(logits.argmax()))
-        logits = model(torch.tensor([[seq[-1]]]), torch.tensor([len(seq) - 1]), torch.tensor([0]))[0]
+        logits = forward(runner, [(0, len(seq) - 1, [seq[-1]])])[0]
     return prefill, seq[len(prompt) :]
 
 
 def serve(ctx, ckpt_dir, options, driver, *driver_args):
     """Load the model on every rank; rank 0 runs driver(engine, *driver_args) on an Engine and returns its
-    result, the other ranks follow the plans until shutdown."""
+    result, the other ranks follow the plans until shutdown. options: load_config's, plus the engine's (reuse,
+    max_num_batched_tokens, policy) and the pool's (pool_tokens, default max_batch_size x max_seq_len)."""
     from tp_infer.engine.engine import Engine
     from tp_infer.engine.runner import ModelRunner
 
     options = dict(options)
-    reuse = options.pop("reuse", True)
-    prefill_chunk = options.pop("prefill_chunk", 2048)
+    engine_options = {k: options.pop(k) for k in ("reuse", "max_num_batched_tokens", "policy") if k in options}
+    pool_tokens = options.pop("pool_tokens", None)
     args = load_config(f"{ckpt_dir}/config.json", **{"dtype": "fp32", **options})
     model = load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
-    runner = ModelRunner(model, ctx)
+    runner = ModelRunner(model, ctx, (pool_tokens or args.max_batch_size * args.max_seq_len) // BLOCK, BLOCK)
     if ctx.rank != 0:
         runner.follow()
         return None
     try:
-        return driver(Engine(runner, reuse=reuse, prefill_chunk=prefill_chunk), *driver_args)
+        return driver(Engine(runner, **engine_options), *driver_args)
     finally:
         runner.shutdown()
 
@@ -108,14 +127,16 @@ def load_errors(ctx, ckpt_dirs):
 
 
 def cache_bytes(ctx, ckpt_dir):
-    """{(attn_impl, kv_cache_dtype): (measured KV-cache bytes, formula bytes)} on this rank."""
+    """{(attn_impl, kv_cache_dtype): (measured KV-pool bytes, formula bytes)} on this rank."""
     from tp_infer.kv.memory import kv_bytes_per_token, measured_bytes
 
     out = {}
     for impl in ("naive", "absorb"):
         for kv in ("auto", "bf16", "fp8"):
-            model = load(ctx, ckpt_dir, attn_impl=impl, kv_cache_dtype=kv)
-            args = model.args
-            formula = kv_bytes_per_token(args, ctx.world_size) * args.max_batch_size * args.max_seq_len
-            out[impl, kv] = (measured_bytes(model)[1], formula)
+            runner = load(ctx, ckpt_dir, attn_impl=impl, kv_cache_dtype=kv)
+            tokens = runner.pool.num_blocks * runner.pool.block_size
+            out[impl, kv] = (
+                measured_bytes(runner.model, runner.pool)[1],
+                kv_bytes_per_token(runner.model.args, ctx.world_size) * tokens,
+            )
     return out

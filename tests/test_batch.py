@@ -117,8 +117,9 @@ def load(path: Path) -> dict:
 
 
 def essentials(records: dict) -> dict:
-    """What must not depend on world size, batching or restarts (timings excluded)."""
-    keep = ("text", "token_ids", "finish_reason", "prompt_tokens", "reused_tokens", "computed_tokens")
+    """What must not depend on world size, batching or restarts (timings excluded, and how much of a prompt was
+    cached: that depends on which lines ran before it in the same job)."""
+    keep = ("text", "token_ids", "finish_reason", "prompt_tokens")
     return {k: ([{f: t[f] for f in keep} for t in r["turns"]], r["error"]) for k, r in records.items()}
 
 
@@ -165,11 +166,12 @@ def test_all_forms_and_bad_lines_at_world_sizes_1_and_2(job):
             assert t["finish_reason"] == "stop" or len(t["token_ids"]) == limit
             assert isinstance(t["text"], str) and t["ttft_s"] > 0 and t["decode_tokens_per_s"] >= 0
             assert t["reused_tokens"] + t["computed_tokens"] == t["prompt_tokens"] and t["dropped_tokens"] == 0
-            # a later turn finds the whole history (prompt and reply, stop token included) in the cache
-            assert t["reused_tokens"] == history
+            # a later turn finds the whole history (prompt and reply, stop token included) in the cache; any turn may
+            # find more, left by another line with the same opening
+            assert t["reused_tokens"] >= history
             assert k == 0 or t["reused_tokens"] > 0
             if "turns_token_ids" in rec:
-                assert t["computed_tokens"] == len(rec["turns_token_ids"][k]), "only the new tokens are computed"
+                assert t["computed_tokens"] <= len(rec["turns_token_ids"][k]), "only the new tokens are computed"
             history = t["prompt_tokens"] + len(t["token_ids"])
             generated.update(t["token_ids"])
         if "prompt_token_ids" in rec:

@@ -81,7 +81,7 @@ def test_fp8_cache_greedy_continuations_agree(demo_ckpt):
             demo_ckpt / "config.json", dtype="bf16", kv_cache_dtype=kv, max_seq_len=1024, max_batch_size=2
         )
         model = load_model(args, demo_ckpt, TensorParallel(), torch.device("cpu"))
-        engine = Engine(ModelRunner(model, DistContext(0, 1, torch.device("cpu"))))
+        engine = Engine(ModelRunner(model, DistContext(0, 1, torch.device("cpu")), 2 * 1024 // 16))
         tokens = []
         for i, c in enumerate(held_out_conversations(3, seed=99)):
             chat = Conversation.start(engine, tokenizer, f"c{i}", c["system"])

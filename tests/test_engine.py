@@ -7,7 +7,7 @@ import pytest
 import rank_fns
 from harness import run_ranks
 
-from tp_infer.engine.engine import common_prefix
+from tp_infer.kv.radix import common_prefix
 
 
 def token_lists(seed: int, lengths: list[int]) -> list[list[int]]:
@@ -105,13 +105,15 @@ def test_sampled_sessions_do_not_depend_on_batching(converted):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_slot_eviction_recomputes_and_equals_unevicted_run(converted, world_size):
+def test_eviction_recomputes_and_equals_unevicted_run(converted, world_size):
+    """Three conversations in round robin through a pool too small for all three: their returning turns lose their
+    newest cached tokens to eviction and recompute them, with the same output as a pool that holds them all."""
     rounds = token_lists(12, [7, 4, 6])
-    evicting = serve(world_size, converted["v3"], {"max_seq_len": 256, "max_batch_size": 2}, drv.round_robin, 3, rounds)
+    small = {"max_seq_len": 256, "max_batch_size": 2, "pool_tokens": 64}
+    evicting = serve(world_size, converted["v3"], small, drv.round_robin, 3, rounds)
     roomy = serve(world_size, converted["v3"], {"max_seq_len": 256, "max_batch_size": 4}, drv.round_robin, 3, rounds)
     for ev, ok in zip(evicting, roomy, strict=True):
         assert [t["generated"] for t in ev] == [t["generated"] for t in ok]
         assert [t["computed"] for t in ok] == [len(r) for r in rounds]
-    # with 2 slots and 3 sessions in round robin, every later turn finds its cache evicted and recomputes it
     later = [t for ev in evicting for t in ev[1:]]
-    assert all(t["reused"] == 0 and t["computed"] == t["prompt"] for t in later)
+    assert any(t["computed"] > len(rounds[1]) for t in later), "the small pool must have evicted something"

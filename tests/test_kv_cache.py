@@ -8,9 +8,9 @@ import torch
 from harness import run_ranks
 from test_engine import EIGHT_TURNS
 
-from tp_infer.checkpoint import load_model
 from tp_infer.config import load_config
-from tp_infer.kv.memory import kv_bytes_per_token, parse_budget, size_cache
+from tp_infer.distributed import DistContext
+from tp_infer.kv.memory import kv_bytes_per_token, parse_budget, size_pool
 from tp_infer.model.layers import TensorParallel
 
 
@@ -32,9 +32,8 @@ def test_formula_on_the_published_671B_config():
 
 
 def logits(ckpt, **options) -> torch.Tensor:
-    args = load_config(f"{ckpt}/config.json", dtype="fp32", max_seq_len=64, max_batch_size=1, **options)
-    model = load_model(args, ckpt, TensorParallel(), torch.device("cpu"))
-    return model(torch.tensor([rank_fns.PROMPT]), torch.tensor([0]), torch.tensor([0]), last_only=False)[0]
+    runner = rank_fns.load(DistContext(0, 1, torch.device("cpu")), ckpt, slots=1, max_seq_len=64, **options)
+    return rank_fns.forward(runner, [(0, 0, rank_fns.PROMPT)], all_logits=True)
 
 
 @pytest.mark.parametrize("impl", ["naive", "absorb"])
@@ -61,15 +60,17 @@ def test_fp8_cache_reuse_computes_only_new_tokens(converted):
     assert agree / total > 0.8
 
 
-def test_cache_sized_from_memory():
-    args = load_config("configs/config_tiny.json", dtype="fp32", max_seq_len=512)
+def test_pool_sized_from_memory():
+    args = load_config("configs/config_tiny.json", dtype="fp32", max_seq_len=512, max_batch_size=3)
     per_token = kv_bytes_per_token(args, 2)
-    sized, note = size_cache(args, TensorParallel(0, 2), f"{per_token * 512 * 3 / 1e9}GB", torch.device("cpu"))
-    assert (sized.max_batch_size, sized.max_seq_len) == (3, 512) and "3 slots x 512 tokens" in note
-    small, _ = size_cache(args, TensorParallel(0, 2), f"{per_token * 100 / 1e9}", torch.device("cpu"))
-    assert (small.max_batch_size, small.max_seq_len) == (1, 100)
+    blocks, note = size_pool(args, TensorParallel(0, 2), f"{per_token * 16 * 40 / 1e9}GB", 16, torch.device("cpu"))
+    assert blocks == 40 and "40 blocks x 16 tokens" in note
+    default, note = size_pool(args, TensorParallel(0, 2), None, 16, torch.device("cpu"))
+    assert default == 3 * 512 // 16 and "3 x max_seq_len" in note
+    with pytest.raises(ValueError, match="not enough for one block"):
+        size_pool(args, TensorParallel(0, 2), f"{per_token * 15 / 1e9}", 16, torch.device("cpu"))
     with pytest.raises(ValueError, match="needs CUDA"):
-        size_cache(args, TensorParallel(), "90%", torch.device("cpu"))
+        size_pool(args, TensorParallel(), "90%", 16, torch.device("cpu"))
     for bad in ("-1", "abc", "0", "150%"):
         with pytest.raises(ValueError, match="--kv-cache-memory"):
             parse_budget(bad)

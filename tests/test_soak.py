@@ -108,8 +108,10 @@ def test_long_conversation_through_the_overflow_policy(chat_ckpt, tmp_path):
             assert (prompt, starts) == expected, f"turn {turn}: the prompt is not what the policy keeps"
             overflows += len(prompt) < len(cached) + len(new)
         assert prompt[: len(system)] == system, f"turn {turn}: the system prompt was dropped"
+        # at least the longest common prefix with the previous turn's conversation comes from the cache; after an
+        # overflow the prefix tree may hold more (an earlier turn's state of the conversation)
         reuse = min(common_prefix(cached, prompt), len(prompt) - 1)
-        assert (reused, computed) == (reuse, len(prompt) - reuse), f"turn {turn}"
+        assert reuse <= reused <= len(prompt) - 1 and computed == len(prompt) - reused, f"turn {turn}"
         if previous is not None and len(prompt) == len(cached) + len(new):
             assert computed == len(new), f"turn {turn}: without overflow only the new tokens are computed"
         previous = tokens, starts

@@ -16,8 +16,10 @@ finish_reason ("stop" | "length"), prompt_tokens, reused_tokens, computed_tokens
 decode_tokens_per_s. A line that failed has `error` set to a one-line message; its `turns` are the replies
 completed before the failure (only a later turn of a multi-turn conversation can fail after replies were made).
 
-Up to max_batch_size conversations are in flight at once, each in its own cache slot; turns of different
-conversations share forwards, and a conversation's next turn is submitted as soon as its previous one ends.
+Up to max_batch_size conversations are in flight at once; turns of different conversations share forwards, every
+turn reuses whatever prefix of it the KV pool holds (from any line: a `messages` line that continues an earlier
+line's conversation computes only its new tokens), and a conversation's next turn is submitted as soon as its
+previous one ends.
 Every conversation samples from its own stream seeded by (--seed, id), so its replies do not depend on what it
 was batched with, on the world size, or on where a resumed job restarted.
 
@@ -357,7 +359,7 @@ class BatchJob:
         started = shown = time.perf_counter()
         try:
             while True:
-                while not exhausted and len(self.jobs) < self.engine.num_slots and self.stop_signal is None:
+                while not exhausted and len(self.jobs) < self.engine.max_running and self.stop_signal is None:
                     item = next(lines, None)
                     if item is None:
                         exhausted = True
@@ -371,7 +373,7 @@ class BatchJob:
                     self.drop_in_flight()
                     return False
                 ended = self.engine.step()
-                if not ended and not (self.engine.active or self.engine.queue):
+                if not ended and not self.engine.scheduler.has_work:
                     raise RuntimeError("batch: conversations in flight but nothing for the engine to run")
                 for turn in ended:
                     self.turn_ended(turn)
@@ -386,9 +388,7 @@ class BatchJob:
             self.output.close()
 
     def cache_note(self) -> str:
-        tokens, slots = self.engine.cache_usage()
-        capacity = self.engine.num_slots * self.engine.max_seq_len
-        return f"cache {tokens}/{capacity} tokens in {slots}/{self.engine.num_slots} slots"
+        return self.engine.cache_usage().describe()
 
     def todo_lines(self) -> Iterator[tuple[int, tuple]]:
         """(line number, read_line()) of the lines to answer, read lazily."""

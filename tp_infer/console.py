@@ -19,7 +19,7 @@ HELP = """commands:
   /system TEXT   start a new conversation with TEXT as its system prompt
   /stats         reuse statistics of this conversation and of the whole engine
   /save FILE     write the conversation (messages and exact token ids) as JSON
-  /load FILE     continue a saved conversation (its cache is recomputed on the next turn)
+  /load FILE     continue a saved conversation (what the cache still holds of it is reused)
 Ctrl-C stops a reply (what was generated stays in the history); at the prompt it exits."""
 
 
@@ -153,12 +153,7 @@ class Console:
         elif name == "/stats":
             self.say(format_totals("conversation", self.conversation.session.totals))
             self.say(format_totals("engine", self.engine.totals))
-            tokens, slots = self.engine.cache_usage()
-            capacity = self.engine.num_slots * self.engine.max_seq_len
-            self.say(
-                f"cache: {tokens} of {capacity} tokens ({tokens / capacity:.1%}), "
-                f"{slots} of {self.engine.num_slots} slots in use"
-            )
+            self.say(self.engine.cache_usage().describe())
         elif name in ("/save", "/load"):
             if not arg:
                 self.say(f"(usage: {name} FILE)")

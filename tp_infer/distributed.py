@@ -149,3 +149,12 @@ def agree(error: str | None, world_size: int) -> None:
     if failed:
         rank, message = failed[0]
         raise StartupError(message if world_size == 1 or message.startswith("rank ") else f"rank {rank}: {message}")
+
+
+def min_over_ranks(value: int, world_size: int) -> int:
+    """The smallest of every rank's value, on every rank (on the control group)."""
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_control_group)
+    return int(tensor)

@@ -12,12 +12,20 @@ import torch
 
 from tp_infer.checkpoint import CheckpointError, load_model
 from tp_infer.config import ConfigError, ModelArgs, load_config
-from tp_infer.distributed import CollectiveError, DistContext, StartupError, agree, control_group, init_distributed
+from tp_infer.distributed import (
+    CollectiveError,
+    DistContext,
+    StartupError,
+    agree,
+    control_group,
+    init_distributed,
+    min_over_ranks,
+)
 from tp_infer.engine.engine import Engine
 from tp_infer.engine.runner import ModelRunner, RemoteAbort
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.failures import report_failure
-from tp_infer.kv.memory import describe, measured_bytes, size_cache
+from tp_infer.kv.memory import describe, measured_bytes, size_pool
 from tp_infer.model.layers import TensorParallel
 from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 
@@ -65,10 +73,22 @@ from tp_infer.tokenizer import ChatTokenizer, TokenizerError
     type=click.Choice(["naive", "absorb"]),
     help="Cache per-head k/v (naive) or the shared latent (absorb, default).",
 )
+@click.option("--max-seq-len", type=click.IntRange(min=1), help="Longest conversation in tokens (overflow policy).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), help="Turns running at once (default 8).")
 @click.option(
-    "--max-seq-len", type=click.IntRange(min=1), help="Longest conversation in tokens (cache length per slot)."
+    "--max-num-batched-tokens",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens one step computes at most: every decoding turn's next token, then prefill chunks.",
 )
-@click.option("--max-batch-size", type=click.IntRange(min=1), help="Cache slots: conversations held at once.")
+@click.option(
+    "--schedule",
+    default="mixed",
+    show_default=True,
+    type=click.Choice(["mixed", "prefill-first"]),
+    help="mixed: decoding goes on while others prefill; prefill-first: steps that prefill carry nothing else.",
+)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Compute dtype (default bf16).")
 @click.option(
     "--device",
@@ -84,8 +104,15 @@ from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 )
 @click.option(
     "--kv-cache-memory",
-    help="Size the cache from memory per rank instead of --max-batch-size: gigabytes (12, 12GB) or, on CUDA, "
-    "a share of the free memory left after the weights (90%).",
+    help="Size of the KV pool per rank: gigabytes (12, 12GB) or, on CUDA, a share of the free memory left after the "
+    "weights (90%). Default: max_batch_size x max_seq_len tokens.",
+)
+@click.option(
+    "--block-size",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens per block of the KV pool (a power of two).",
 )
 @click.option(
     "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
@@ -184,12 +211,13 @@ def run(
     no_turn_stats,
     opts,
 ) -> int:
-    args, tokenizer, error, sizing = None, None, None, None
+    args, tokenizer, error, sizing, num_blocks = None, None, None, None, 0
     tp = TensorParallel(ctx.rank, ctx.world_size)
     try:
+        if opts["block_size"] & (opts["block_size"] - 1):
+            raise ConfigError(f"--block-size {opts['block_size']}: must be a power of two")
         args = model_args(ckpt_path, config_path, opts)
-        if opts["kv_cache_memory"]:
-            args, sizing = size_cache(args, tp, opts["kv_cache_memory"], ctx.device)
+        num_blocks, sizing = size_pool(args, tp, opts["kv_cache_memory"], opts["block_size"], ctx.device)
         if ctx.rank == 0:
             tokenizer = load_tokenizer(ckpt_path, interactive)
             if output_file:
@@ -197,16 +225,24 @@ def run(
     except (ConfigError, TokenizerError, ValueError, OSError) as e:
         error = str(e)
     agree(error, ctx.world_size)
+    num_blocks = min_over_ranks(num_blocks, ctx.world_size)  # free memory may differ between devices
+    if num_blocks * opts["block_size"] < args.max_seq_len:  # a conversation must fit the pool
+        args = args.with_options(max_seq_len=num_blocks * opts["block_size"])
     model = load_model(args, ckpt_path, tp, ctx.device)
-    report_memory(ctx, model, sizing)
-    runner = ModelRunner(model, ctx)
+    runner = ModelRunner(model, ctx, num_blocks, opts["block_size"])
+    report_memory(ctx, runner, sizing)
     if ctx.rank != 0:
         # rank 0 decides when to stop (a batch job at a step boundary) and then releases the followers
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         runner.follow()
         return 0
-    engine = Engine(runner, reuse=not no_reuse)
+    engine = Engine(
+        runner,
+        reuse=not no_reuse,
+        max_num_batched_tokens=opts["max_num_batched_tokens"],
+        policy=opts["schedule"].replace("-", "_"),
+    )
     eos = tokenizer.eos_token_ids if tokenizer else ()
     sampling = SamplingParams(
         temperature=opts["temperature"],
@@ -235,17 +271,16 @@ def run(
     return status
 
 
-def report_memory(ctx: DistContext, model, sizing: str | None) -> None:
-    """Rank 0 logs every rank's weight and cache bytes, and what the cache holds."""
-    usage = [measured_bytes(model)]
+def report_memory(ctx: DistContext, runner: ModelRunner, sizing: str) -> None:
+    """Rank 0 logs every rank's weight and pool bytes, and what the pool holds."""
+    usage = [measured_bytes(runner.model, runner.pool)]
     if ctx.world_size > 1:
         usage = [None] * ctx.world_size
-        torch.distributed.all_gather_object(usage, measured_bytes(model), group=control_group())
+        torch.distributed.all_gather_object(usage, measured_bytes(runner.model, runner.pool), group=control_group())
     if ctx.rank == 0:
-        if sizing:
-            click.echo(sizing, err=True)
+        click.echo(sizing, err=True)
         for rank, (weights, cache) in enumerate(usage):
-            click.echo(describe(rank, weights, cache, model.args, ctx.world_size), err=True)
+            click.echo(describe(rank, weights, cache, runner.pool), err=True)
 
 
 def model_args(ckpt_path: str, config_path: str | None, opts: dict) -> ModelArgs:

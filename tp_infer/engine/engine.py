@@ -1,65 +1,45 @@
-"""The multi-turn engine on rank 0: sessions keep their KV cache between turns; each turn prefills only what the
-cache does not hold (longest common prefix, token-granular); turns of many sessions share batched forwards."""
+"""The multi-turn engine on rank 0: every turn, from a session or from nowhere, takes its longest cached prefix from
+the prefix tree and prefills only the rest (token-exact); turns of many conversations share each step's forward.
+A step is three moves: the scheduler picks the rows, the runner computes them on every rank, and the results are
+taken in (tokens sampled, blocks committed to the tree, ended turns released)."""
 
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from tp_infer.engine.request import Turn
 from tp_infer.engine.runner import ModelRunner, StepPlan
 from tp_infer.engine.sampling import SamplingParams, sample
-from tp_infer.engine.session import Session, Totals, TurnStats
+from tp_infer.engine.scheduler import Scheduler
+from tp_infer.engine.session import Session, Totals
+from tp_infer.kv.manager import Admission, BlockManager
 
 
 class TurnRefused(ValueError):
-    """A turn that cannot be run (it cannot fit in max_seq_len); its session is left as it was."""
-
-
-@dataclass
-class Turn:
-    """One reply being generated. `pending` are tokens to feed at cache position `pos`."""
-
-    session: Session
-    prompt: list[int]
-    turn_starts: list[int]
-    sampling: SamplingParams
-    on_token: Callable[[int], None] | None = None
-    stats: TurnStats = field(default_factory=TurnStats)
-    generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    pending: list[int] = field(default_factory=list)
-    pos: int = 0
-    prefilling: bool = True
-    closing: bool = False  # the last token is being written to the cache; nothing more is sampled
-    done: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    """A turn that cannot be run (it cannot fit in max_seq_len or in the pool); its session is left as it was."""
 
 
 class Engine:
-    """Schedules turns over max_batch_size cache slots. With reuse=False every turn re-prefills its whole
-    conversation, as DeepSeek's reference does, for comparison."""
+    """Runs turns over the runner's KV pool, max_batch_size of them at once. With reuse=False every turn re-prefills
+    its whole conversation, as DeepSeek's reference does, for comparison."""
 
-    def __init__(self, runner: ModelRunner, reuse: bool = True, prefill_chunk: int = 2048):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        reuse: bool = True,
+        max_num_batched_tokens: int = 512,
+        policy: str = "mixed",
+        manager: BlockManager | None = None,
+    ):
+        """manager: the pool's bookkeeping, when another engine on the same runner already keeps it."""
         args = runner.model.args
-        self.runner, self.reuse, self.prefill_chunk = runner, reuse, prefill_chunk
-        self.max_seq_len, self.num_slots = args.max_seq_len, args.max_batch_size
-        self.slot_owner: list[Session | None] = [None] * self.num_slots
-        self.queue: deque[Turn] = deque()
-        self.active: list[Turn] = []
+        self.runner, self.reuse = runner, reuse
+        self.max_seq_len, self.max_running = args.max_seq_len, args.max_batch_size
+        self.manager = manager or BlockManager(runner.pool.num_blocks, runner.pool.block_size)
+        self.scheduler = Scheduler(self.manager, args.max_batch_size, max_num_batched_tokens, reuse, policy)
         self.totals = Totals()
-        self.clock = 0
         self.generators: dict[str, torch.Generator] = {}
 
     # ---- submitting turns -------------------------------------------------------------------------------
@@ -76,18 +56,24 @@ class Engine:
         sampling: SamplingParams,
         on_token: Callable[[int], None] | None = None,
     ) -> Turn:
-        """A turn given as the whole conversation; the cache keeps its longest common prefix with it. turn_starts
-        marks where turns begin (for the overflow policy); None: the conversation is one turn."""
+        """A turn given as the whole conversation; it reuses whatever prefix of it the pool holds. turn_starts marks
+        where turns begin (for the overflow policy); None: the conversation is one turn."""
         if session.busy:
             raise TurnRefused(f"session {session.id} already has a turn in progress")
         if not conversation:
             raise TurnRefused("a turn needs at least one token")
         starts = list(turn_starts) if turn_starts else [0]
         prompt, starts, dropped = self.fit(conversation, starts, sampling.max_new_tokens)
-        turn = Turn(session, prompt, starts, sampling, on_token)
+        needed = self.manager.blocks_for(len(prompt) + sampling.max_new_tokens)
+        if needed > self.manager.num_blocks:
+            raise TurnRefused(
+                f"turn needs {needed} cache blocks for {len(prompt)} prompt tokens + max_new_tokens "
+                f"{sampling.max_new_tokens}, more than the pool's {self.manager.num_blocks}"
+            )
+        turn = Turn(session, prompt, starts, sampling, on_token, tokens=list(prompt))
         turn.stats.dropped_tokens = dropped
         session.busy = True
-        self.queue.append(turn)
+        self.scheduler.waiting.append(turn)
         return turn
 
     def fit(self, tokens: list[int], starts: list[int], max_new_tokens: int) -> tuple[list[int], list[int], int]:
@@ -110,7 +96,7 @@ class Engine:
     def run(self, turns: list[Turn] | None = None, interrupted: Callable[[], bool] | None = None) -> None:
         """Step until the given turns (default: all submitted work) are done, or until interrupted() says so
         (checked between steps, so every rank stops at the same step boundary)."""
-        while self.queue or self.active:
+        while self.scheduler.has_work:
             if turns is not None and all(t.done for t in turns):
                 return
             if interrupted is not None and interrupted():
@@ -124,115 +110,92 @@ class Engine:
         return turn
 
     def step(self) -> list[Turn]:
-        """Admit queued turns into free slots, run one forward, sample; returns the turns that ended."""
-        self.admit()
-        prefill = [t for t in self.active if t.prefilling]
-        rows = prefill or self.active
-        if not rows:
-            return []
-        budget, plan_rows, fed = self.prefill_chunk, [], []
-        for turn in rows:
-            take = turn.pending
-            if turn.prefilling:
-                if budget <= 0:
-                    break
-                take = turn.pending[:budget]
-                budget -= len(take)
-            plan_rows.append((turn.session.slot, turn.pos, take))
-            fed.append((turn, len(take)))
-        logits = self.runner.forward(StepPlan.from_rows(plan_rows))
+        """Schedule, run one forward on every rank, take the results in; returns the turns that ended."""
+        rows, admitted = self.scheduler.schedule()
+        for turn, admission in admitted:
+            self.start(turn, admission)
+        rows.sort(key=lambda row: row[1] > 1)  # decode rows first: they attend as one group
+        copies = self.manager.take_copies()
+        logits = self.runner.forward(self.plan(rows, copies)) if rows else []
+        self.manager.copies_done(copies)
+        return self.postprocess(rows, logits)
+
+    def plan(self, rows: list[tuple[Turn, int]], copies: list[tuple[int, int]]) -> StepPlan:
+        return StepPlan.from_rows(
+            [
+                (
+                    t.table.blocks[: self.manager.blocks_for(t.num_cached + n)],
+                    t.num_cached,
+                    t.tokens[t.num_cached : t.num_cached + n],
+                )
+                for t, n in rows
+            ],
+            copies,
+        )
+
+    def postprocess(self, rows: list[tuple[Turn, int]], logits) -> list[Turn]:
         ended = []
-        for (turn, n), row_logits in zip(fed, logits, strict=True):
-            turn.pending = turn.pending[n:]
-            turn.pos += n
-            turn.session.cached = turn.pos
-            if turn.pending:
+        for (turn, n), row_logits in zip(rows, logits, strict=True):
+            turn.num_cached += n
+            if self.reuse:
+                self.manager.commit(turn.table, turn.tokens, turn.num_cached)
+            if turn.extend_len:
                 continue  # a prompt longer than one chunk goes on in the next step
-            if turn.closing:
+            if turn.closing:  # its last token is now cached too: the next turn finds its whole history
                 self.finish(turn)
                 ended.append(turn)
                 continue
-            turn.prefilling = False
             self.accept(turn, sample(row_logits, turn.sampling, self.generator(turn.session)))
-            if turn.finish_reason and not turn.pending:
+            if turn.closing and not self.reuse:  # nothing to keep: no closing step
                 self.finish(turn)
                 ended.append(turn)
         return ended
 
-    def admit(self) -> None:
-        waiting = deque()
-        while self.queue:
-            turn = self.queue.popleft()
-            if len(self.active) >= self.num_slots or not self.take_slot(turn.session):
-                waiting.append(turn)
-                continue
-            self.start(turn)
-        self.queue = waiting
-
-    def take_slot(self, session: Session) -> bool:
-        """Give the session a slot: its own, a free one, or the least recently used idle session's."""
-        if session.slot is not None:
-            return True
-        if None in self.slot_owner:
-            slot = self.slot_owner.index(None)
-        else:
-            idle = [s for s in self.slot_owner if not any(t.session is s for t in self.active)]
-            if not idle:
-                return False
-            victim = min(idle, key=lambda s: s.last_used)
-            slot = victim.slot
-            victim.release_cache()
-        self.slot_owner[slot] = session
-        session.slot, session.cached = slot, 0
-        return True
-
-    def start(self, turn: Turn) -> None:
-        session, prompt = turn.session, turn.prompt
-        reused = common_prefix(session.tokens[: session.cached], prompt) if self.reuse else 0
-        reused = min(reused, len(prompt) - 1)  # the last prompt token is always fed: its logits pick the reply
-        session.tokens, session.turn_starts, session.cached = list(prompt), turn.turn_starts, reused
-        self.clock += 1
-        session.last_used = self.clock
-        turn.pending, turn.pos = prompt[reused:], reused
-        s = turn.stats
-        s.prompt_tokens, s.reused_tokens, s.computed_tokens = len(prompt), reused, len(prompt) - reused
-        s.prev_pos, s.end_pos = reused, len(prompt)
-        self.active.append(turn)
+    def start(self, turn: Turn, admission: Admission) -> None:
+        """A turn enters the pool with what it found cached."""
+        turn.admissions += 1
+        s, reused = turn.stats, admission.reused
+        if turn.admissions > 1:  # resumed after a preemption
+            s.recomputed_tokens += len(turn.tokens) - reused
+            return
+        session = turn.session
+        session.tokens, session.turn_starts = turn.tokens, turn.turn_starts
+        s.prompt_tokens, s.reused_tokens, s.computed_tokens = len(turn.prompt), reused, len(turn.prompt) - reused
+        s.copied_tokens, s.prev_pos, s.end_pos = admission.copied, reused, len(turn.prompt)
 
     def accept(self, turn: Turn, token: int) -> None:
+        """A sampled token joins the history (the session's token list) and is fed to the cache next step."""
         now = time.perf_counter()
         if not turn.generated:
             turn.first_token_at = now
         turn.last_token_at = now
         turn.generated.append(token)
-        turn.session.tokens.append(token)
+        turn.tokens.append(token)
         if turn.on_token is not None:
             turn.on_token(token)
         if turn.sampling.stops_at(token):
             turn.finish_reason = "stop"
-        elif len(turn.generated) >= turn.sampling.max_new_tokens or len(turn.session.tokens) >= self.max_seq_len:
+        elif len(turn.generated) >= turn.sampling.max_new_tokens or len(turn.tokens) >= self.max_seq_len:
             turn.finish_reason = "length"
-        if turn.finish_reason is None or self.reuse:
-            # the sampled token goes into the cache next step; after the last one that step only closes the turn,
-            # so the next turn finds its whole history cached
-            turn.pending, turn.closing = [token], turn.finish_reason is not None
 
     def cancel(self, turn: Turn) -> None:
-        """Stop generating (Ctrl-C): what was generated stays in the history."""
+        """Stop generating (Ctrl-C): what was generated stays in the history, what was computed in the cache."""
         if turn.done:
             return
-        if turn in self.queue:
-            self.queue.remove(turn)
-            self.finish(turn, "cancelled", count=False)
-            return
+        counted = turn.admissions > 0
         turn.finish_reason = "cancelled"
-        turn.session.cached = min(turn.session.cached, turn.pos)
-        self.finish(turn, "cancelled")
+        self.finish(turn, count=counted)
 
-    def finish(self, turn: Turn, reason: str | None = None, count: bool = True) -> None:
-        if turn in self.active:
-            self.active.remove(turn)
-        turn.finish_reason = reason or turn.finish_reason
+    def finish(self, turn: Turn, count: bool = True) -> None:
+        """The turn leaves the engine; what it computed stays cached in the prefix tree (with reuse)."""
+        scheduler = self.scheduler
+        if turn in scheduler.waiting:
+            scheduler.waiting.remove(turn)
+        if turn in scheduler.running:
+            scheduler.running.remove(turn)
+        if turn.table is not None:
+            self.manager.release(turn.table, turn.tokens, turn.num_cached, keep=self.reuse)
+            turn.table = None
         turn.done, turn.session.busy = True, False
         s = turn.stats
         s.generated_tokens = len(turn.generated)
@@ -243,10 +206,25 @@ class Engine:
             turn.session.totals.add(s)
             self.totals.add(s)
 
-    def cache_usage(self) -> tuple[int, int]:
-        """(tokens the cache holds over all slots, slots holding a conversation)."""
-        held = [s for s in self.slot_owner if s is not None]
-        return sum(s.cached for s in held), len(held)
+    @property
+    def running(self) -> list[Turn]:
+        return self.scheduler.running
+
+    @property
+    def waiting(self) -> list[Turn]:
+        return list(self.scheduler.waiting)
+
+    def cache_usage(self) -> "CacheUsage":
+        manager = self.manager
+        tokens, blocks = manager.usage()
+        return CacheUsage(
+            tokens,
+            blocks,
+            manager.num_blocks,
+            manager.block_size,
+            manager.tree.evicted_blocks,
+            self.scheduler.preemptions,
+        )
 
     def generator(self, session: Session) -> torch.Generator:
         """Per-session random stream, so a sampled conversation does not depend on what it was batched with."""
@@ -255,8 +233,24 @@ class Engine:
         return self.generators[session.id]
 
     def close_session(self, session: Session) -> None:
-        """Forget a session and free its slot."""
-        if session.slot is not None and self.slot_owner[session.slot] is session:
-            self.slot_owner[session.slot] = None
-        session.release_cache()
+        """Forget a session; its history stays cached for whoever sends it again, until evicted."""
         self.generators.pop(session.id, None)
+
+
+@dataclass
+class CacheUsage:
+    """The pool as rank 0 sees it: tokens the prefix tree holds, blocks in use (by the tree or by running turns)."""
+
+    cached_tokens: int
+    used_blocks: int
+    total_blocks: int
+    block_size: int
+    evicted_blocks: int
+    preemptions: int
+
+    def describe(self) -> str:
+        share = self.used_blocks / self.total_blocks
+        return (
+            f"cache {self.cached_tokens} tokens, {self.used_blocks}/{self.total_blocks} blocks of "
+            f"{self.block_size} ({share:.1%}), {self.evicted_blocks} evicted, {self.preemptions} preemptions"
+        )

@@ -1,21 +1,26 @@
-"""A conversation as the model saw it: its exact token ids (generated ids included, never re-tokenised), where
-each turn starts, and how much of it the cache slot holds. Plus the statistics the engine keeps."""
+"""A conversation as the model saw it: its exact token ids (generated ids included, never re-tokenised) and where
+each turn starts. It holds no cache: its next turn finds its history in the prefix tree like any other prompt.
+Plus the statistics the engine keeps."""
 
 from dataclasses import dataclass, field
 
 
 @dataclass
 class TurnStats:
-    """One turn. reused_tokens came from the cache; computed_tokens were prefilled; the two sum to prompt_tokens.
-    prev_pos is where the prefill started, end_pos where the prompt ends."""
+    """One turn. reused_tokens came from the cache (copied_tokens of them from a block that matched in part);
+    computed_tokens were prefilled; the two sum to prompt_tokens. prev_pos is where the prefill started, end_pos
+    where the prompt ends. A preempted turn recomputes recomputed_tokens when it resumes."""
 
     prompt_tokens: int = 0
     reused_tokens: int = 0
     computed_tokens: int = 0
+    copied_tokens: int = 0
     dropped_tokens: int = 0  # history removed by the overflow policy
     prev_pos: int = 0
     end_pos: int = 0
     generated_tokens: int = 0
+    preemptions: int = 0
+    recomputed_tokens: int = 0
     ttft_s: float = 0.0
     decode_tokens_per_s: float = 0.0
 
@@ -27,6 +32,8 @@ class Totals:
     reused_tokens: int = 0
     computed_tokens: int = 0
     generated_tokens: int = 0
+    preemptions: int = 0
+    recomputed_tokens: int = 0
 
     def add(self, turn: TurnStats) -> None:
         self.turns += 1
@@ -34,22 +41,18 @@ class Totals:
         self.reused_tokens += turn.reused_tokens
         self.computed_tokens += turn.computed_tokens
         self.generated_tokens += turn.generated_tokens
+        self.preemptions += turn.preemptions
+        self.recomputed_tokens += turn.recomputed_tokens
 
 
 @dataclass
 class Session:
-    """tokens[:cached] sit in cache slot `slot` (slot None: no cache). turn_starts[i] is where turn i begins;
-    the tokens before the first turn are the system prompt, which the overflow policy never drops."""
+    """turn_starts[i] is where turn i begins; the tokens before the first turn are the system prompt, which the
+    overflow policy never drops."""
 
     id: str
     seed: int = 0
     tokens: list[int] = field(default_factory=list)
     turn_starts: list[int] = field(default_factory=list)
-    slot: int | None = None
-    cached: int = 0
-    last_used: int = 0
     busy: bool = False
     totals: Totals = field(default_factory=Totals)
-
-    def release_cache(self) -> None:
-        self.slot, self.cached = None, 0

@@ -1,17 +1,15 @@
-"""KV-cache and weight memory: the per-token formula, what a loaded rank really holds, and sizing the cache from a
+"""KV-pool and weight memory: the per-token formula, what a loaded rank really holds, and sizing the pool from a
 memory budget."""
 
 import math
-from dataclasses import replace
 
 import torch
 
 from tp_infer.config import ConfigError, ModelArgs
-from tp_infer.kv.pool import CacheTensor
+from tp_infer.kv.pool import CACHE_DTYPES, KVPool
 from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import Transformer
 
-CACHE_BYTES = {"bf16": 2, "fp32": 4, "fp8": 1}
 SCALE_BYTES = 4  # one fp32 scale per cached row in FP8 mode
 
 
@@ -19,7 +17,7 @@ def kv_bytes_per_token(args: ModelArgs, world_size: int) -> int:
     """Cache bytes one token of conversation takes on each rank, over all layers. absorb caches the latent and the
     rope key, the same on every rank; naive caches each local head's key and value."""
     dtype = args.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-    elem = CACHE_BYTES[dtype]
+    elem = CACHE_DTYPES[dtype].itemsize
     if args.attn_impl == "absorb":
         values, rows = args.kv_lora_rank + args.qk_rope_head_dim, 2
     else:
@@ -32,15 +30,13 @@ def kv_bytes_per_token(args: ModelArgs, world_size: int) -> int:
 def weight_bytes(args: ModelArgs, tp: TensorParallel) -> int:
     """Bytes of one rank's weights, counted on a model built on `meta` (nothing is allocated)."""
     with torch.device("meta"):
-        model = Transformer(replace(args, max_batch_size=1, max_seq_len=1), tp)
+        model = Transformer(args, tp)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def measured_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(weight bytes, KV-cache bytes) a loaded rank really holds."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache = sum(m.nbytes for m in model.modules() if isinstance(m, CacheTensor))
-    return weights, cache
+def measured_bytes(model: torch.nn.Module, pool: KVPool) -> tuple[int, int]:
+    """(weight bytes, KV-pool bytes) a loaded rank really holds."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()), pool.nbytes
 
 
 def parse_budget(text: str) -> tuple[float, bool]:
@@ -60,33 +56,37 @@ def parse_budget(text: str) -> tuple[float, bool]:
         raise ConfigError(f"--kv-cache-memory {text!r}: give gigabytes (e.g. 12 or 12GB) or a share like 90%") from None
 
 
-def size_cache(args: ModelArgs, tp: TensorParallel, budget: str, device: torch.device) -> tuple[ModelArgs, str]:
-    """Choose max_batch_size (and, if not even one slot fits, a shorter max_seq_len) so that the KV cache fits the
-    budget on each rank. Returns the new args and a sentence saying what was chosen."""
-    amount, is_share = parse_budget(budget)
-    if is_share:
-        if device.type != "cuda":
-            raise ConfigError(f"--kv-cache-memory {budget}: a share of free memory needs CUDA; give gigabytes")
-        free, _ = torch.cuda.mem_get_info(device)
-        amount = (free - weight_bytes(args, tp)) * amount
+def size_pool(
+    args: ModelArgs, tp: TensorParallel, budget: str | None, block_size: int, device: torch.device
+) -> tuple[int, str]:
+    """The number of pool blocks that fit the budget on each rank (default: max_batch_size x max_seq_len tokens, the
+    memory one slot per running turn would take). Returns the blocks and a sentence saying what was chosen."""
     per_token = kv_bytes_per_token(args, tp.world_size)
-    tokens = int(amount // per_token)
-    if tokens < 1:
-        raise ConfigError(f"--kv-cache-memory {budget}: not enough for one token ({per_token} bytes per token)")
-    seq_len = min(args.max_seq_len, tokens)
-    slots = tokens // seq_len
-    sized = replace(args, max_batch_size=slots, max_seq_len=seq_len)
+    if budget is None:
+        tokens, source = args.max_batch_size * args.max_seq_len, f"{args.max_batch_size} x max_seq_len"
+    else:
+        amount, is_share = parse_budget(budget)
+        if is_share:
+            if device.type != "cuda":
+                raise ConfigError(f"--kv-cache-memory {budget}: a share of free memory needs CUDA; give gigabytes")
+            free, _ = torch.cuda.mem_get_info(device)
+            amount = (free - weight_bytes(args, tp)) * amount
+        tokens, source = int(amount // per_token), budget
+    blocks = tokens // block_size
+    if blocks < 1:
+        raise ConfigError(
+            f"--kv-cache-memory {budget}: not enough for one block of {block_size} tokens ({per_token} bytes per token)"
+        )
     note = (
-        f"KV cache sized from {budget}: {slots} slots x {seq_len} tokens at {per_token} bytes/token "
-        f"= {slots * seq_len * per_token / 1e9:.3f} GB per rank"
+        f"KV pool sized from {source}: {blocks} blocks x {block_size} tokens at {per_token} bytes/token "
+        f"= {blocks * block_size} tokens, {blocks * block_size * per_token / 1e9:.3f} GB per rank"
     )
-    return sized, note
+    return blocks, note
 
 
-def describe(rank: int, weights: int, cache: int, args: ModelArgs, world_size: int) -> str:
-    per_token = kv_bytes_per_token(args, world_size)
-    tokens = args.max_batch_size * args.max_seq_len
+def describe(rank: int, weights: int, cache: int, pool: KVPool) -> str:
+    tokens = pool.num_blocks * pool.block_size
     return (
-        f"rank {rank}: weights {weights / 1e9:.3f} GB, KV cache {cache / 1e9:.3f} GB "
-        f"({per_token} B/token x {args.max_batch_size} slots x {args.max_seq_len} = {tokens} tokens)"
+        f"rank {rank}: weights {weights / 1e9:.3f} GB, KV pool {cache / 1e9:.3f} GB "
+        f"({pool.num_blocks} blocks x {pool.block_size} = {tokens} tokens)"
     )

@@ -1,39 +1,89 @@
-"""Cache storage: one tensor per cached quantity, [slots, max_seq_len, *shape], kept in the compute dtype or in
-float8_e4m3fn with one fp32 scale per token (per row of the last dimension: per head in naive mode)."""
+"""The KV pool on every rank: per layer, the quantities attention caches, in fixed-size blocks that any conversation
+may hold. Allocated once by the runner; the model reads and writes it through the step's slot mapping and block
+tables, and rank 0's block manager decides who holds which block.
+
+Each quantity is one tensor [num_blocks, block_size, *shape], kept in the compute dtype or in float8_e4m3fn with one
+fp32 scale per token (per row of the last dimension: per head in naive mode), [num_blocks, block_size, *shape[:-1]].
+"""
 
 import torch
-from torch import nn
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}  # "auto": compute dtype
 
 
-class CacheTensor(nn.Module):
-    def __init__(self, slots: int, seq_len: int, shape: tuple[int, ...], dtype: torch.dtype):
-        super().__init__()
+class CacheTensor:
+    def __init__(self, num_blocks: int, block_size: int, shape: tuple[int, ...], dtype: torch.dtype, device):
         self.fp8 = dtype == torch.float8_e4m3fn
-        self.register_buffer("data", torch.zeros(slots, seq_len, *shape, dtype=dtype), persistent=False)
-        if self.fp8:
-            self.register_buffer("scale", torch.zeros(slots, seq_len, *shape[:-1]), persistent=False)
-        else:
-            self.scale = None
+        self.data = torch.zeros(num_blocks, block_size, *shape, dtype=dtype, device=device)
+        self.scale = torch.zeros(num_blocks, block_size, *shape[:-1], device=device) if self.fp8 else None
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + (self.scale.nbytes if self.fp8 else 0)
 
-    def write(self, batch, values: torch.Tensor) -> None:
-        """Store the batch's valid tokens' values [B, T, *shape], quantising them when the cache is FP8."""
+    def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Store values [N, *shape] at flat slots [N] (block * block_size + offset), quantising them if FP8."""
+        flat = self.data.view(-1, *self.data.shape[2:])
         if not self.fp8:
-            batch.write(self.data, values)
+            flat[slots] = values.to(flat.dtype)
             return
         values = values.float()
         scale = values.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-        batch.write(self.data, (values / scale).to(torch.float8_e4m3fn))
-        batch.write(self.scale, scale.squeeze(-1))
+        flat[slots] = (values / scale).to(torch.float8_e4m3fn)
+        self.scale.view(-1, *self.scale.shape[2:])[slots] = scale.squeeze(-1)
 
-    def read(self, batch, dtype: torch.dtype) -> torch.Tensor:
-        """The batch rows' first kv_len positions, [B, S, *shape], in `dtype`."""
-        data = batch.read(self.data)
+    def read(self, block_table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The blocks of each row of block_table [R, nb], as [R, nb * block_size, *shape] in `dtype`."""
+        data = self.data[block_table].flatten(1, 2)
         if not self.fp8:
-            return data
-        return (data.float() * batch.read(self.scale).unsqueeze(-1)).to(dtype)
+            return data.to(dtype)
+        return (data.float() * self.scale[block_table].flatten(1, 2).unsqueeze(-1)).to(dtype)
+
+    def copy(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
+        self.data[destinations] = self.data[sources]
+        if self.fp8:
+            self.scale[destinations] = self.scale[sources]
+
+
+class LayerCache:
+    """One layer's share of the pool: one CacheTensor per quantity attention caches (absorb: latent and rope key;
+    naive: this rank's heads' keys and values)."""
+
+    def __init__(self, num_blocks: int, block_size: int, shapes: list[tuple[int, ...]], dtype: torch.dtype, device):
+        self.tensors = [CacheTensor(num_blocks, block_size, shape, dtype, device) for shape in shapes]
+
+    def write(self, slots: torch.Tensor, *values: torch.Tensor) -> None:
+        """Store one step's new entries, values[i] [N, *shapes[i]], at flat slots [N]."""
+        for tensor, value in zip(self.tensors, values, strict=True):
+            tensor.write(slots, value)
+
+    def read(self, block_table: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Every quantity over the rows' blocks, [R, nb * block_size, *shapes[i]]."""
+        return [tensor.read(block_table, dtype) for tensor in self.tensors]
+
+
+class KVPool:
+    """num_blocks blocks of block_size tokens for every layer, on this rank's device."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        shapes: list[tuple[int, ...]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = [LayerCache(num_blocks, block_size, shapes, dtype, device) for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.layers for t in layer.tensors)
+
+    def copy(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
+        """Copy whole blocks (of every layer): a turn's own block starts as a copy of a block it matched in part."""
+        for layer in self.layers:
+            for tensor in layer.tensors:
+                tensor.copy(sources, destinations)

@@ -1,42 +1,14 @@
-"""Multi-head latent attention (MLA) over a slotted KV cache, in DeepSeek's naive and absorb forms."""
-
-from dataclasses import dataclass
+"""Multi-head latent attention (MLA) over the paged KV pool, in DeepSeek's naive and absorb forms."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tp_infer.config import ModelArgs
-from tp_infer.kv.pool import CacheTensor
+from tp_infer.kv.pool import LayerCache
+from tp_infer.model.batch import AttentionGroup, ForwardBatch
 from tp_infer.model.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, TensorParallel
 from tp_infer.model.rope import apply_rope
-
-CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}  # "auto": compute dtype
-
-
-@dataclass
-class AttentionBatch:
-    """Where a forward's tokens sit: rows are cache slots, each row at its own start position (new tokens padded)."""
-
-    slots: torch.Tensor  # [B] cache slot of each row
-    positions: torch.Tensor  # [B, T] absolute position of each new token
-    valid: torch.Tensor  # [B, T] False on padding
-    visible: torch.Tensor  # [B, T, S] causal mask: True where a new token may attend, over S = kv_len positions
-    cos: torch.Tensor  # [B, T, rope_dim / 2]
-    sin: torch.Tensor
-    slot_range: slice | None  # the slots as a contiguous range, when they are one (read the cache as a view)
-
-    def write(self, cache: torch.Tensor, values: torch.Tensor) -> None:
-        """Store the valid tokens' values [B, T, ...] at their positions in their slots."""
-        rows = self.slots[:, None].expand_as(self.positions)
-        cache[rows[self.valid], self.positions[self.valid]] = values[self.valid].to(cache.dtype)
-
-    def read(self, cache: torch.Tensor) -> torch.Tensor:
-        """The rows' first S = kv_len cached positions, [B, S, ...]."""
-        kv_len = self.visible.shape[-1]
-        if self.slot_range is not None:
-            return cache[self.slot_range, :kv_len]
-        return cache[self.slots, :kv_len]
 
 
 class MLA(nn.Module):
@@ -64,59 +36,74 @@ class MLA(nn.Module):
             args.kv_lora_rank, args.n_heads * (self.nope_dim + self.v_dim), tp, dtype, fp8
         )
         self.wo = RowParallelLinear(args.n_heads * self.v_dim, args.dim, tp, dtype, fp8)
-        slots, seq, cache_dtype = args.max_batch_size, args.max_seq_len, CACHE_DTYPES.get(args.kv_cache_dtype, dtype)
-        if self.attn_impl == "naive":
-            self.k_cache = CacheTensor(slots, seq, (self.local_heads, args.qk_head_dim), cache_dtype)
-            self.v_cache = CacheTensor(slots, seq, (self.local_heads, self.v_dim), cache_dtype)
-        else:
-            self.kv_cache = CacheTensor(slots, seq, (self.kv_lora_rank,), cache_dtype)
-            self.pe_cache = CacheTensor(slots, seq, (self.rope_dim,), cache_dtype)
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
+    @staticmethod
+    def cache_shapes(args: ModelArgs, world_size: int) -> list[tuple[int, ...]]:
+        """What each token leaves in a layer's cache on each rank. absorb: the latent and the rope key, the same on
+        every rank; naive: the local heads' keys and values."""
+        if args.attn_impl == "absorb":
+            return [(args.kv_lora_rank,), (args.qk_rope_head_dim,)]
+        heads = args.n_heads // world_size
+        return [(heads, args.qk_head_dim), (heads, args.v_head_dim)]
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """x [N, dim]: the step's new tokens; cos/sin [N, rope_dim / 2] at their positions."""
+        n = x.shape[0]
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(bsz, seqlen, self.local_heads, self.nope_dim + self.rope_dim)
+        q = q.view(n, self.local_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, batch.cos, batch.sin)
+        q_pe = apply_rope(q_pe, cos, sin)
         latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
-        k_pe = apply_rope(k_pe, batch.cos, batch.sin)
+        k_pe = apply_rope(k_pe, cos, sin)
         wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]
         if self.attn_impl == "naive":
-            k_nope, v = torch.einsum("btc,hdc->bthd", latent, wkv_b).split([self.nope_dim, self.v_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
-            self.k_cache.write(batch, k)
-            self.v_cache.write(batch, v)
-            k, v = self.k_cache.read(batch, x.dtype), self.v_cache.read(batch, x.dtype)
-            out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, batch)
-            return self.wo(out.flatten(2))
-        self.kv_cache.write(batch, latent)
-        self.pe_cache.write(batch, k_pe)
-        kv_cache, pe_cache = self.kv_cache.read(batch, x.dtype), self.pe_cache.read(batch, x.dtype)
-        if self.expanding_is_cheaper(seqlen, kv_cache.shape[1]):
-            k_nope = torch.einsum("bsc,hdc->bshd", kv_cache, w_k)
-            k = torch.cat([k_nope, pe_cache.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
-            v = torch.einsum("bsc,hdc->bshd", kv_cache, w_v)
-            out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, batch)
-            return self.wo(out.flatten(2))
+            k_nope, v = torch.einsum("nc,hdc->nhd", latent, wkv_b).split([self.nope_dim, self.v_dim], dim=-1)
+            cache.write(batch.slots, torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.local_heads, -1)], -1), v)
+            query = torch.cat([q_nope, q_pe], dim=-1)
+            outs = [self.naive_group(query, cache, g) for g in batch.groups]
+        else:
+            cache.write(batch.slots, latent, k_pe)
+            outs = [self.absorb_group(q_nope, q_pe, wkv_b, cache, g) for g in batch.groups]
+        return self.wo(torch.cat(outs).flatten(1))
+
+    def naive_group(self, query: torch.Tensor, cache: LayerCache, group: AttentionGroup) -> torch.Tensor:
+        k, v = cache.read(group.block_table, query.dtype)
+        return self.multi_head_attention(rows_of(query, group), k, v, group.visible).flatten(0, 1)
+
+    def absorb_group(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup
+    ) -> torch.Tensor:
+        """Attention of one group's queries in the absorbed form (latent space), or, when it costs fewer FLOPs, by
+        expanding the cached latent to per-head keys and values."""
+        w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]
+        latent, pe = cache.read(group.block_table, q_nope.dtype)  # [R, S, C], [R, S, rope]
+        q_nope, q_pe = rows_of(q_nope, group), rows_of(q_pe, group)  # [R, T, H, *]
+        if self.expanding_is_cheaper(group.width, latent.shape[1]):
+            k_nope = torch.einsum("bsc,hdc->bshd", latent, w_k)
+            k = torch.cat([k_nope, pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
+            v = torch.einsum("bsc,hdc->bshd", latent, w_v)
+            out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, group.visible)
+            return out.flatten(0, 1)
         # one product over latent and rope key together, the softmax scale applied to the (smaller) query
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)
         query = torch.cat([q_latent, q_pe], dim=-1) * self.softmax_scale
-        scores = torch.einsum("bthc,bsc->bths", query, torch.cat([kv_cache, pe_cache], dim=-1)).float()
-        probs = scores.masked_fill_(~batch.visible.unsqueeze(2), float("-inf")).softmax(dim=-1).to(x.dtype)
-        out = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", probs, kv_cache), w_v)
-        return self.wo(out.flatten(2))
+        scores = torch.einsum("bthc,bsc->bths", query, torch.cat([latent, pe], dim=-1)).float()
+        probs = scores.masked_fill_(~group.visible.unsqueeze(2), float("-inf")).softmax(dim=-1).to(q_nope.dtype)
+        out = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", probs, latent), w_v)
+        return out.flatten(0, 1)
 
     def multi_head_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
     ) -> torch.Tensor:
         """Fused causal attention of q [B, T, H, D] over per-head k [B, S, H, D] and v [B, S, H, Dv]."""
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=batch.visible.unsqueeze(1),
+            attn_mask=visible.unsqueeze(1),
             scale=self.softmax_scale,
         )
         return out.transpose(1, 2)
@@ -130,3 +117,8 @@ class MLA(nn.Module):
             new_tokens * kv_len * self.rope_dim
         )
         return expand < absorb
+
+
+def rows_of(x: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """The group's tokens of a stream tensor [N, ...], as [rows, width, ...]."""
+    return x[group.start : group.end].view(group.rows, group.width, *x.shape[1:])

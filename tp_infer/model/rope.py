@@ -38,9 +38,9 @@ def rope_cos_sin(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs of x [B, T, H, D] (or [B, T, D]) by cos/sin [B, T, D/2], computed in fp32."""
-    if x.dim() == 4:
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    """Rotate the pairs of x [N, H, D] (or [N, D]) by cos/sin [N, D/2], computed in fp32."""
+    if x.dim() == cos.dim() + 1:
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     xf = x.float()
     even, odd = xf[..., 0::2], xf[..., 1::2]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)

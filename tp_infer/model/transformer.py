@@ -1,11 +1,14 @@
-"""The DeepSeek-V2/V3 transformer, tensor-parallel, taking several tokens at any start position per cache slot."""
+"""The DeepSeek-V2/V3 transformer, tensor-parallel: one forward takes any rows of new tokens, each at its own
+position over its own cached blocks of the pool."""
 
 import torch
 from torch import nn
 
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import all_gather_last_dim, gather_last_dim
-from tp_infer.model.attention import MLA, AttentionBatch
+from tp_infer.kv.pool import LayerCache
+from tp_infer.model.attention import MLA
+from tp_infer.model.batch import ForwardBatch
 from tp_infer.model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, TensorParallel
 from tp_infer.model.moe import MLP, MoE
 from tp_infer.model.rope import rope_cos_sin
@@ -24,8 +27,10 @@ class Block(nn.Module):
         else:
             self.ffn = MoE(args, tp, dtype)
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), batch)
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), batch, cache, cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -50,48 +55,21 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        start_pos: torch.Tensor,
-        slots: torch.Tensor,
-        num_new: torch.Tensor | None = None,
-        last_only: bool = True,
+        batch: ForwardBatch,
+        cache: list[LayerCache],
+        all_logits: bool = False,
         logits_on_all_ranks: bool = True,
     ) -> torch.Tensor | None:
-        """Run rows of new tokens [B, T] (row b holds num_new[b] real tokens, the rest padding) at positions
-        start_pos[b].. in cache slot slots[b]. Returns fp32 logits of each row's last real token [B, V], or of
-        every position [B, T, V] with last_only=False; with logits_on_all_ranks=False only rank 0 gets them."""
-        bsz, seqlen = tokens.shape
-        device = tokens.device
-        if num_new is None:
-            num_new = torch.full((bsz,), seqlen, dtype=torch.long, device=device)
-        offsets = torch.arange(seqlen, device=device)
-        positions = start_pos[:, None] + offsets
-        valid = offsets < num_new[:, None]
-        kv_len = int((start_pos + num_new).max())
-        if kv_len > self.args.max_seq_len:
-            raise ValueError(f"forward reaches position {kv_len}, past max_seq_len={self.args.max_seq_len}")
-        table_index = positions.clamp(max=self.args.max_seq_len - 1)
-        visible = torch.arange(kv_len, device=device) <= positions[:, :, None]
-        slot_list = slots.tolist()
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + bsz))
-        batch = AttentionBatch(
-            slots=slots,
-            positions=positions,
-            valid=valid,
-            visible=visible,
-            cos=self.rope_cos[table_index],
-            sin=self.rope_sin[table_index],
-            slot_range=slice(slot_list[0], slot_list[0] + bsz) if contiguous else None,
-        )
+        """Run the step's new tokens [N] (batch says where each sits and what it attends over) and return fp32 logits
+        of each row's last token [B, V], or of every token [N, V] with all_logits; with logits_on_all_ranks=False
+        only rank 0 gets them."""
+        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
         h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h, batch)
-        if last_only:
-            h = h[torch.arange(bsz, device=device), num_new - 1].unsqueeze(1)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            h = layer(h, batch, layer_cache, cos, sin)
+        if not all_logits:
+            h = h[batch.last]
         local = self.head(self.norm(h)).float()
         if logits_on_all_ranks:
-            logits = all_gather_last_dim(local, self.tp.world_size)
-        else:
-            logits = gather_last_dim(local, self.tp.rank, self.tp.world_size)
-            if logits is None:
-                return None
-        return logits.squeeze(1) if last_only else logits
+            return all_gather_last_dim(local, self.tp.world_size)
+        return gather_last_dim(local, self.tp.rank, self.tp.world_size)
