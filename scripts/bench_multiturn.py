@@ -32,10 +32,12 @@ from tp_infer.checkpoint import load_model
 from tp_infer.config import HF_NAMES, ModelArgs, load_config
 from tp_infer.convert import convert
 from tp_infer.distributed import init_distributed
-from tp_infer.engine.engine import Engine, Turn, common_prefix
+from tp_infer.engine.engine import Engine
+from tp_infer.engine.request import Turn
 from tp_infer.engine.runner import ModelRunner
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
+from tp_infer.kv.radix import common_prefix
 from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import DTYPES
 
