@@ -59,37 +59,40 @@ class BlockManager:
 
     def admit(self, tokens: list[int], first_chunk: int, reuse: bool) -> Admission | None:
         """Blocks for a new turn over `tokens`: its longest cached prefix (never the last token, whose logits choose
-        the reply), and own blocks for its next min(first_chunk, rest) tokens. None when the pool cannot give them
-        (nothing is changed then)."""
+        the reply), and own blocks for its next min(first_chunk, rest) tokens. None when the pool cannot give them;
+        the turn then holds nothing (eviction may have freed blocks meanwhile)."""
         bs = self.block_size
         match = self.tree.match(tokens, len(tokens) - 1) if reuse else None
         nodes = match.nodes if match else []
         partial, partial_len = (match.partial, match.partial_len) if match and match.partial_len else (None, 0)
+        # the whole tail of a conversation that nobody else uses is taken over instead of copied
+        take_over = (
+            partial is not None and partial_len == len(partial.tokens) and self.allocator.refs[partial.block] == 1
+        )
         held = [n.block for n in nodes] + ([partial.block] if partial else [])
         for block in held:  # held while allocating, so that eviction cannot take them
             self.allocator.share(block)
         reused = len(nodes) * bs + partial_len
         end = reused + min(len(tokens) - reused, first_chunk)
         own = []
-        for _ in range(self.blocks_for(end) - len(nodes)):
+        for _ in range(self.blocks_for(end) - len(nodes) - take_over):
             block = self.allocate()
             if block is None:
                 for b in own + held:
                     self.allocator.release(b)
+                if partial is not None:
+                    self.tree.offer(partial)
                 return None
             own.append(block)
         self.tree.touch(nodes + ([partial] if partial else []))
         table = BlockTable(nodes[-1] if nodes else self.tree.root, [n.block for n in nodes], len(nodes))
         copied = 0
-        if partial is not None:
-            if partial_len == len(partial.tokens) and self.allocator.refs[partial.block] == 2:
-                # the whole tail of a conversation that nobody else uses: take its block over instead of copying
-                self.allocator.release(partial.block)
-                self.allocator.release(own.pop(0))
-                own.insert(0, self.tree.detach(partial))
-            else:
-                self.copies.append((partial.block, own[0]))  # its reference is dropped after the forward
-                copied = partial_len
+        if take_over:
+            self.allocator.release(partial.block)
+            own.insert(0, self.tree.detach(partial))
+        elif partial is not None:
+            self.copies.append((partial.block, own[0]))  # its reference is dropped after the forward
+            copied = partial_len
         table.blocks += own
         return Admission(table, reused, copied)
 
@@ -112,16 +115,21 @@ class BlockManager:
             self.allocator.release(source)
 
     def commit(self, table: BlockTable, tokens: list[int], cached: int) -> None:
-        """Give the tree the table's blocks that `cached` computed tokens have filled."""
+        """Give the tree the table's blocks that `cached` computed tokens have filled. A block the tree already
+        holds (another turn computed the same tokens first) is shared instead, and the table's copy freed."""
         bs = self.block_size
         while table.committed < cached // bs:
             k = table.committed
             node = self.tree.insert(table.node, tuple(tokens[k * bs : (k + 1) * bs]), table.blocks[k])
+            if node.block != table.blocks[k]:
+                self.allocator.share(node.block)
+                self.allocator.release(table.blocks[k])
+                table.blocks[k] = node.block
             table.node, table.committed = node, k + 1
 
     def release(self, table: BlockTable, tokens: list[int], cached: int, keep: bool = True) -> None:
         """The turn ends (or is preempted): with keep, its computed tokens stay cached in the tree (its last, partial
-        block as a tail); then it drops every reference it holds."""
+        block as a tail); then it drops every reference it holds (blocks committed earlier stay in the tree)."""
         if keep:
             self.commit(table, tokens, cached)
             k = table.committed

@@ -136,18 +136,25 @@ class PrefixTree:
                 self._rebuild_heap()
 
     def evictable(self, node: Node) -> bool:
+        """A leaf whose block only the tree holds."""
         return node.attached and not node.children and self.allocator.refs[node.block] == 1
 
     def evict(self, count: int) -> int:
         """Free up to `count` blocks, least recently used unheld leaves first. Returns how many were freed."""
-        freed = 0
+        freed, held = 0, []
         while freed < count and self.heap:
-            last_used, _, node = heapq.heappop(self.heap)
-            if last_used != node.last_used or not self.evictable(node):
-                continue  # stale: touched since, in use, or gone
+            entry = heapq.heappop(self.heap)
+            last_used, _, node = entry
+            if last_used != node.last_used or not node.attached or node.children:
+                continue  # stale: touched since, or no longer a leaf
+            if not self.evictable(node):
+                held.append(entry)  # a running turn holds it: a candidate again once it lets go
+                continue
             self.remove(node)
             self.evicted_blocks += 1
             freed += 1
+        for entry in held:
+            heapq.heappush(self.heap, entry)
         return freed
 
     def _rebuild_heap(self) -> None:
