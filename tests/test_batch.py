@@ -2,6 +2,7 @@
 and 2, preemption by signals at random points under torchrun with restarts, and resuming a torn output file."""
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -341,3 +342,30 @@ def test_repair_tail_cuts_a_torn_line_and_completes_a_whole_one(tmp_path):
         path.write_bytes(data)
         assert repair_tail(str(path)) == cut
         assert path.read_bytes() == after
+
+
+def test_messages_lines_that_continue_each_other_compute_only_their_new_tokens(chat_ckpt, tmp_path):
+    """Line k of a messages batch is line k-1's conversation plus its reply and one more user message, the way chat
+    clients send it: each line computes only its new tokens (the reply's own ids are found again, not
+    re-tokenised), and the replies equal one multi-turn conversation's."""
+    users = ["Hello there,", "My name is Ada", "how are you today?", "The code is 4821."]
+    first, out_a = tmp_path / "a.jsonl", tmp_path / "a.out.jsonl"
+    first.write_text(json.dumps({"id": "a", "system": "Be brief.", "turns": users}) + "\n")
+    run_cli(1, chat_ckpt, first, out_a)
+    replies = [t["text"] for t in json.loads(out_a.read_text())["turns"]]
+    lines, messages = [], [{"role": "system", "content": "Be brief."}]
+    for k, user in enumerate(users):
+        messages = [*messages, {"role": "user", "content": user}]
+        lines.append(json.dumps({"id": f"m{k}", "messages": messages}))
+        messages = [*messages, {"role": "assistant", "content": replies[k]}]
+    second, out_b = tmp_path / "b.jsonl", tmp_path / "b.out.jsonl"
+    second.write_text("\n".join(lines) + "\n")
+    run_cli(2, chat_ckpt, second, out_b)
+    records = {r["id"]: r["turns"][0] for r in map(json.loads, out_b.read_text().splitlines())}
+    turns = [records[f"m{k}"] for k in range(len(users))]
+    assert [t["text"] for t in turns] == replies
+    assert turns[0]["reused_tokens"] == 0
+    for before, turn in itertools.pairwise(turns):
+        history = before["prompt_tokens"] + len(before["token_ids"])
+        assert turn["reused_tokens"] == history, "the earlier line's prompt and reply come from the cache"
+        assert 0 < turn["computed_tokens"] == turn["prompt_tokens"] - history

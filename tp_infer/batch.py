@@ -51,7 +51,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tp_infer.chat import Conversation
+from tp_infer.chat import Conversation, ReplyMemory, encode_messages
 from tp_infer.engine.engine import Engine, Turn
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
@@ -319,6 +319,8 @@ class BatchJob:
         self.answered: set[str] = set()  # id keys whose first occurrence was written by this run
         self.deferred: dict[str, list[dict]] = defaultdict(list)  # duplicates waiting for their first occurrence
         self.written, self.errors, self.tokens = 0, 0, 0
+        self.replies = ReplyMemory()  # a messages line that continues an earlier line's conversation gets its ids
+        self.held: list[Job] = []  # such lines, until the reply they hold is generated
 
     def plan(self) -> tuple[int, int]:
         """A first pass over the input: where each id first occurs, and how many lines are still to answer."""
@@ -359,16 +361,16 @@ class BatchJob:
         started = shown = time.perf_counter()
         try:
             while True:
-                while not exhausted and len(self.jobs) < self.engine.max_running and self.stop_signal is None:
+                while not exhausted and self.in_flight < self.engine.max_running and self.stop_signal is None:
                     item = next(lines, None)
                     if item is None:
                         exhausted = True
                     else:
                         self.begin(*item)
-                if not self.jobs and exhausted:
+                if not self.in_flight and exhausted:
                     return True
                 if self.stop_signal is not None:
-                    if not self.jobs and next(lines, None) is None:
+                    if not self.in_flight and next(lines, None) is None:
                         return True  # the signal came after the last line was answered
                     self.drop_in_flight()
                     return False
@@ -428,7 +430,10 @@ class BatchJob:
         request, value = job.request, job.request.inputs[job.next_input]
         try:
             if request.form == "messages":
-                ids, starts = self.tokenizer.encode_chat(value)
+                ids, starts = encode_messages(self.tokenizer, value, self.replies)
+                if self.continues_in_flight(ids):
+                    self.held.append(job)  # its history's reply is still being generated: take its ids after
+                    return
                 turn = self.engine.submit(job.session, ids, starts, request.sampling, self.count)
             elif request.form == "turns":
                 if job.conversation is None:
@@ -449,6 +454,13 @@ class BatchJob:
         job.turn = turn
         self.jobs[id(turn)] = job
 
+    def continues_in_flight(self, ids: list[int]) -> bool:
+        """Whether a conversation goes on from the prompt of a turn still in flight (a messages line holding an
+        earlier line's conversation and its reply)."""
+        return any(
+            len(j.turn.prompt) < len(ids) and ids[: len(j.turn.prompt)] == j.turn.prompt for j in self.jobs.values()
+        )
+
     def count(self, token: int) -> None:
         self.tokens += 1
 
@@ -463,6 +475,8 @@ class BatchJob:
             text = self.tokenizer.decode(generated[:-1] if stopped else generated)
         else:
             text = None
+        if text is not None:
+            self.replies.remember(turn.prompt, text, generated)
         s = turn.stats
         job.replies.append(
             {
@@ -478,16 +492,24 @@ class BatchJob:
             }
         )
         self.advance(job)
+        held, self.held = self.held, []
+        for waiting in held:
+            self.advance(waiting)
 
     def finish(self, job: Job, error: str | None) -> None:
         self.engine.close_session(job.session)
         self.write(job.line, job.id, job.key, job.replies, error)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.jobs) + len(self.held)
 
     def drop_in_flight(self) -> None:
         for job in self.jobs.values():
             self.engine.cancel(job.turn)
             self.engine.close_session(job.session)
         self.jobs.clear()
+        self.held.clear()
 
     # ---- writing ----
     @staticmethod

@@ -2,7 +2,11 @@
 them for the engine. Each user message becomes only the tokens the template adds after the last reply, so the
 generated ids stay in the history exactly as they were generated."""
 
+import hashlib
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import pairwise
 
 from tp_infer.engine.engine import Engine, Turn
 from tp_infer.engine.sampling import SamplingParams
@@ -67,3 +71,66 @@ class Conversation:
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]
         self.text = full + reply
         return reply
+
+
+class ReplyMemory:
+    """The exact ids of replies generated here, by the ids that preceded them. A conversation sent back as text (a
+    `messages` batch line, an API request) then gets its replies' own ids instead of a re-tokenisation, which need
+    not be the same, and so finds its whole history in the cache."""
+
+    def __init__(self, capacity: int = 65536):
+        self.capacity = capacity
+        self.replies: OrderedDict[bytes, tuple[str, list[int]]] = OrderedDict()
+
+    @staticmethod
+    def key(prompt: list[int]) -> bytes:
+        return hashlib.blake2b(array("q", prompt).tobytes(), digest_size=16).digest()
+
+    def remember(self, prompt: list[int], text: str, ids: list[int]) -> None:
+        """`ids` (its stop token included, if it stopped) were generated after `prompt` and read as `text`."""
+        key = self.key(prompt)
+        self.replies[key] = (text, list(ids))
+        self.replies.move_to_end(key)
+        while len(self.replies) > self.capacity:
+            self.replies.popitem(last=False)
+
+    def recall(self, prompt: list[int], text: str) -> list[int] | None:
+        found = self.replies.get(self.key(prompt))
+        return found[1] if found is not None and found[0] == text else None
+
+
+def encode_messages(
+    tokenizer: ChatTokenizer, messages: list[dict], memory: ReplyMemory | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation (with the generation prompt) and where each user turn starts, as
+    ChatTokenizer.encode_chat, except that an assistant message this process generated after the same ids gets its
+    generated ids back."""
+    if memory is None or not any(m["role"] == "assistant" for m in messages):
+        return tokenizer.encode_chat(messages)
+    points = []  # (text up to here, what starts here)
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            points.append((tokenizer.render_prefix(messages[:i]), None))
+        elif m["role"] == "assistant":
+            points.append((tokenizer.render(messages[:i], add_generation_prompt=True), m["content"]))
+    points.append((tokenizer.render(messages, add_generation_prompt=True), None))
+    if not all(b[0].startswith(a[0]) for a, b in pairwise(points)):
+        return tokenizer.encode_chat(messages)
+    ids, starts, done, stop = [], [], "", None
+    for text, reply in points:
+        if not text.startswith(done):
+            return tokenizer.encode_chat(messages)  # a remembered reply the template renders differently
+        new = tokenizer.encode(text[len(done) :])
+        if stop is not None and new[:1] == [stop]:
+            new = new[1:]  # the reply's own stop token is already there
+        ids += new
+        done, stop = text, None
+        if reply is None:
+            starts.append(len(ids))
+            continue
+        recalled = memory.recall(ids, reply)
+        if recalled is not None:
+            ids += recalled
+            done += reply
+            stop = recalled[-1] if recalled and recalled[-1] in tokenizer.eos_token_ids else None
+    return ids, starts[:-1] or [0]
