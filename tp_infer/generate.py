@@ -5,7 +5,10 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import torch
@@ -29,112 +32,187 @@ from tp_infer.kv.memory import describe, measured_bytes, size_pool
 from tp_infer.model.layers import TensorParallel
 from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 
+# Options of every front end: the checkpoint, the engine, sampling defaults, the launch.
+ENGINE_OPTIONS = [
+    click.option(
+        "--ckpt-path",
+        required=True,
+        type=click.Path(),
+        help="Converted checkpoint folder (model{rank}-mp{N}.safetensors, config.json, tokenizer).",
+    ),
+    click.option(
+        "--config",
+        "config_path",
+        type=click.Path(),
+        help="Model config JSON (reference or Hugging Face style); default: CKPT_PATH/config.json.",
+    ),
+    click.option(
+        "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens per reply at most."
+    ),
+    click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy."),
+    click.option(
+        "--top-p",
+        default=1.0,
+        show_default=True,
+        type=click.FloatRange(0, 1, min_open=True),
+        help="Nucleus sampling mass.",
+    ),
+    click.option(
+        "--top-k",
+        default=0,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Sample among the k likeliest tokens (0: all).",
+    ),
+    click.option(
+        "--seed",
+        default=0,
+        show_default=True,
+        type=int,
+        help="Random seed of sampling (each conversation draws its own stream).",
+    ),
+    click.option("--ignore-eos", is_flag=True, help="Do not stop at end of sentence (benchmarks)."),
+    click.option(
+        "--attn-impl",
+        type=click.Choice(["naive", "absorb"]),
+        help="Cache per-head k/v (naive) or the shared latent (absorb, default).",
+    ),
+    click.option("--max-seq-len", type=click.IntRange(min=1), help="Longest conversation in tokens (overflow policy)."),
+    click.option("--max-batch-size", type=click.IntRange(min=1), help="Turns running at once (default 8)."),
+    click.option(
+        "--max-num-batched-tokens",
+        default=512,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Tokens one step computes at most: every decoding turn's next token, then prefill chunks.",
+    ),
+    click.option(
+        "--schedule",
+        default="mixed",
+        show_default=True,
+        type=click.Choice(["mixed", "prefill-first"]),
+        help="mixed: decoding goes on while others prefill; prefill-first: steps that prefill carry nothing else.",
+    ),
+    click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Compute dtype (default bf16)."),
+    click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        help="Where the ranks compute.",
+    ),
+    click.option(
+        "--kv-cache-dtype",
+        type=click.Choice(["auto", "bf16", "fp32", "fp8"]),
+        help="KV cache storage; fp8 keeps e4m3 with a scale per token (auto: the compute dtype).",
+    ),
+    click.option(
+        "--kv-cache-memory",
+        help="Size of the KV pool per rank: gigabytes (12, 12GB) or, on CUDA, a share of the free memory left after "
+        "the weights (90%). Default: max_batch_size x max_seq_len tokens.",
+    ),
+    click.option(
+        "--block-size",
+        default=16,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Tokens per block of the KV pool (a power of two).",
+    ),
+    click.option(
+        "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
+    ),
+    click.option(
+        "--collective-timeout",
+        default=20.0,
+        show_default=True,
+        type=click.FloatRange(min=1),
+        help="Seconds a rank waits for the others in one of the model's collectives (and rank 0 for the others to take "
+        "its next step) before the job is declared broken.",
+    ),
+    click.option("--pid-file", type=click.Path(), help="Rank 0 writes its process id here (for launch scripts)."),
+    click.option(
+        "--exit-status-file",
+        type=click.Path(),
+        help="Rank 0 writes its exit status here as it ends (for launch scripts: torchrun reports every failure as 1).",
+    ),
+]
+
+
+def engine_options(command):
+    """Apply ENGINE_OPTIONS to a click command."""
+    for option in reversed(ENGINE_OPTIONS):
+        command = option(command)
+    return command
+
+
+class FrontEnd:
+    """What rank 0 runs on the engine: the console, a batch job, the HTTP server."""
+
+    chat_required = False  # needs a tokenizer with a chat template
+
+    def check(self) -> None:
+        """Rank 0, before loading: refuse what cannot work (ValueError or OSError with a one-line message)."""
+
+    def run(self, engine: Engine, tokenizer: ChatTokenizer | None, sampling: SamplingParams, seed: int) -> int:
+        """Serve until done; returns rank 0's exit status."""
+        raise NotImplementedError
+
+
+@dataclass
+class ConsoleFrontEnd(FrontEnd):
+    system: str | None
+    show_stats: bool
+    chat_required = True
+
+    def run(self, engine, tokenizer, sampling, seed) -> int:
+        from tp_infer.console import Console
+
+        Console(engine, tokenizer, sampling, self.system, show_stats=self.show_stats, seed=seed).run()
+        return 0
+
+
+@dataclass
+class BatchFrontEnd(FrontEnd):
+    input_file: str
+    output_file: str
+
+    def check(self) -> None:
+        if not Path(self.input_file).is_file():
+            raise ValueError(f"--input-file {self.input_file}: no such file")
+        try:
+            with open(self.output_file, "a"):  # the job appends to it; creating it early proves it can
+                pass
+        except OSError as e:
+            raise ValueError(f"--output-file {self.output_file}: cannot be written ({e.strerror})") from None
+
+    def run(self, engine, tokenizer, sampling, seed) -> int:
+        from tp_infer.batch import run_batch
+
+        return run_batch(engine, tokenizer, self.input_file, self.output_file, sampling, seed)
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option(
-    "--ckpt-path",
-    required=True,
-    type=click.Path(),
-    help="Converted checkpoint folder (model{rank}-mp{N}.safetensors, config.json, tokenizer).",
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(),
-    help="Model config JSON (reference or Hugging Face style); default: CKPT_PATH/config.json.",
-)
+@engine_options
 @click.option("--interactive", is_flag=True, help="Chat in a console on rank 0.")
 @click.option("--input-file", type=click.Path(), help="Batch job: JSONL of conversations.")
 @click.option("--output-file", type=click.Path(), help="Batch job: JSONL of results; rerunning resumes it.")
-@click.option(
-    "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens per reply at most."
-)
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
-@click.option(
-    "--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass."
-)
-@click.option(
-    "--top-k",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Sample among the k likeliest tokens (0: all).",
-)
-@click.option(
-    "--seed",
-    default=0,
-    show_default=True,
-    type=int,
-    help="Random seed of sampling (each conversation draws its own stream).",
-)
-@click.option("--ignore-eos", is_flag=True, help="Do not stop at end of sentence (benchmarks).")
-@click.option(
-    "--attn-impl",
-    type=click.Choice(["naive", "absorb"]),
-    help="Cache per-head k/v (naive) or the shared latent (absorb, default).",
-)
-@click.option("--max-seq-len", type=click.IntRange(min=1), help="Longest conversation in tokens (overflow policy).")
-@click.option("--max-batch-size", type=click.IntRange(min=1), help="Turns running at once (default 8).")
-@click.option(
-    "--max-num-batched-tokens",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Tokens one step computes at most: every decoding turn's next token, then prefill chunks.",
-)
-@click.option(
-    "--schedule",
-    default="mixed",
-    show_default=True,
-    type=click.Choice(["mixed", "prefill-first"]),
-    help="mixed: decoding goes on while others prefill; prefill-first: steps that prefill carry nothing else.",
-)
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Compute dtype (default bf16).")
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="Where the ranks compute.",
-)
-@click.option(
-    "--kv-cache-dtype",
-    type=click.Choice(["auto", "bf16", "fp32", "fp8"]),
-    help="KV cache storage; fp8 keeps e4m3 with a scale per token (auto: the compute dtype).",
-)
-@click.option(
-    "--kv-cache-memory",
-    help="Size of the KV pool per rank: gigabytes (12, 12GB) or, on CUDA, a share of the free memory left after the "
-    "weights (90%). Default: max_batch_size x max_seq_len tokens.",
-)
-@click.option(
-    "--block-size",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Tokens per block of the KV pool (a power of two).",
-)
-@click.option(
-    "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
-)
 @click.option("--system", help="System prompt of the console's conversations.")
 @click.option("--no-turn-stats", is_flag=True, help="Console: no reuse/speed line after each reply.")
-@click.option(
-    "--collective-timeout",
-    default=20.0,
-    show_default=True,
-    type=click.FloatRange(min=1),
-    help="Seconds a rank waits for the others in one of the model's collectives (and rank 0 for the others to take "
-    "its next step) before the job is declared broken.",
-)
-@click.option("--pid-file", type=click.Path(), help="Rank 0 writes its process id here (for launch scripts).")
-@click.option(
-    "--exit-status-file",
-    type=click.Path(),
-    help="Rank 0 writes its exit status here as it ends (for launch scripts: torchrun reports every failure as 1).",
-)
-def main(pid_file, exit_status_file, **options):
+def main(interactive, input_file, output_file, system, no_turn_stats, **options):
     """Tensor-parallel DeepSeek-V2/V3 inference whose multi-turn conversations never recompute their history."""
+
+    def front_end() -> FrontEnd:
+        if interactive == bool(input_file or output_file) or (input_file is None) != (output_file is None):
+            raise click.UsageError("give either --interactive or both --input-file and --output-file")
+        if interactive:
+            return ConsoleFrontEnd(system, show_stats=not no_turn_stats)
+        return BatchFrontEnd(input_file, output_file)
+
+    start(front_end, **options)
+
+
+def start(front_end: Callable[[], FrontEnd], pid_file, exit_status_file, **options) -> NoReturn:
+    """Run a front end on rank 0 over every rank's model, and exit with rank 0's status."""
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0 and pid_file:
         Path(pid_file).write_text(f"{os.getpid()}\n")
@@ -148,7 +226,7 @@ def main(pid_file, exit_status_file, **options):
         sys.exit(status)
 
     try:
-        status = launch(**options)
+        status = launch(front_end(), **options)
     except click.ClickException as e:  # the same on every rank: rank 0 says it
         if rank0:
             e.show()
@@ -162,29 +240,13 @@ class LostRank(Exception):
     """A failure after which the process group cannot be trusted; already reported."""
 
 
-def launch(
-    ckpt_path,
-    config_path,
-    interactive,
-    input_file,
-    output_file,
-    no_reuse,
-    system,
-    no_turn_stats,
-    device,
-    collective_timeout,
-    **opts,
-):
-    if interactive == bool(input_file or output_file) or (input_file is None) != (output_file is None):
-        raise click.UsageError("give either --interactive or both --input-file and --output-file")
+def launch(front_end: FrontEnd, device, collective_timeout, **opts) -> int:
     try:
         ctx = init_distributed(device, collective_timeout)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     try:
-        status = run(
-            ctx, ckpt_path, config_path, interactive, input_file, output_file, no_reuse, system, no_turn_stats, opts
-        )
+        status = run(ctx, front_end, opts)
     except (StartupError, CheckpointError) as e:  # every rank has the same message: rank 0 says it
         if ctx.rank == 0:
             click.echo(f"Error: {e}", err=True)
@@ -199,37 +261,26 @@ def launch(
     return status
 
 
-def run(
-    ctx: DistContext,
-    ckpt_path,
-    config_path,
-    interactive,
-    input_file,
-    output_file,
-    no_reuse,
-    system,
-    no_turn_stats,
-    opts,
-) -> int:
+def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
     args, tokenizer, error, sizing, num_blocks = None, None, None, None, 0
     tp = TensorParallel(ctx.rank, ctx.world_size)
+    ckpt_path, block_size = opts["ckpt_path"], opts["block_size"]
     try:
-        if opts["block_size"] & (opts["block_size"] - 1):
-            raise ConfigError(f"--block-size {opts['block_size']}: must be a power of two")
-        args = model_args(ckpt_path, config_path, opts)
-        num_blocks, sizing = size_pool(args, tp, opts["kv_cache_memory"], opts["block_size"], ctx.device)
+        if block_size & (block_size - 1):
+            raise ConfigError(f"--block-size {block_size}: must be a power of two")
+        args = model_args(ckpt_path, opts["config_path"], opts)
+        num_blocks, sizing = size_pool(args, tp, opts["kv_cache_memory"], block_size, ctx.device)
         if ctx.rank == 0:
-            tokenizer = load_tokenizer(ckpt_path, interactive)
-            if output_file:
-                check_batch_files(input_file, output_file)
+            tokenizer = load_tokenizer(ckpt_path, front_end.chat_required)
+            front_end.check()
     except (ConfigError, TokenizerError, ValueError, OSError) as e:
         error = str(e)
     agree(error, ctx.world_size)
     num_blocks = min_over_ranks(num_blocks, ctx.world_size)  # free memory may differ between devices
-    if num_blocks * opts["block_size"] < args.max_seq_len:  # a conversation must fit the pool
-        args = args.with_options(max_seq_len=num_blocks * opts["block_size"])
+    if num_blocks * block_size < args.max_seq_len:  # a conversation must fit the pool
+        args = args.with_options(max_seq_len=num_blocks * block_size)
     model = load_model(args, ckpt_path, tp, ctx.device)
-    runner = ModelRunner(model, ctx, num_blocks, opts["block_size"])
+    runner = ModelRunner(model, ctx, num_blocks, block_size)
     report_memory(ctx, runner, sizing)
     if ctx.rank != 0:
         # rank 0 decides when to stop (a batch job at a step boundary) and then releases the followers
@@ -239,29 +290,20 @@ def run(
         return 0
     engine = Engine(
         runner,
-        reuse=not no_reuse,
+        reuse=not opts["no_reuse"],
         max_num_batched_tokens=opts["max_num_batched_tokens"],
         policy=opts["schedule"].replace("-", "_"),
     )
-    eos = tokenizer.eos_token_ids if tokenizer else ()
     sampling = SamplingParams(
         temperature=opts["temperature"],
         top_p=opts["top_p"],
         top_k=opts["top_k"],
         max_new_tokens=opts["max_new_tokens"],
-        eos_token_ids=eos,
+        eos_token_ids=tokenizer.eos_token_ids if tokenizer else (),
         ignore_eos=opts["ignore_eos"],
     )
     try:
-        if interactive:
-            from tp_infer.console import Console
-
-            Console(engine, tokenizer, sampling, system, show_stats=not no_turn_stats, seed=opts["seed"]).run()
-            status = 0
-        else:
-            from tp_infer.batch import run_batch
-
-            status = run_batch(engine, tokenizer, input_file, output_file, sampling, opts["seed"])
+        status = front_end.run(engine, tokenizer, sampling, opts["seed"])
     except BaseException as e:
         if not isinstance(e, CollectiveError):  # after a broken collective, an abort plan cannot get through
             with contextlib.suppress(Exception):
@@ -284,6 +326,7 @@ def report_memory(ctx: DistContext, runner: ModelRunner, sizing: str) -> None:
 
 
 def model_args(ckpt_path: str, config_path: str | None, opts: dict) -> ModelArgs:
+    """The checkpoint's config with the runtime options given on the command line."""
     if not Path(ckpt_path).is_dir():
         raise ConfigError(f"--ckpt-path {ckpt_path}: no such folder")
     options = {k: opts[k] for k in ("attn_impl", "max_seq_len", "max_batch_size", "dtype", "kv_cache_dtype")}
@@ -295,24 +338,14 @@ def load_tokenizer(ckpt_path: str, required: bool) -> ChatTokenizer | None:
         return None  # raw token ids only
     tokenizer = ChatTokenizer(ckpt_path)
     if required and tokenizer.template is None:
-        raise TokenizerError(f"{ckpt_path}/tokenizer_config.json has no chat_template: the console needs one")
+        raise TokenizerError(f"{ckpt_path}/tokenizer_config.json has no chat_template: chat needs one")
     return tokenizer
 
 
-def check_batch_files(input_file: str, output_file: str) -> None:
-    if not Path(input_file).is_file():
-        raise ValueError(f"--input-file {input_file}: no such file")
-    try:
-        with open(output_file, "a"):  # the job appends to it; creating it early proves it can
-            pass
-    except OSError as e:
-        raise ValueError(f"--output-file {output_file}: cannot be written ({e.strerror})") from None
-
-
-def cli() -> None:
+def cli(command: click.Command = main) -> None:
     """Entry point. A bad option is the same mistake on every rank: rank 0 alone says so, every rank exits."""
     try:
-        main.main(standalone_mode=False)
+        command.main(standalone_mode=False)
     except click.ClickException as e:
         if os.environ.get("RANK", "0") == "0":
             e.show()
