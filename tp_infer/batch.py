@@ -55,11 +55,10 @@ from tp_infer.chat import Conversation, ReplyMemory, encode_messages
 from tp_infer.engine.engine import Engine, Turn
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
-from tp_infer.tokenizer import ChatTokenizer
+from tp_infer.tokenizer import ROLES, ChatTokenizer
 
 FORMS = ("messages", "turns", "prompt_token_ids", "turns_token_ids")
 KEYS = {"id", "system", "max_new_tokens", "temperature", *FORMS}
-ROLES = ("system", "user", "assistant", "tool")
 
 
 class LineError(ValueError):

@@ -10,6 +10,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+ROLES = ("system", "user", "assistant", "tool")  # what a chat message's role may be
+
 
 class TokenizerError(ValueError):
     """A tokenizer folder or conversation that cannot be used; the message names the culprit."""
@@ -49,6 +51,8 @@ class ChatTokenizer:
         if template is None and jinja_file.exists():
             template = jinja_file.read_text()
         self.template = self._compile(template) if template else None
+        bos = self.special["bos_token"]
+        self.bos_token_id = self.tokenizer.token_to_id(bos) if bos else None
         eos = self.special["eos_token"]
         self.eos_token_ids = (
             (self.tokenizer.token_to_id(eos),) if eos and self.tokenizer.token_to_id(eos) is not None else ()
@@ -79,7 +83,7 @@ class ChatTokenizer:
         if self.template is None:
             raise TokenizerError("the tokenizer has no chat template (tokenizer_config.json chat_template)")
         for i, message in enumerate(messages):
-            if message.get("role") not in ("system", "user", "assistant", "tool"):
+            if message.get("role") not in ROLES:
                 raise TokenizerError(f"message {i}: unknown role {message.get('role')!r}")
             if not isinstance(message.get("content"), str):
                 raise TokenizerError(f"message {i}: content must be a string")

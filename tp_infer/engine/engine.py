@@ -60,21 +60,28 @@ class Engine:
         where turns begin (for the overflow policy); None: the conversation is one turn."""
         if session.busy:
             raise TurnRefused(f"session {session.id} already has a turn in progress")
-        if not conversation:
-            raise TurnRefused("a turn needs at least one token")
-        starts = list(turn_starts) if turn_starts else [0]
-        prompt, starts, dropped = self.fit(conversation, starts, sampling.max_new_tokens)
-        needed = self.manager.blocks_for(len(prompt) + sampling.max_new_tokens)
-        if needed > self.manager.num_blocks:
-            raise TurnRefused(
-                f"turn needs {needed} cache blocks for {len(prompt)} prompt tokens + max_new_tokens "
-                f"{sampling.max_new_tokens}, more than the pool's {self.manager.num_blocks}"
-            )
+        prompt, starts, dropped = self.admissible(conversation, turn_starts, sampling.max_new_tokens)
         turn = Turn(session, prompt, starts, sampling, on_token, tokens=list(prompt))
         turn.stats.dropped_tokens = dropped
         session.busy = True
         self.scheduler.waiting.append(turn)
         return turn
+
+    def admissible(
+        self, conversation: list[int], turn_starts: list[int] | None, max_new_tokens: int
+    ) -> tuple[list[int], list[int], int]:
+        """The prompt, turn starts and tokens dropped that the overflow policy makes of a conversation; raises
+        TurnRefused for one that cannot run. Reads only fixed settings: safe from any thread."""
+        if not conversation:
+            raise TurnRefused("a turn needs at least one token")
+        prompt, starts, dropped = self.fit(conversation, list(turn_starts) if turn_starts else [0], max_new_tokens)
+        needed = self.manager.blocks_for(len(prompt) + max_new_tokens)
+        if needed > self.manager.num_blocks:
+            raise TurnRefused(
+                f"turn needs {needed} cache blocks for {len(prompt)} prompt tokens + max_new_tokens "
+                f"{max_new_tokens}, more than the pool's {self.manager.num_blocks}"
+            )
+        return prompt, starts, dropped
 
     def fit(self, tokens: list[int], starts: list[int], max_new_tokens: int) -> tuple[list[int], list[int], int]:
         """Overflow policy: while the prompt plus max_new_tokens exceeds max_seq_len, drop the oldest whole turn

@@ -1,0 +1,116 @@
+"""The requests of OpenAI's chat and completions APIs, as far as this server takes them. Unknown fields are
+refused (a misspelt option must not be ignored silently); known fields that would change the result in a way this
+server cannot honour are refused unless they hold their no-effect value."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error object; `param` names the culprit field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+# fields whose only accepted value is the one that changes nothing: (field, that value, why it is refused)
+NO_EFFECT = {
+    "n": (1, "only n=1 is supported"),
+    "frequency_penalty": (0, "frequency_penalty is not supported"),
+    "presence_penalty": (0, "presence_penalty is not supported"),
+    "logprobs": (None, "logprobs are not supported"),
+    "top_logprobs": (None, "top_logprobs are not supported"),
+    "logit_bias": (None, "logit_bias is not supported"),
+    "echo": (False, "echo is not supported"),
+    "suffix": (None, "suffix is not supported"),
+    "best_of": (None, "best_of is not supported"),
+    "tools": (None, "tools are not supported"),
+    "tool_choice": (None, "tool_choice is not supported"),
+    "response_format": (None, "response_format is not supported"),
+}
+
+
+class SamplingRequest(Strict):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # for the client's own bookkeeping: no effect
+    n: int = 1
+    frequency_penalty: float = 0
+    presence_penalty: float = 0
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def check_supported(self) -> None:
+        for name in self.model_fields_set & NO_EFFECT.keys():
+            value, why = NO_EFFECT[name]
+            given = getattr(self, name)
+            if given != value and not (name in ("logprobs", "logit_bias") and not given):
+                raise APIError(400, f"{why} (got {name}={given!r})", name)
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options needs stream=true", "stream_options")
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
