@@ -29,6 +29,7 @@ class Metrics:
             "tp_infer_waiting_turns": ("Turns waiting", lambda: len(scheduler.waiting)),
             "tp_infer_pool_blocks_used": ("KV pool blocks in use", lambda: manager.allocator.num_used),
             "tp_infer_pool_blocks": ("KV pool blocks", lambda: manager.num_blocks),
+            "tp_infer_pool_blocks_cached": ("Blocks the prefix tree holds", lambda: manager.tree.num_nodes),
             "tp_infer_pool_cached_tokens": ("Tokens the prefix tree holds", lambda: manager.tree.cached_tokens),
         }
         for name, (doc, read) in gauges.items():
