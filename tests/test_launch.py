@@ -372,3 +372,41 @@ def test_script_is_valid_bash(script):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_scripts_pass_shellcheck():
     subprocess.run(["shellcheck", *(LAUNCH / s for s in SCRIPTS)], check=True, timeout=60)
+
+
+def health(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_run_local_serves_until_sigterm(chat_ckpt, tmp_path):
+    """run_local.sh --serve: the server answers; SIGTERM to the script stops every rank and the script exits 0."""
+    port, log = free_port(), tmp_path / "log.txt"
+    cmd = ["bash", LAUNCH / "run_local.sh", chat_ckpt, "--serve", *OPTS, "--port", str(port)]
+    proc = start(cmd, {**base_env(tmp_path), "NPROC": "2"}, log)
+    wait_for(lambda: health(port), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc, log) == 0, tail(log)
+    assert not health(port)
+
+
+@needs_proc
+def test_slurm_single_node_server_is_requeued_at_the_time_limit(chat_ckpt, tmp_path):
+    """The single-node script's serve mode: SLURM's warning before the time limit stops the server and requeues
+    the job, to serve on; SIGTERM (scancel) stops it without a requeue."""
+    log = tmp_path / "log.txt"
+    for sig, requeues in ((signal.SIGUSR1, [f"scontrol requeue {JOB_ID}"]), (signal.SIGTERM, [])):
+        (tmp_path / "slurm.log").unlink(missing_ok=True)
+        port = free_port()
+        cmd = ["bash", LAUNCH / "slurm_single_node.sbatch", chat_ckpt, "--serve", *OPTS, "--port", str(port)]
+        proc = start(cmd, slurm_env(tmp_path, nodes=1, gpus_on_node=2), log)
+        wait_for(lambda port=port: health(port), proc, log)
+        proc.send_signal(sig)
+        status = finish(proc, log)
+        assert status == 0, f"{sig.name}: exit {status}\n{tail(log, 1500)}"
+        assert slurm_log(tmp_path) == requeues, tail(log)

@@ -43,6 +43,9 @@ class ServerFrontEnd(FrontEnd):
         loop = EngineLoop(engine, self.max_waiting)
         settings = ServerSettings(self.model_name, engine.max_seq_len, sampling, self.api_key)
         app = build_app(loop, tokenizer, settings, Metrics(engine), ReplyMemory())
+        stop = []  # the signal that asked to stop, set before anyone can reach the server
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.append(signum))
         server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
         thread = threading.Thread(target=server.run, name="http", daemon=True)
         thread.start()
@@ -51,9 +54,6 @@ class ServerFrontEnd(FrontEnd):
         if not server.started:
             raise RuntimeError(f"the HTTP server could not start on {self.host}:{self.port}")
         click.echo(f"tp_infer: serving {self.model_name} on http://{self.host}:{self.port}", err=True)
-        stop = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: stop.append(signum))
         try:
             loop.serve(lambda: bool(stop) or not thread.is_alive())
         finally:
