@@ -213,14 +213,6 @@ class Engine:
             turn.session.totals.add(s)
             self.totals.add(s)
 
-    @property
-    def running(self) -> list[Turn]:
-        return self.scheduler.running
-
-    @property
-    def waiting(self) -> list[Turn]:
-        return list(self.scheduler.waiting)
-
     def cache_usage(self) -> "CacheUsage":
         manager = self.manager
         tokens, blocks = manager.usage()
