@@ -1,5 +1,8 @@
 """Drivers run on rank 0 by rank_fns.serve: each gets an Engine and returns plain data for the test to check."""
 
+import contextlib
+from collections.abc import Iterator
+
 from tp_infer.engine.engine import Engine, TurnRefused
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
@@ -18,6 +21,22 @@ def turn_record(turn) -> dict:
         "dropped": s.dropped_tokens,
         "prompt_ids": list(turn.prompt),
     }
+
+
+@contextlib.contextmanager
+def recording(engine: Engine) -> Iterator[list[list[int]]]:
+    """While inside, the token counts of every forward's rows are appended to the list yielded."""
+    plans, forward = [], engine.runner.forward
+
+    def recording_forward(plan):
+        plans.append(plan.num_new.tolist())
+        return forward(plan)
+
+    engine.runner.forward = recording_forward
+    try:
+        yield plans
+    finally:
+        engine.runner.forward = forward
 
 
 def recomputing(engine: Engine) -> Engine:
@@ -91,17 +110,10 @@ def interleaved(engine: Engine, histories: list[list[list[int]]], final: list[li
     for session, turns in zip(sessions, histories, strict=True):
         for t in turns:
             engine.generate(session, t, sampling)
-    widths = []
-    forward = engine.runner.forward
-
-    def counting_forward(plan):
-        widths.append(plan.num_new.numel())
-        return forward(plan)
-
-    engine.runner.forward = counting_forward
-    turns = [engine.append_turn(s, t, sampling) for s, t in zip(sessions, final, strict=True)]
-    engine.run()
-    engine.runner.forward = forward
+    with recording(engine) as plans:
+        turns = [engine.append_turn(s, t, sampling) for s, t in zip(sessions, final, strict=True)]
+        engine.run()
+    widths = [len(rows) for rows in plans]
     return {"final": [turn_record(t) for t in turns], "max_rows": max(widths)}
 
 
@@ -174,17 +186,9 @@ def decode_during_prefill(engine: Engine, short: list[list[int]], long: list[int
     turns = [engine.submit(Session(f"d{i}"), t, None, sampling) for i, t in enumerate(short)]
     for _ in range(3):
         engine.step()
-    plans = []
-    forward = engine.runner.forward
-
-    def recording_forward(plan):
-        plans.append(plan.num_new.tolist())
-        return forward(plan)
-
-    engine.runner.forward = recording_forward
-    turns.append(engine.submit(Session("long"), long, None, sampling))
-    engine.run()
-    engine.runner.forward = forward
+    with recording(engine) as plans:
+        turns.append(engine.submit(Session("long"), long, None, sampling))
+        engine.run()
     prefilling = [rows for rows in plans if any(n > 1 for n in rows)]
     oracle = recomputing(engine)
     alone = [oracle.generate(Session(f"a{i}"), p, sampling).generated for i, p in enumerate([*short, long])]
