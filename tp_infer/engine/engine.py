@@ -118,31 +118,28 @@ class Engine:
 
     def step(self) -> list[Turn]:
         """Schedule, run one forward on every rank, take the results in; returns the turns that ended."""
+        step = self.schedule()
+        logits = self.runner.forward(step.plan) if step.rows else []
+        return self.postprocess(step, logits)
+
+    def schedule(self) -> "Step":
+        """The scheduler's rows, decode rows first (they attend as one group), and the plan every rank runs."""
         rows, admitted = self.scheduler.schedule()
         for turn, admission in admitted:
             self.start(turn, admission)
-        rows.sort(key=lambda row: row[1] > 1)  # decode rows first: they attend as one group
+        rows.sort(key=lambda row: row[1] > 1)
         copies = self.manager.take_copies()
-        logits = self.runner.forward(self.plan(rows, copies)) if rows else []
-        self.manager.copies_done(copies)
-        return self.postprocess(rows, logits)
+        return Step(rows, copies, StepPlan.from_rows([self.feed(t, n) for t, n in rows], copies) if rows else None)
 
-    def plan(self, rows: list[tuple[Turn, int]], copies: list[tuple[int, int]]) -> StepPlan:
-        return StepPlan.from_rows(
-            [
-                (
-                    t.table.blocks[: self.manager.blocks_for(t.num_cached + n)],
-                    t.num_cached,
-                    t.tokens[t.num_cached : t.num_cached + n],
-                )
-                for t, n in rows
-            ],
-            copies,
-        )
+    def feed(self, turn: Turn, n: int) -> tuple[list[int], int, list[int]]:
+        """A plan row: the blocks covering the turn's next n positions, where they start, and their tokens."""
+        start, end = turn.num_cached, turn.num_cached + n
+        return turn.table.blocks[: self.manager.blocks_for(end)], start, turn.tokens[start:end]
 
-    def postprocess(self, rows: list[tuple[Turn, int]], logits) -> list[Turn]:
+    def postprocess(self, step: "Step", logits) -> list[Turn]:
+        self.manager.copies_done(step.copies)
         ended = []
-        for (turn, n), row_logits in zip(rows, logits, strict=True):
+        for (turn, n), row_logits in zip(step.rows, logits, strict=True):
             turn.num_cached += n
             if self.reuse:
                 self.manager.commit(turn.table, turn.tokens, turn.num_cached)
@@ -234,6 +231,15 @@ class Engine:
     def close_session(self, session: Session) -> None:
         """Forget a session; its history stays cached for whoever sends it again, until evicted."""
         self.generators.pop(session.id, None)
+
+
+@dataclass
+class Step:
+    """One step: the rows (turn, tokens fed), decode rows first, the block copies that run before, and the plan."""
+
+    rows: list[tuple[Turn, int]]
+    copies: list[tuple[int, int]]
+    plan: StepPlan | None
 
 
 @dataclass
