@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 import torch
+from bench_common import fill_random
 
 from tp_infer.config import load_config
 from tp_infer.distributed import DistContext
@@ -33,16 +34,8 @@ def random_runner(config: str, kv_cache_dtype: str, history: int, decode: int, s
     """A random model whose pool holds `slots` conversations of max_seq_len tokens."""
     args = load_config(config, dtype="bf16", kv_cache_dtype=kv_cache_dtype, max_batch_size=slots)
     args = args.with_options(max_seq_len=max(args.max_seq_len, history + decode))
-    torch.manual_seed(0)
     model = Transformer(args, TensorParallel())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif p.dim() == 1:
-                p.uniform_(-0.1, 0.1)
-            else:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    fill_random(model, 0)
     ctx = DistContext(0, 1, torch.device("cpu"))
     return ModelRunner(model.eval(), ctx, slots * args.max_seq_len // BLOCK_SIZE, BLOCK_SIZE)
 

@@ -14,7 +14,6 @@ fp32 (checked: first tokens of every turn, the whole last reply). Progress goes 
 """
 
 import json
-import math
 import os
 import random
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import click
 import torch
 import transformers
+from bench_common import fill_random, runtime_line
 from transformers.generation.streamers import BaseStreamer
 
 from tp_infer.checkpoint import load_model
@@ -77,18 +77,8 @@ def hf_config(args: ModelArgs) -> transformers.DeepseekV3Config:
 
 def random_hf_model(args: ModelArgs, dtype: torch.dtype, seed: int) -> HFModel:
     """Random weights scaled as in tests/checkpoints.py, so activations and logits are O(1) and routing matters."""
-    torch.manual_seed(seed)
     model = HFModel(hf_config(args))
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if "norm" in name:
-                t.uniform_(0.5, 1.5)
-            elif "e_score_correction_bias" in name:
-                t.uniform_(-0.2, 0.2)
-            elif "embed_tokens" in name:
-                t.normal_(0, 1.0)
-            elif t.dim() >= 2:
-                t.normal_(0, 1 / math.sqrt(t.shape[-1]))
+    fill_random(model, seed)
     model.generation_config.eos_token_id = None  # replies are a fixed number of tokens, as ours with ignore_eos
     return model.to(dtype).eval()  # every tensor in `dtype`, router included, so both engines use equal weights
 
@@ -438,14 +428,8 @@ def main(
     if not skip_transformers:
         print_transformers(summary["transformers"], turns, reply_tokens)
     summary["runtime_s"] = time.perf_counter() - started
-    load = {"start": load_at_start, "end": os.getloadavg()[0]}
-    summary["load_average_1min"] = load
-    cores = os.cpu_count() or 1
-    print(
-        f"\ntotal runtime {summary['runtime_s']:.0f} s; 1-minute load average {load['start']:.1f} at the start, "
-        f"{load['end']:.1f} at the end, on {cores} cores"
-        + (": other jobs were running, the timings are skewed" if max(load.values()) > cores else "")
-    )
+    line, summary["load_average_1min"] = runtime_line(summary["runtime_s"], load_at_start)
+    print(line)
     if out:
         Path(out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2) + "\n")
 
