@@ -5,6 +5,7 @@ import contextlib
 import os
 import signal
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,17 +146,17 @@ def engine_options(command):
     return command
 
 
-class FrontEnd:
+class FrontEnd(ABC):
     """What rank 0 runs on the engine: the console, a batch job, the HTTP server."""
 
     chat_required = False  # needs a tokenizer with a chat template
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 (most front ends have nothing to check)
         """Rank 0, before loading: refuse what cannot work (ValueError or OSError with a one-line message)."""
 
+    @abstractmethod
     def run(self, engine: Engine, tokenizer: ChatTokenizer | None, sampling: SamplingParams, seed: int) -> int:
         """Serve until done; returns rank 0's exit status."""
-        raise NotImplementedError
 
 
 @dataclass
