@@ -77,7 +77,7 @@ VOCAB_MULTIPLE = 64  # the bench model's vocabulary is the tokenizer's rounded u
 # --model's defaults of the options left unset
 MODEL_DEFAULTS = {
     "bench": {
-        "rounds": 1, "max_new_tokens": 32, "system_tokens": 400, "user_tokens": (60, 100), "arrival": 30.0,
+        "rounds": 1, "max_new_tokens": 32, "system_tokens": 150, "user_tokens": (60, 100), "arrival": 10.0,
         "max_seq_len": 2048, "server_threads": 2,
     },
     "demo": {
@@ -385,6 +385,16 @@ def run_users(
     return records, time.perf_counter() - started
 
 
+def request_row(r: TurnRecord, round_start: float) -> dict:
+    """One request's figures (times in ms; start: since the round's first request was sent)."""
+    return {
+        "round": r.round, "user": r.user, "turn": r.turn, "start_ms": (r.start - round_start) * 1e3,
+        "ttft_ms": r.ttft * 1e3, "e2e_ms": r.e2e * 1e3, "tpot_ms": r.tpot * 1e3, "deltas": len(r.gaps) + 1,
+        "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "completion_tokens": r.completion_tokens,
+        "error": r.error,
+    }  # fmt: skip
+
+
 def summarize(records: list[TurnRecord], wall: float, turns: int, max_new_tokens: int, reuse: bool) -> dict:
     """The figures of one configuration over all its rounds (wall: the rounds' wall times summed)."""
     ok = [r for r in records if r.error is None]
@@ -418,6 +428,9 @@ def summarize(records: list[TurnRecord], wall: float, turns: int, max_new_tokens
                         {"round": user[0], "user": user[1], "turn": t, "history": history, "cached": r.cached_tokens}
                     )
     per_turn = [mean([r.ttft for r in ok if r.turn == t]) for t in range(1, turns + 1)]
+    round_start: dict[int, float] = {}
+    for r in records:
+        round_start[r.round] = min(r.start, round_start.get(r.round, math.inf))
     prompt_by_turn = [mean([r.prompt_tokens for r in ok if r.turn == t]) for t in range(1, turns + 1)]
     return {
         "reuse": reuse,
@@ -458,6 +471,7 @@ def summarize(records: list[TurnRecord], wall: float, turns: int, max_new_tokens
             "turns_cached_without_reuse": nonzero_without_reuse,
         },
         "replies": {f"{r.round}/{r.user}/{r.turn}": r.reply for r in ok},
+        "per_request": [request_row(r, round_start[r.round]) for r in sorted(records, key=lambda r: r.start)],
     }
 
 
@@ -740,6 +754,8 @@ def main(
 ):  # fmt: skip
     """Simulated chat users against tp_infer's server, history reuse on and off: TTFT, ITL, throughput, cache hits."""
     began = time.monotonic()
+    # a SIGTERM (timeout, a job's end) unwinds as an exception would, so that the servers are stopped too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load_before = os.getloadavg()
     given = {
         "rounds": rounds, "max_new_tokens": max_new_tokens, "system_tokens": system_tokens, "user_tokens": user_tokens,

@@ -5,6 +5,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -350,6 +351,8 @@ def cli(command: click.Command = main) -> None:
     except click.ClickException as e:
         if os.environ.get("RANK", "0") == "0":
             e.show()
+        else:  # torchrun stops every rank as soon as one exits: let rank 0 say it first
+            time.sleep(1.0)
         sys.exit(e.exit_code)
     except click.Abort:
         sys.exit(1)
