@@ -232,6 +232,8 @@ def start(front_end: Callable[[], FrontEnd], pid_file, exit_status_file, **optio
     except click.ClickException as e:  # the same on every rank: rank 0 says it
         if rank0:
             e.show()
+        else:  # torchrun stops every rank as soon as one exits: let rank 0 say it first
+            time.sleep(1.0)
         leave(e.exit_code)
     except LostRank:
         leave(1, now=True)
