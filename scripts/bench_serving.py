@@ -43,7 +43,11 @@ checks, goals, elapsed time (per phase and run) and the load average (before, sa
 stdout; --out gets every figure as JSON, --plot a PNG of mean TTFT per turn (reuse on: solid, off: dashed; one
 colour per users count). Everything runs on this machine: latencies include whatever else it is running, so compare
 figures from one run, on an otherwise idle machine (the server's --server-threads threads stall whenever another
-job takes a core). The default run (bench, users 8,16) takes about 10 minutes on 2 idle cores.
+job takes a core). The default run (bench, users 8,16) takes 10-11 minutes on 2 idle cores, most of it the no-reuse
+runs. Replies of one length and short think times put the users in step: by the last turns their requests arrive
+within a second of each other and are prefilled in the same steps, so with reuse TTFT still grows over the turns
+(each turn waits for the whole group's new tokens, which attend over growing histories) although only the new tokens
+are computed (see per_request in --out).
 """
 
 import contextlib
@@ -377,11 +381,17 @@ def run_users(
             client.close()
         return records
 
-    with ThreadPoolExecutor(n) as pool:
+    pool = ThreadPoolExecutor(n)
+    try:
         futures = [pool.submit(user, i) for i in range(n)]
         go.wait()
         started = time.perf_counter()
         records = [r for f in futures for r in f.result()]
+    except BaseException:  # interrupted (SIGTERM, ^C): leave at once; stopping the servers ends the users' requests
+        go.abort()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return records, time.perf_counter() - started
 
 
