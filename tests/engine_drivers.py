@@ -18,6 +18,8 @@ def turn_record(turn) -> dict:
         "prompt": s.prompt_tokens,
         "reused": s.reused_tokens,
         "computed": s.computed_tokens,
+        "host": s.host_tokens,
+        "disk": s.disk_tokens,
         "dropped": s.dropped_tokens,
         "prompt_ids": list(turn.prompt),
     }

@@ -91,21 +91,37 @@ def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32"):
 def serve(ctx, ckpt_dir, options, driver, *driver_args):
     """Load the model on every rank; rank 0 runs driver(engine, *driver_args) on an Engine and returns its
     result, the other ranks follow the plans until shutdown. options: load_config's, plus the engine's (reuse,
-    max_num_batched_tokens, policy) and the pool's (pool_tokens, default max_batch_size x max_seq_len)."""
+    max_num_batched_tokens, policy), the pool's (pool_tokens, default max_batch_size x max_seq_len) and the tiers'
+    (host_tokens; disk_path and disk_tokens, whose files are flushed at the end as the command line does)."""
     from tp_infer.engine.engine import Engine
     from tp_infer.engine.runner import ModelRunner
+    from tp_infer.kv.disk import DiskFiles, fingerprint
+    from tp_infer.kv.manager import BlockManager
+    from tp_infer.kv.tiers import make_tiers
 
     options = dict(options)
     engine_options = {k: options.pop(k) for k in ("reuse", "max_num_batched_tokens", "policy") if k in options}
     pool_tokens = options.pop("pool_tokens", None)
+    host_blocks = options.pop("host_tokens", 0) // BLOCK
+    disk_path, disk_blocks = options.pop("disk_path", None), options.pop("disk_tokens", 1 << 20) // BLOCK
     args = load_config(f"{ckpt_dir}/config.json", **{"dtype": "fp32", **options})
     model = load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
-    runner = ModelRunner(model, ctx, (pool_tokens or args.max_batch_size * args.max_seq_len) // BLOCK, BLOCK)
+    files = None
+    if disk_path is not None:
+        made_by = fingerprint(args, ckpt_dir, ctx.world_size, BLOCK)
+        files = DiskFiles(disk_path, made_by, ctx.rank, shared=args.attn_impl == "absorb")
+    num_blocks = (pool_tokens or args.max_batch_size * args.max_seq_len) // BLOCK
+    runner = ModelRunner(model, ctx, num_blocks, BLOCK, host_blocks, files)
     if ctx.rank != 0:
         runner.follow()
         return None
+    tiers = make_tiers(files.fingerprint if files else "", host_blocks, disk_blocks, files.scan() if files else None)
+    engine = Engine(runner, manager=BlockManager(num_blocks, BLOCK, tiers), **engine_options)
     try:
-        return driver(Engine(runner, **engine_options), *driver_args)
+        out = driver(engine, *driver_args)
+        if files is not None:
+            engine.flush()
+        return out
     finally:
         runner.shutdown()
 

@@ -24,6 +24,14 @@ MODEL = "ckpt"  # the checkpoint folder's name
 USERS = ["Hello there,", "My name is Ada", "how are you today?", "The code is 4821.", "and I live in Paris.", "Bye"]
 
 
+def conversation(i: int) -> list[str]:
+    """Client i's user messages: clients 0..3 each hold a conversation of their own (USERS backwards, rotated);
+    the others USERS rotated, so clients i and i + 6 (4 <= i < 10) hold the same one."""
+    if i < 4:
+        return USERS[::-1][i:] + USERS[::-1][:i]
+    return USERS[i % 6 :] + USERS[: i % 6]
+
+
 class Server:
     def __init__(self, world_size: int, ckpt: Path, *options: str):
         self.port = free_port()
@@ -76,9 +84,9 @@ def server(chat_ckpt):
 
 @pytest.fixture(scope="module")
 def batch_replies(chat_ckpt, tmp_path_factory):
-    """The conversations of USERS (rotated per client) through the batch job's multi-turn form: the oracle."""
+    """The clients' conversations through the batch job's multi-turn form: the oracle."""
     root = tmp_path_factory.mktemp("serve-batch")
-    lines = [json.dumps({"id": i, "turns": USERS[i % 6 :] + USERS[: i % 6]}) for i in range(16)]
+    lines = [json.dumps({"id": i, "turns": conversation(i)}) for i in range(16)]
     (root / "in.jsonl").write_text("\n".join(lines) + "\n")
     cmd = [sys.executable, "-m", "tp_infer.generate", "--ckpt-path", str(chat_ckpt), *OPTIONS, "--ignore-eos"]
     cmd += ["--input-file", str(root / "in.jsonl"), "--output-file", str(root / "out.jsonl")]
@@ -96,13 +104,13 @@ def test_chat_completions_and_models_through_the_openai_client(server, batch_rep
     assert [m.id for m in client.models.list().data] == [MODEL]
     messages = [{"role": "user", "content": USERS[0]}]
     reply = chat(client, messages)
-    assert reply.choices[0].message.content == batch_replies[0][0]
+    assert reply.choices[0].message.content == batch_replies[6][0]
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 8 and reply.usage.total_tokens == reply.usage.prompt_tokens + 8
     stream = chat(client, messages, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == batch_replies[0][0]
+    assert text == batch_replies[6][0]
     assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == reply.usage.prompt_tokens - 1, "all but the last"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -127,7 +135,7 @@ def test_sixteen_concurrent_clients_find_their_history_in_the_cache(server, batc
 
     def converse(i: int) -> list:
         messages, turns = [], []
-        for user in USERS[i % 6 :] + USERS[: i % 6]:
+        for user in conversation(i):
             messages.append({"role": "user", "content": user})
             reply = chat(client, messages)
             messages.append({"role": "assistant", "content": reply.choices[0].message.content})
@@ -140,7 +148,7 @@ def test_sixteen_concurrent_clients_find_their_history_in_the_cache(server, batc
         assert [t.choices[0].message.content for t in turns] == batch_replies[i], f"client {i}"
         for before, turn in itertools.pairwise(turns):
             history = before.usage.prompt_tokens + before.usage.completion_tokens
-            # clients i and i + 6 hold the same conversation: either may find the other's next turn cached too
+            # a client whose conversation another holds may find the other's next turn cached too
             cached = turn.usage.prompt_tokens_details.cached_tokens
             assert history <= cached < turn.usage.prompt_tokens, f"client {i}"
             if i < 4:  # conversations no other client holds
@@ -163,7 +171,7 @@ def test_a_client_that_disconnects_releases_its_turn(server, batch_replies):
             assert sum(1 for line, _ in zip(lines, range(4), strict=False) if line.startswith("data:")) >= 2
             assert server.metric("tp_infer_running_turns") >= 1
         # the connection is closed here, in mid-stream
-        assert other.result().choices[0].message.content == batch_replies[0][0]
+        assert other.result().choices[0].message.content == batch_replies[6][0]
     deadline = time.monotonic() + 20
     while not idle() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -12,9 +12,10 @@ refused (a misspelt option must not be ignored silently). Blank lines are skippe
 Output, one line per input line, in the order conversations finish (not input order):
   {"id": ..., "line": N, "turns": [...], "error": null}
 `line` is the 1-based input line. Each element of `turns` is one reply: text (null without a tokenizer), token_ids,
-finish_reason ("stop" | "length"), prompt_tokens, reused_tokens, computed_tokens, dropped_tokens, ttft_s,
-decode_tokens_per_s. A line that failed has `error` set to a one-line message; its `turns` are the replies
-completed before the failure (only a later turn of a multi-turn conversation can fail after replies were made).
+finish_reason ("stop" | "length"), prompt_tokens, reused_tokens (of which host_tokens were restored from host memory
+and disk_tokens from disk), computed_tokens, dropped_tokens, ttft_s, decode_tokens_per_s. A line that failed has
+`error` set to a one-line message; its `turns` are the replies completed before the failure (only a later turn of a
+multi-turn conversation can fail after replies were made).
 
 Up to max_batch_size conversations are in flight at once; turns of different conversations share forwards, every
 turn reuses whatever prefix of it the KV pool holds (from any line: a `messages` line that continues an earlier
@@ -484,6 +485,8 @@ class BatchJob:
                 "finish_reason": turn.finish_reason,
                 "prompt_tokens": s.prompt_tokens,
                 "reused_tokens": s.reused_tokens,
+                "host_tokens": s.host_tokens,
+                "disk_tokens": s.disk_tokens,
                 "computed_tokens": s.computed_tokens,
                 "dropped_tokens": s.dropped_tokens,
                 "ttft_s": round(s.ttft_s, 6),

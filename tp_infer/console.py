@@ -25,8 +25,9 @@ Ctrl-C stops a reply (what was generated stays in the history); at the prompt it
 
 def format_totals(name: str, t: Totals) -> str:
     share = t.reused_tokens / t.prompt_tokens if t.prompt_tokens else 0.0
+    restored = f" (host {t.host_tokens}, disk {t.disk_tokens})" if t.host_tokens or t.disk_tokens else ""
     return (
-        f"{name}: {t.turns} turns, prompt {t.prompt_tokens} tokens, reused {t.reused_tokens} ({share:.0%}), "
+        f"{name}: {t.turns} turns, prompt {t.prompt_tokens} tokens, reused {t.reused_tokens} ({share:.0%}){restored}, "
         f"computed {t.computed_tokens}, generated {t.generated_tokens}"
     )
 
@@ -122,9 +123,12 @@ class Console:
             self.say("(reply stopped)")
         if self.show_stats:
             s = turn.stats
+            restored = "".join(
+                f" · {n} from {tier}" for n, tier in ((s.host_tokens, "host"), (s.disk_tokens, "disk")) if n
+            )
             self.say(
-                f"[reused {s.reused_tokens} · computed {s.computed_tokens} · generated {s.generated_tokens} · "
-                f"ttft {s.ttft_s:.2f} s · {s.decode_tokens_per_s:.1f} tok/s]"
+                f"[reused {s.reused_tokens}{restored} · computed {s.computed_tokens} · generated {s.generated_tokens}"
+                f" · ttft {s.ttft_s:.2f} s · {s.decode_tokens_per_s:.1f} tok/s]"
             )
 
     def _write(self, text: str) -> None:

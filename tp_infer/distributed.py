@@ -151,6 +151,21 @@ def agree(error: str | None, world_size: int) -> None:
         raise StartupError(message if world_size == 1 or message.startswith("rank ") else f"rank {rank}: {message}")
 
 
+def all_ranks_ok(flags: list[bool], world_size: int) -> list[bool]:
+    """Each flag and-ed over every rank, on every rank (control group; rank 0 waits at most the collective
+    timeout, as for plans)."""
+    tensor = torch.tensor(flags, dtype=torch.long)
+    if world_size > 1:
+        deadline_s = _collective_timeout_s if dist.get_rank() == 0 else None
+        with collective("agreement", deadline_s):
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_control_group, async_op=True)
+            if deadline_s is None:
+                work.wait()
+            else:
+                work.wait(timedelta(seconds=deadline_s))
+    return [bool(v) for v in tensor.tolist()]
+
+
 def min_over_ranks(value: int, world_size: int) -> int:
     """The smallest of every rank's value, on every rank (on the control group)."""
     if world_size == 1:

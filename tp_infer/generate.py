@@ -30,7 +30,10 @@ from tp_infer.engine.engine import Engine
 from tp_infer.engine.runner import ModelRunner, RemoteAbort
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.failures import report_failure
-from tp_infer.kv.memory import describe, measured_bytes, size_pool
+from tp_infer.kv.disk import DiskFiles, fingerprint
+from tp_infer.kv.manager import BlockManager
+from tp_infer.kv.memory import describe, measured_bytes, size_pool, size_tiers
+from tp_infer.kv.tiers import make_tiers
 from tp_infer.model.layers import TensorParallel
 from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 
@@ -119,6 +122,23 @@ ENGINE_OPTIONS = [
         show_default=True,
         type=click.IntRange(min=1),
         help="Tokens per block of the KV pool (a power of two).",
+    ),
+    click.option(
+        "--kv-host-memory",
+        help="Host tier under the KV pool, per rank, in gigabytes: blocks the pool evicts move there and come back by "
+        "copy when a conversation returns. Default: none, or with --kv-disk-path as many blocks as the pool.",
+    ),
+    click.option(
+        "--kv-disk-path",
+        type=click.Path(file_okay=False),
+        help="Disk tier: blocks the host tier evicts, and at the end of the job everything cached, are kept in files "
+        "here, which later jobs on the same checkpoint and settings find (created private to the user).",
+    ),
+    click.option(
+        "--kv-disk-size",
+        default="16",
+        show_default=True,
+        help="Gigabytes the disk tier's files may take in all; the least recently used are deleted beyond it.",
     ),
     click.option(
         "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
@@ -266,14 +286,21 @@ def launch(front_end: FrontEnd, device, collective_timeout, **opts) -> int:
 
 
 def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
-    args, tokenizer, error, sizing, num_blocks = None, None, None, None, 0
+    args, tokenizer, error, sizing, num_blocks, host_blocks, disk_blocks = None, None, None, None, 0, 0, 0
     tp = TensorParallel(ctx.rank, ctx.world_size)
-    ckpt_path, block_size = opts["ckpt_path"], opts["block_size"]
+    ckpt_path, block_size, disk_path = opts["ckpt_path"], opts["block_size"], opts["kv_disk_path"]
     try:
         if block_size & (block_size - 1):
             raise ConfigError(f"--block-size {block_size}: must be a power of two")
+        if opts["no_reuse"] and (disk_path or opts["kv_host_memory"]):
+            raise ConfigError("--no-reuse keeps nothing: it cannot go with --kv-host-memory or --kv-disk-path")
         args = model_args(ckpt_path, opts["config_path"], opts)
         num_blocks, sizing = size_pool(args, tp, opts["kv_cache_memory"], block_size, ctx.device)
+        host_blocks, disk_blocks, tiers_note = size_tiers(
+            args, ctx.world_size, block_size, num_blocks, opts["kv_host_memory"], disk_path, opts["kv_disk_size"]
+        )
+        if tiers_note:
+            sizing += f"\n{tiers_note}"
         if ctx.rank == 0:
             tokenizer = load_tokenizer(ckpt_path, front_end.chat_required)
             front_end.check()
@@ -281,10 +308,15 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
         error = str(e)
     agree(error, ctx.world_size)
     num_blocks = min_over_ranks(num_blocks, ctx.world_size)  # free memory may differ between devices
+    host_blocks = min_over_ranks(host_blocks, ctx.world_size)
     if num_blocks * block_size < args.max_seq_len:  # a conversation must fit the pool
         args = args.with_options(max_seq_len=num_blocks * block_size)
     model = load_model(args, ckpt_path, tp, ctx.device)
-    runner = ModelRunner(model, ctx, num_blocks, block_size)
+    files = None
+    if disk_path:
+        made_by = fingerprint(args, ckpt_path, ctx.world_size, block_size)
+        files = DiskFiles(disk_path, made_by, ctx.rank, shared=args.attn_impl == "absorb")
+    runner = ModelRunner(model, ctx, num_blocks, block_size, host_blocks, files)
     report_memory(ctx, runner, sizing)
     if ctx.rank != 0:
         # rank 0 decides when to stop (a batch job at a step boundary) and then releases the followers
@@ -292,11 +324,16 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
             signal.signal(sig, signal.SIG_IGN)
         runner.follow()
         return 0
+    on_disk = files.scan() if files else None
+    if on_disk is not None:
+        click.echo(f"disk tier {files.dir}: {len(on_disk)} blocks from earlier jobs", err=True)
+    tiers = make_tiers(files.fingerprint if files else "", host_blocks, disk_blocks, on_disk)
     engine = Engine(
         runner,
         reuse=not opts["no_reuse"],
         max_num_batched_tokens=opts["max_num_batched_tokens"],
         policy=opts["schedule"].replace("-", "_"),
+        manager=BlockManager(num_blocks, block_size, tiers),
     )
     sampling = SamplingParams(
         temperature=opts["temperature"],
@@ -313,6 +350,8 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
             with contextlib.suppress(Exception):
                 runner.abort(f"rank 0 failed: {type(e).__name__}: {e}")
         raise
+    if files is not None:
+        click.echo(f"disk tier: {engine.flush()} blocks saved for later jobs", err=True)
     runner.shutdown()
     return status
 

@@ -1,7 +1,8 @@
 """The multi-turn engine on rank 0: every turn, from a session or from nowhere, takes its longest cached prefix from
 the prefix tree and prefills only the rest (token-exact); turns of many conversations share each step's forward.
 A step is three moves: the scheduler picks the rows, the runner computes them on every rank, and the results are
-taken in (tokens sampled, blocks committed to the tree, ended turns released)."""
+taken in (tokens sampled, blocks committed to the tree, ended turns released). With tiers under the pool, the turns
+about to be admitted first have what the disk holds of them read into host memory."""
 
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ class Engine:
         policy: str = "mixed",
         manager: BlockManager | None = None,
     ):
-        """manager: the pool's bookkeeping, when another engine on the same runner already keeps it."""
+        """manager: the pool's bookkeeping, when it has tiers or another engine on the same runner keeps it."""
         args = runner.model.args
         self.runner, self.reuse = runner, reuse
         self.max_seq_len, self.max_running = args.max_seq_len, args.max_batch_size
@@ -119,17 +120,45 @@ class Engine:
     def step(self) -> list[Turn]:
         """Schedule, run one forward on every rank, take the results in; returns the turns that ended."""
         step = self.schedule()
-        logits = self.runner.forward(step.plan) if step.rows else []
-        return self.postprocess(step, logits)
+        logits = self.runner.forward(step.plan) if step.plan is not None else None
+        return self.postprocess(step, logits if step.rows else [])
 
     def schedule(self) -> "Step":
         """The scheduler's rows, decode rows first (they attend as one group), and the plan every rank runs."""
+        self.prefetch()
         rows, admitted = self.scheduler.schedule()
         for turn, admission in admitted:
             self.start(turn, admission)
         rows.sort(key=lambda row: row[1] > 1)
-        copies = self.manager.take_copies()
-        return Step(rows, copies, StepPlan.from_rows([self.feed(t, n) for t, n in rows], copies) if rows else None)
+        copies, transfers = self.manager.take_copies(), self.manager.take_transfers()
+        plan = None
+        if rows or transfers:
+            plan = StepPlan.from_rows([self.feed(t, n) for t, n in rows], copies, transfers)
+        return Step(rows, copies, plan)
+
+    def prefetch(self) -> None:
+        """Read from disk into host memory what the tiers hold of the prompts the scheduler may admit next (one
+        plan of loads, before the step's), so that admitting them finds it there."""
+        tiers = self.manager.tiers
+        if not self.reuse or tiers is None or tiers.disk is None or not len(tiers.disk):
+            return
+        budget, loads = tiers.host.num_slots, []
+        for turn in list(self.scheduler.waiting)[: self.max_running - len(self.scheduler.running)]:
+            if turn.looked_up == len(turn.tokens):
+                continue
+            turn.looked_up = len(turn.tokens)
+            loads += self.manager.prefetch(turn.tokens, budget - len(loads))
+        if loads:
+            ok = self.runner.load(StepPlan.from_rows([], transfers=self.manager.take_transfers()))
+            self.manager.loaded(loads, ok)
+
+    def flush(self) -> int:
+        """Save what the pool and host memory hold to the disk tier, for the next job; returns the blocks saved."""
+        saved = self.manager.flush()
+        transfers = self.manager.take_transfers()
+        if transfers:
+            self.runner.forward(StepPlan.from_rows([], transfers=transfers))
+        return saved
 
     def feed(self, turn: Turn, n: int) -> tuple[list[int], int, list[int]]:
         """A plan row: the blocks covering the turn's next n positions, where they start, and their tokens."""
@@ -166,6 +195,7 @@ class Engine:
         session.tokens, session.turn_starts = turn.tokens, turn.turn_starts
         s.prompt_tokens, s.reused_tokens, s.computed_tokens = len(turn.prompt), reused, len(turn.prompt) - reused
         s.copied_tokens, s.prev_pos, s.end_pos = admission.copied, reused, len(turn.prompt)
+        s.host_tokens, s.disk_tokens = admission.from_host, admission.from_disk
 
     def accept(self, turn: Turn, token: int) -> None:
         """A sampled token joins the history (the session's token list) and is fed to the cache next step."""
@@ -211,8 +241,9 @@ class Engine:
             self.totals.add(s)
 
     def cache_usage(self) -> "CacheUsage":
-        manager = self.manager
+        manager, tiers = self.manager, self.manager.tiers
         tokens, blocks = manager.usage()
+        host, disk = (tiers.host, tiers.disk) if tiers else (None, None)
         return CacheUsage(
             tokens,
             blocks,
@@ -220,6 +251,10 @@ class Engine:
             manager.block_size,
             manager.tree.evicted_blocks,
             self.scheduler.preemptions,
+            len(host) if host else 0,
+            host.num_slots if host else 0,
+            len(disk) if disk else 0,
+            disk.capacity if disk else 0,
         )
 
     def generator(self, session: Session) -> torch.Generator:
@@ -252,10 +287,19 @@ class CacheUsage:
     block_size: int
     evicted_blocks: int
     preemptions: int
+    host_blocks: int = 0  # held in host memory, of host_capacity
+    host_capacity: int = 0
+    disk_blocks: int = 0  # files on disk, of disk_capacity
+    disk_capacity: int = 0
 
     def describe(self) -> str:
         share = self.used_blocks / self.total_blocks
-        return (
+        text = (
             f"cache {self.cached_tokens} tokens, {self.used_blocks}/{self.total_blocks} blocks of "
             f"{self.block_size} ({share:.1%}), {self.evicted_blocks} evicted, {self.preemptions} preemptions"
         )
+        if self.host_capacity:
+            text += f"; host memory {self.host_blocks}/{self.host_capacity} blocks"
+        if self.disk_capacity:
+            text += f"; disk {self.disk_blocks}/{self.disk_capacity} blocks"
+        return text

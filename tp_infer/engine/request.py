@@ -25,6 +25,7 @@ class Turn:
     num_cached: int = 0
     table: BlockTable | None = None
     admissions: int = 0
+    looked_up: int = -1  # the length of tokens when the disk tier was last searched for them
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     done: bool = False
     submitted: float = field(default_factory=time.perf_counter)

@@ -1,15 +1,20 @@
 """The rank protocol. Rank 0 decides every step and broadcasts a small plan (new token ids, their rows' start
-positions and block tables, block copies); every rank builds the same batch from it and runs the forward on its
-shards over its part of the KV pool, which the runner allocates once; only rank 0 receives the logits. Shutdown and
-errors are plans too, so a following rank always learns why it should stop."""
+positions and block tables, block copies, moves between the tiers); every rank builds the same batch from it and
+runs the forward on its shards over its part of the KV pool, which the runner allocates once (with the host tier,
+when there is one); only rank 0 receives the logits. Shutdown and errors are plans too, so a following rank always
+learns why it should stop."""
 
+import contextlib
 import enum
+import struct
 from dataclasses import dataclass
 
 import torch
 
-from tp_infer.distributed import DistContext, broadcast_plan
+from tp_infer.distributed import DistContext, all_ranks_ok, broadcast_plan
+from tp_infer.kv.disk import DiskFiles
 from tp_infer.kv.pool import CACHE_DTYPES, KVPool
+from tp_infer.kv.tiers import Transfer
 from tp_infer.model.attention import MLA
 from tp_infer.model.batch import AttentionGroup, ForwardBatch
 from tp_infer.model.transformer import DTYPES, Transformer
@@ -21,25 +26,39 @@ class PlanKind(enum.IntEnum):
     ABORT = 2
 
 
+def key_to_ints(key: bytes) -> tuple[int, int]:
+    return struct.unpack("<qq", key)
+
+
+def ints_to_key(a: int, b: int) -> bytes:
+    return struct.pack("<qq", a, b)
+
+
 @dataclass
 class StepPlan:
     """One forward. Row b feeds num_new[b] tokens (the next ones of the flat `tokens`) from position start_pos[b],
-    over the blocks block_tables[b, :ceil((start_pos[b] + num_new[b]) / block_size)]. The block copies [C, 2]
-    (source, destination) run first."""
+    over the blocks block_tables[b, :ceil((start_pos[b] + num_new[b]) / block_size)]. First the tier transfers
+    [T, 5] (op, a, b, key as two int64; tiers.Transfer) run in order, then the block copies [C, 2] (source,
+    destination). A plan may have no rows: transfers only."""
 
     tokens: torch.Tensor  # [N] int64
     start_pos: torch.Tensor  # [B]
     num_new: torch.Tensor  # [B]
     block_tables: torch.Tensor  # [B, W], padded with 0
     copies: torch.Tensor  # [C, 2]
+    transfers: torch.Tensor  # [T, 5]
     all_logits: bool = False  # logits of every token, not only of each row's last (tests)
 
     @classmethod
     def from_rows(
-        cls, rows: list[tuple[list[int], int, list[int]]], copies: list[tuple[int, int]] = (), all_logits=False
+        cls,
+        rows: list[tuple[list[int], int, list[int]]],
+        copies: list[tuple[int, int]] = (),
+        transfers: list[tuple[Transfer, int, int, bytes]] = (),
+        all_logits=False,
     ) -> "StepPlan":
-        """rows of (block table, start position, new token ids)."""
-        width = max(len(blocks) for blocks, _, _ in rows)
+        """rows of (block table, start position, new token ids); transfers as the block manager lists them."""
+        width = max((len(blocks) for blocks, _, _ in rows), default=0)
         tables = torch.zeros(len(rows), width, dtype=torch.long)
         for b, (blocks, _, _) in enumerate(rows):
             tables[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
@@ -49,6 +68,9 @@ class StepPlan:
             num_new=torch.tensor([len(ids) for _, _, ids in rows], dtype=torch.long),
             block_tables=tables,
             copies=torch.tensor(list(copies), dtype=torch.long).view(-1, 2),
+            transfers=torch.tensor(
+                [(int(op), a, b, *key_to_ints(key)) for op, a, b, key in transfers], dtype=torch.long
+            ).view(-1, 5),
             all_logits=all_logits,
         )
 
@@ -82,19 +104,40 @@ class RemoteAbort(RuntimeError):
 
 class ModelRunner:
     """Runs the model in lockstep on all ranks: rank 0 calls forward(), the others sit in follow(). Holds this
-    rank's KV pool: num_blocks blocks of block_size tokens per layer."""
+    rank's KV pool, num_blocks blocks of block_size tokens per layer, and the tiers under it: host_blocks more in
+    host memory, and the disk tier's files."""
 
-    def __init__(self, model: Transformer, ctx: DistContext, num_blocks: int, block_size: int = 16):
-        self.model, self.ctx = model, ctx
+    def __init__(
+        self,
+        model: Transformer,
+        ctx: DistContext,
+        num_blocks: int,
+        block_size: int = 16,
+        host_blocks: int = 0,
+        disk: DiskFiles | None = None,
+    ):
+        self.model, self.ctx, self.disk = model, ctx, disk
         args = model.args
         cache_dtype = CACHE_DTYPES.get(args.kv_cache_dtype, DTYPES[args.dtype])
         shapes = MLA.cache_shapes(args, ctx.world_size)
         self.pool = KVPool(args.n_layers, num_blocks, block_size, shapes, cache_dtype, ctx.device)
+        on_gpu = ctx.device.type == "cuda"
+        self.host = None
+        if host_blocks:
+            self.host = KVPool(args.n_layers, host_blocks, block_size, shapes, cache_dtype, torch.device("cpu"), on_gpu)
+        self.side_stream = torch.cuda.Stream(ctx.device) if on_gpu and host_blocks else None
 
-    def forward(self, plan: StepPlan) -> torch.Tensor:
-        """Rank 0: broadcast the plan, run it, return the logits [B, V] (fp32, on the CPU)."""
+    def forward(self, plan: StepPlan) -> torch.Tensor | None:
+        """Rank 0: broadcast the plan, run it, return the logits [B, V] (fp32, on the CPU; None without rows)."""
         self._send(PlanKind.FORWARD, plan)
-        return self.execute(plan).cpu()
+        logits, _ = self.execute(plan)
+        return None if logits is None else logits.cpu()
+
+    def load(self, plan: StepPlan) -> list[bool]:
+        """Rank 0: run a plan of transfers (no rows) on every rank; for each LOAD, whether every rank could read its
+        file."""
+        self._send(PlanKind.FORWARD, plan)
+        return self.execute(plan)[1]
 
     def shutdown(self) -> None:
         """Rank 0: release the followers, which return from follow()."""
@@ -112,43 +155,84 @@ class ModelRunner:
                 return
             if kind == PlanKind.ABORT:
                 raise RemoteAbort(bytes(payload.tolist()).decode(errors="replace"))
-            rows, tokens, width, copies, all_logits = sizes
-            start_pos, num_new, ids, tables, pairs = payload.split([rows, rows, tokens, rows * width, 2 * copies])
-            plan = StepPlan(ids, start_pos, num_new, tables.view(rows, width), pairs.view(copies, 2), bool(all_logits))
+            rows, tokens, width, copies, transfers, all_logits = sizes
+            parts = payload.split([rows, rows, tokens, rows * width, 2 * copies, 5 * transfers])
+            start_pos, num_new, ids, tables, pairs, moves = parts
+            plan = StepPlan(
+                ids, start_pos, num_new, tables.view(rows, width), pairs.view(copies, 2), moves.view(transfers, 5)
+            )
+            plan.all_logits = bool(all_logits)
             self.execute(plan)
 
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run a plan on this rank alone (every rank must run the same one); rank 0 gets the logits."""
+    def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[bool]]:
+        """Run a plan on this rank alone (every rank must run the same one): rank 0 gets the logits (None without
+        rows) and, for each LOAD, whether every rank read its file."""
         device = self.ctx.device
+        loaded = self.transfer(plan.transfers.tolist()) if plan.transfers.numel() else []
         if plan.copies.numel():
             copies = plan.copies.to(device)
             self.pool.copy(copies[:, 0], copies[:, 1])
+        if not plan.num_new.numel():
+            return None, loaded
         batch = build_batch(plan, self.pool.block_size, device)
-        return self.model(
+        logits = self.model(
             plan.tokens.to(device), batch, self.pool.layers, all_logits=plan.all_logits, logits_on_all_ranks=False
         )
+        return logits, loaded
 
-    # Wire format: a header [kind, rows, tokens, table width, copies, all_logits, payload length], then one int64
-    # payload: start positions, token counts, token ids, block tables, copies.
+    def transfer(self, moves: list[list[int]]) -> list[bool]:
+        """Run tier transfers in order. Between the GPU and pinned host memory the copies go on a side stream that
+        the forward waits for; files are read and written once those copies are done."""
+        stream = self.side_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.ctx.device))
+        loaded = []
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for op, a, b, k0, k1 in moves:
+                op, key = Transfer(op), ints_to_key(k0, k1)
+                if op in (Transfer.SAVE_HOST, Transfer.SAVE_POOL, Transfer.LOAD) and stream is not None:
+                    stream.synchronize()  # the host memory read or written below must be settled
+                if op == Transfer.DEMOTE:
+                    self.pool.copy_to(self.host, a, b)
+                elif op == Transfer.PROMOTE:
+                    self.host.copy_to(self.pool, a, b)
+                elif op == Transfer.SAVE_HOST:
+                    self.disk.save(key, self.host.block(a))
+                elif op == Transfer.SAVE_POOL:
+                    self.disk.save(key, self.pool.block(a))
+                elif op == Transfer.LOAD:
+                    tensors = self.disk.load(key, self.host.layout())
+                    if tensors is not None:
+                        for name, part in self.host.block(b).items():
+                            part.copy_(tensors[name])
+                    loaded.append(tensors is not None)
+                elif op == Transfer.DELETE:
+                    self.disk.delete(key)
+        if stream is not None:
+            torch.cuda.current_stream(self.ctx.device).wait_stream(stream)
+        return all_ranks_ok(loaded, self.ctx.world_size) if loaded else []
+
+    # Wire format: a header [kind, rows, tokens, table width, copies, transfers, all_logits, payload length], then
+    # one int64 payload: start positions, token counts, token ids, block tables, copies, transfers.
     def _send(self, kind: PlanKind, plan: StepPlan | None = None, reason: str = "") -> None:
         if self.ctx.world_size == 1:
             return
         if plan is not None:
-            payload = torch.cat(
-                [plan.start_pos, plan.num_new, plan.tokens, plan.block_tables.flatten(), plan.copies.flatten()]
-            )
+            tables, copies, moves = plan.block_tables.flatten(), plan.copies.flatten(), plan.transfers.flatten()
+            payload = torch.cat([plan.start_pos, plan.num_new, plan.tokens, tables, copies, moves])
             rows, width = plan.block_tables.shape
-            sizes = [rows, plan.tokens.numel(), width, plan.copies.shape[0], int(plan.all_logits)]
+            sizes = [rows, plan.tokens.numel(), width, plan.copies.shape[0], plan.transfers.shape[0]]
+            sizes.append(int(plan.all_logits))
         else:
             payload = torch.tensor(list(reason.encode()), dtype=torch.long)
-            sizes = [0] * 5
+            sizes = [0] * 6
         header = torch.tensor([int(kind), *sizes, payload.numel()], dtype=torch.long)
         self._broadcast(header)
         if payload.numel():
             self._broadcast(payload)
 
     def _receive(self) -> tuple[PlanKind, list[int], torch.Tensor]:
-        kind, *sizes, length = self._broadcast(torch.empty(7, dtype=torch.long)).tolist()
+        kind, *sizes, length = self._broadcast(torch.empty(8, dtype=torch.long)).tolist()
         payload = self._broadcast(torch.empty(length, dtype=torch.long)) if length else torch.empty(0, dtype=torch.long)
         return PlanKind(kind), sizes, payload
 

@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TurnStats:
-    """One turn. reused_tokens came from the cache (copied_tokens of them from a block that matched in part);
-    computed_tokens were prefilled; the two sum to prompt_tokens. prev_pos is where the prefill started, end_pos
+    """One turn. reused_tokens came from the cache (copied_tokens of them from a block that matched in part;
+    host_tokens restored from host memory and disk_tokens from disk, the rest found in the pool); computed_tokens
+    were prefilled; reused and computed sum to prompt_tokens. prev_pos is where the prefill started, end_pos
     where the prompt ends. A preempted turn recomputes recomputed_tokens when it resumes."""
 
     prompt_tokens: int = 0
     reused_tokens: int = 0
     computed_tokens: int = 0
     copied_tokens: int = 0
+    host_tokens: int = 0
+    disk_tokens: int = 0
     dropped_tokens: int = 0  # history removed by the overflow policy
     prev_pos: int = 0
     end_pos: int = 0
@@ -30,6 +33,8 @@ class Totals:
     turns: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0
+    host_tokens: int = 0
+    disk_tokens: int = 0
     computed_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
@@ -39,6 +44,8 @@ class Totals:
         self.turns += 1
         self.prompt_tokens += turn.prompt_tokens
         self.reused_tokens += turn.reused_tokens
+        self.host_tokens += turn.host_tokens
+        self.disk_tokens += turn.disk_tokens
         self.computed_tokens += turn.computed_tokens
         self.generated_tokens += turn.generated_tokens
         self.preemptions += turn.preemptions

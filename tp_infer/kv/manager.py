@@ -10,12 +10,17 @@ A turn's block table, for a conversation of 40 tokens with block_size 16 that ma
 Blocks [0, committed) are the tree's nodes along the turn's path (immutable, shared); the rest are its own, written
 only by it. As its own blocks fill they are committed to the tree, so other turns can share them at once; when the
 turn ends its last, partial block joins the tree as a tail and the turn drops its references.
+
+With tiers, what the tree evicts is demoted (to host memory, whose own evictions go to disk), and a turn's prompt is
+looked up below the tree too: the blocks found in host memory are promoted back into the tree before the match,
+those found on disk are first read into host memory by prefetch(). Each move is a transfer for every rank to run.
 """
 
 from dataclasses import dataclass, field
 
 from tp_infer.kv.blocks import BlockAllocator
-from tp_infer.kv.radix import Node, PrefixTree
+from tp_infer.kv.radix import Node, PrefixTree, common_prefix
+from tp_infer.kv.tiers import HostEntry, Tiers, Transfer, block_key
 
 
 @dataclass(eq=False)
@@ -33,16 +38,34 @@ class Admission:
     table: BlockTable
     reused: int  # tokens found in the cache
     copied: int  # of which were copied from a block that matched only in part
+    from_host: int = 0  # of which were promoted from host memory
+    from_disk: int = 0  # of which were read from disk
+
+
+@dataclass
+class Restored:
+    """The blocks restore() promoted into the tree along a prompt (held till the match), and their tokens."""
+
+    pinned: list[int] = field(default_factory=list)
+    from_host: int = 0
+    from_disk: int = 0
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, tiers: Tiers | None = None):
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size}: must be a power of two")
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        self.tree = PrefixTree(self.allocator, block_size)
+        self.tiers = tiers
+        self.tree = PrefixTree(self.allocator, block_size, *([tiers.root] if tiers else []))
+        if tiers is not None and tiers.host is not None:
+            self.tree.on_evict = self.demote
         self.copies: list[tuple[int, int]] = []  # (source, destination) for the next forward, sources held till then
+        self.transfers: list[tuple[Transfer, int, int, bytes]] = []  # for every rank to run before the copies
+        self.restored_blocks = 0  # promoted into the pool from the tiers below, in all
+        if tiers is not None and tiers.disk is not None:  # files beyond the cap, from an earlier job with a larger one
+            self.transfers += [(Transfer.DELETE, 0, 0, key) for key in tiers.disk.evict_over()]
 
     @property
     def num_blocks(self) -> int:
@@ -62,7 +85,10 @@ class BlockManager:
         the reply), and own blocks for its next min(first_chunk, rest) tokens. None when the pool cannot give them;
         the turn then holds nothing (eviction may have freed blocks meanwhile)."""
         bs = self.block_size
+        restored = self.restore(tokens, len(tokens) - 1) if reuse and self.tiers else Restored()
         match = self.tree.match(tokens, len(tokens) - 1) if reuse else None
+        for block in restored.pinned:  # the match holds what it uses from here on
+            self.allocator.release(block)
         nodes = match.nodes if match else []
         partial, partial_len = (match.partial, match.partial_len) if match and match.partial_len else (None, 0)
         # the whole tail of a conversation that nobody else uses is taken over instead of copied
@@ -94,7 +120,153 @@ class BlockManager:
             self.copies.append((partial.block, own[0]))  # its reference is dropped after the forward
             copied = partial_len
         table.blocks += own
-        return Admission(table, reused, copied)
+        return Admission(table, reused, copied, restored.from_host, restored.from_disk)
+
+    # ---- the tiers below the pool ----------------------------------------------------------------------------
+    def walk(self, tokens: list[int], limit: int) -> tuple[Node, int]:
+        """The deepest full node of the tree along tokens[:limit], and the tokens it ends at."""
+        node, k, bs = self.tree.root, 0, self.block_size
+        while (k + 1) * bs <= limit:
+            child = node.children.get(tuple(tokens[k * bs : (k + 1) * bs]))
+            if child is None or len(child.tokens) < bs:
+                break
+            node, k = child, k + 1
+        return node, k * bs
+
+    def below(self, tokens: list[int], limit: int) -> list[tuple[Node | bytes, tuple[int, ...], bytes]]:
+        """The blocks of tokens[:limit] past the tree's full nodes that the tiers hold, in order: (parent, tokens,
+        key), the parent being a tree node for the first and the previous key after. Full blocks as far as the
+        chain goes, then the longest tail (a partial block) longer than what the tree itself shares there."""
+        tiers, bs = self.tiers, self.block_size
+        node, start = self.walk(tokens, limit)
+        parent, key, found = node, node.key, []
+
+        def held(k: bytes) -> bool:
+            return (tiers.host is not None and k in tiers.host) or (tiers.disk is not None and k in tiers.disk)
+
+        while start + bs <= limit:
+            block = tuple(tokens[start : start + bs])
+            child = block_key(key, block)
+            if not held(child):
+                break
+            found.append((parent, block, child))
+            parent, key, start = child, child, start + bs
+        rest = tokens[start : min(limit, start + bs)]
+        shared = 0
+        if not found and rest:  # the tree may share part of this block already
+            shared = max((common_prefix(c.tokens, rest) for c in node.children.values()), default=0)
+        for length in range(min(len(rest), bs - 1), shared, -1):
+            tail = tuple(rest[:length])
+            child = block_key(key, tail)
+            if held(child):
+                found.append((parent, tail, child))
+                break
+        return found
+
+    def restore(self, tokens: list[int], limit: int) -> Restored:
+        """Promote into the tree the blocks of tokens[:limit] that host memory holds past the tree's own, each held
+        (pinned) so that promoting the next cannot evict it. Stops at the first block not in host memory or when the
+        pool has no block to give."""
+        host, out = self.tiers.host, Restored()
+        if host is None or not len(host):
+            return out
+        node = None
+        for parent, block_tokens, key in self.below(tokens, limit):
+            if key not in host:
+                break
+            entry = host.take(key)  # out of the LRU order, so that the evictions below cannot pick it
+            block = self.allocate()
+            if block is None:
+                host.put_back(entry)
+                break
+            self.transfers.append((Transfer.PROMOTE, entry.slot, block, key))
+            host.release(entry.slot)  # transfers run in order: a later demotion may reuse the slot
+            node = self.tree.insert(parent if node is None else node, block_tokens, block)
+            if node is None or node.block != block:  # the tree had it after all (cannot happen: it was not found)
+                self.allocator.release(block)
+                break
+            out.pinned.append(block)
+            if entry.from_disk:
+                out.from_disk += len(block_tokens)
+            else:
+                out.from_host += len(block_tokens)
+            self.restored_blocks += 1
+            if len(block_tokens) < self.block_size:
+                break
+        return out
+
+    def prefetch(self, tokens: list[int], budget: int) -> list[HostEntry]:
+        """Read the blocks of a prompt that only the disk holds into host memory, at most `budget` of them: LOAD
+        transfers into newly taken host slots. The caller runs them and reports with loaded()."""
+        tiers = self.tiers
+        if tiers is None or tiers.disk is None or tiers.host is None or not len(tiers.disk):
+            return []
+        loads = []
+        chain = self.below(tokens, len(tokens) - 1)
+        for _, _, key in chain:
+            if key in tiers.host:
+                continue
+            if len(loads) >= budget:
+                break
+            entry = self.host_slot(key, from_disk=True)
+            self.transfers.append((Transfer.LOAD, 0, entry.slot, key))
+            loads.append(entry)
+        tiers.disk.touch([key for _, _, key in reversed(chain)])
+        tiers.host.touch([key for _, _, key in reversed(chain)])
+        return loads
+
+    def loaded(self, loads: list[HostEntry], ok: list[bool]) -> None:
+        """Which loads every rank managed. A file that failed anywhere is dropped from the index and deleted."""
+        tiers = self.tiers
+        for entry, good in zip(loads, ok, strict=True):
+            if good:
+                continue
+            if tiers.host.entries.get(entry.key) is entry:
+                tiers.host.take(entry.key)
+                tiers.host.release(entry.slot)
+            tiers.disk.remove(entry.key)
+            self.transfers.append((Transfer.DELETE, 0, 0, entry.key))
+
+    def host_slot(self, key: bytes, from_disk: bool = False) -> HostEntry:
+        """A host slot for `key`; what the host tier evicts for it goes to disk first (unless the disk has it)."""
+        entry, evicted = self.tiers.host.put(key, from_disk)
+        for old in evicted:
+            self.save(Transfer.SAVE_HOST, old.slot, old.key)
+        return entry
+
+    def save(self, op: Transfer, source: int, key: bytes) -> None:
+        """Write a block to disk if the disk tier lacks it; the files it evicts are deleted."""
+        disk = self.tiers.disk
+        if disk is None or key in disk:
+            return
+        self.transfers.append((op, source, 0, key))
+        for old in disk.add(key):
+            self.transfers.append((Transfer.DELETE, 0, 0, old))
+
+    def demote(self, node: Node) -> None:
+        """The tree evicts node: its block's data moves to host memory (before the block is reused)."""
+        entry = self.host_slot(node.key)
+        self.transfers.append((Transfer.DEMOTE, node.block, entry.slot, node.key))
+
+    def flush(self) -> int:
+        """Save to disk what the pool and host memory hold and the disk lacks (at the end of a job, so that the next
+        one finds it), the most recently used first when the disk cannot take everything. Returns the blocks saved."""
+        tiers = self.tiers
+        if tiers is None or tiers.disk is None:
+            return 0
+        # oldest first: host memory holds what the pool evicted; in the tree, a node is never newer than its parent
+        blocks = [(Transfer.SAVE_HOST, e.slot, e.key) for e in tiers.host.entries.values()] if tiers.host else []
+        nodes = sorted(self.tree.nodes(), key=lambda n: (n.last_used, -n.depth))
+        blocks += [(Transfer.SAVE_POOL, n.block, n.key) for n in nodes]
+        blocks = [b for b in blocks if b[2] not in tiers.disk][-tiers.disk.capacity :]
+        for op, source, key in blocks:
+            self.save(op, source, key)
+        return len(blocks)
+
+    def take_transfers(self) -> list[tuple[Transfer, int, int, bytes]]:
+        """The tier transfers the next plan must run, in the order they were decided."""
+        transfers, self.transfers = self.transfers, []
+        return transfers
 
     def grow(self, table: BlockTable, tokens: int) -> bool:
         """Own blocks until the table covers `tokens` positions; False when the pool has none left."""

@@ -39,7 +39,7 @@ def measured_bytes(model: torch.nn.Module, pool: KVPool) -> tuple[int, int]:
     return sum(p.numel() * p.element_size() for p in model.parameters()), pool.nbytes
 
 
-def parse_budget(text: str) -> tuple[float, bool]:
+def parse_budget(text: str, option: str = "--kv-cache-memory") -> tuple[float, bool]:
     """'12' or '12GB' -> (12e9 bytes, False); '90%' -> (0.9, True): a share of free device memory."""
     value = text.strip().upper().removesuffix("GB").removesuffix("G")
     try:
@@ -53,7 +53,7 @@ def parse_budget(text: str) -> tuple[float, bool]:
             raise ValueError
         return gigabytes * 1e9, False
     except ValueError:
-        raise ConfigError(f"--kv-cache-memory {text!r}: give gigabytes (e.g. 12 or 12GB) or a share like 90%") from None
+        raise ConfigError(f"{option} {text!r}: give gigabytes (e.g. 12 or 12GB) or a share like 90%") from None
 
 
 def size_pool(
@@ -90,3 +90,43 @@ def describe(rank: int, weights: int, cache: int, pool: KVPool) -> str:
         f"rank {rank}: weights {weights / 1e9:.3f} GB, KV pool {cache / 1e9:.3f} GB "
         f"({pool.num_blocks} blocks x {pool.block_size} = {tokens} tokens)"
     )
+
+
+def size_tiers(
+    args: ModelArgs,
+    world_size: int,
+    block_size: int,
+    pool_blocks: int,
+    host_memory: str | None,
+    disk_path: str | None,
+    disk_size: str,
+) -> tuple[int, int, str]:
+    """Blocks of the host tier (per rank) and of the disk tier (in all), and a sentence saying so. With a disk tier
+    the host tier is needed (blocks read from disk pass through it): by default it then holds as many blocks as the
+    pool. On disk, absorb mode keeps one file per block for all ranks, naive mode one per rank."""
+    per_block = kv_bytes_per_token(args, world_size) * block_size
+    host_blocks = 0
+    if host_memory is not None:
+        amount, is_share = parse_budget(host_memory, "--kv-host-memory")
+        if is_share:
+            raise ConfigError(f"--kv-host-memory {host_memory}: give gigabytes, not a share")
+        host_blocks = int(amount // per_block)
+        if host_blocks < 1:
+            raise ConfigError(f"--kv-host-memory {host_memory}: not enough for one block ({per_block} bytes)")
+    elif disk_path is not None:
+        host_blocks = pool_blocks
+    disk_blocks, notes = 0, []
+    if host_blocks:
+        notes.append(f"host tier {host_blocks} blocks, {host_blocks * per_block / 1e9:.3f} GB per rank")
+    if disk_path is not None:
+        amount, is_share = parse_budget(disk_size, "--kv-disk-size")
+        if is_share:
+            raise ConfigError(f"--kv-disk-size {disk_size}: give gigabytes, not a share")
+        files_per_block = 1 if args.attn_impl == "absorb" else world_size
+        disk_blocks = int(amount // (per_block * files_per_block))
+        if disk_blocks < 1:
+            raise ConfigError(f"--kv-disk-size {disk_size}: not enough for one block ({per_block} bytes a file)")
+        notes.append(
+            f"disk tier {disk_path}: up to {disk_blocks} blocks, {files_per_block} file(s) of {per_block} bytes each"
+        )
+    return host_blocks, disk_blocks, "; ".join(notes)

@@ -13,10 +13,16 @@ CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.floa
 
 
 class CacheTensor:
-    def __init__(self, num_blocks: int, block_size: int, shape: tuple[int, ...], dtype: torch.dtype, device):
+    def __init__(self, num_blocks: int, block_size: int, shape: tuple[int, ...], dtype: torch.dtype, device, pin=False):
         self.fp8 = dtype == torch.float8_e4m3fn
-        self.data = torch.zeros(num_blocks, block_size, *shape, dtype=dtype, device=device)
-        self.scale = torch.zeros(num_blocks, block_size, *shape[:-1], device=device) if self.fp8 else None
+        self.data = torch.zeros(num_blocks, block_size, *shape, dtype=dtype, device=device, pin_memory=pin)
+        scale_shape = (num_blocks, block_size, *shape[:-1])
+        self.scale = torch.zeros(scale_shape, device=device, pin_memory=pin) if self.fp8 else None
+
+    @property
+    def parts(self) -> list[torch.Tensor]:
+        """The tensors that hold it: the values, and the FP8 scales."""
+        return [self.data, self.scale] if self.fp8 else [self.data]
 
     @property
     def nbytes(self) -> int:
@@ -50,8 +56,10 @@ class LayerCache:
     """One layer's share of the pool: one CacheTensor per quantity attention caches (absorb: latent and rope key;
     naive: this rank's heads' keys and values)."""
 
-    def __init__(self, num_blocks: int, block_size: int, shapes: list[tuple[int, ...]], dtype: torch.dtype, device):
-        self.tensors = [CacheTensor(num_blocks, block_size, shape, dtype, device) for shape in shapes]
+    def __init__(
+        self, num_blocks: int, block_size: int, shapes: list[tuple[int, ...]], dtype: torch.dtype, device, pin=False
+    ):
+        self.tensors = [CacheTensor(num_blocks, block_size, shape, dtype, device, pin) for shape in shapes]
 
     def write(self, slots: torch.Tensor, *values: torch.Tensor) -> None:
         """Store one step's new entries, values[i] [N, *shapes[i]], at flat slots [N]."""
@@ -64,7 +72,8 @@ class LayerCache:
 
 
 class KVPool:
-    """num_blocks blocks of block_size tokens for every layer, on this rank's device."""
+    """num_blocks blocks of block_size tokens for every layer, on this rank's device (or in host memory for the host
+    tier: pinned when the device is a GPU, so that copies can run asynchronously)."""
 
     def __init__(
         self,
@@ -74,9 +83,29 @@ class KVPool:
         shapes: list[tuple[int, ...]],
         dtype: torch.dtype,
         device: torch.device,
+        pin: bool = False,
     ):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.layers = [LayerCache(num_blocks, block_size, shapes, dtype, device) for _ in range(num_layers)]
+        self.layers = [LayerCache(num_blocks, block_size, shapes, dtype, device, pin) for _ in range(num_layers)]
+        self.named = {}  # every tensor by name: "{layer}.{quantity}", and "{layer}.{quantity}.scale" (FP8)
+        for i, layer in enumerate(self.layers):
+            for j, tensor in enumerate(layer.tensors):
+                for part, suffix in zip(tensor.parts, ("", ".scale"), strict=False):
+                    self.named[f"{i}.{j}{suffix}"] = part
+
+    def block(self, block: int) -> dict[str, torch.Tensor]:
+        """Views of one block in every tensor, [block_size, ...] each, by name."""
+        return {name: part[block] for name, part in self.named.items()}
+
+    def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The shape and dtype of one block in each tensor, by name."""
+        return {name: (tuple(part.shape[1:]), part.dtype) for name, part in self.named.items()}
+
+    def copy_to(self, other: "KVPool", source: int, destination: int) -> None:
+        """Copy a block into another pool of the same layout (between the pool and the host tier) on the current
+        stream: asynchronously between a GPU and pinned memory."""
+        for name, part in self.named.items():
+            other.named[name][destination].copy_(part[source], non_blocking=True)
 
     @property
     def nbytes(self) -> int:

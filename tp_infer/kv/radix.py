@@ -9,9 +9,11 @@ its newest tokens first and keeps the prefix it shares with others.
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tp_infer.kv.blocks import BlockAllocator
+from tp_infer.kv.tiers import KEY_BYTES, block_key
 
 
 def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
@@ -30,6 +32,7 @@ class Node:
     block: int  # -1 at the root
     parent: "Node | None"
     depth: int  # tokens before this node
+    key: bytes  # names the whole prefix up to the end of this node (tiers.block_key)
     children: dict[tuple[int, ...], "Node"] = field(default_factory=dict)
     last_used: int = 0
     attached: bool = True
@@ -50,9 +53,10 @@ class Match:
 
 
 class PrefixTree:
-    def __init__(self, allocator: BlockAllocator, block_size: int):
+    def __init__(self, allocator: BlockAllocator, block_size: int, root_key: bytes = bytes(KEY_BYTES)):
         self.allocator, self.block_size = allocator, block_size
-        self.root = Node((), -1, None, 0)
+        self.root = Node((), -1, None, 0, root_key)
+        self.on_evict: Callable[[Node], None] | None = None  # told of each evicted node while its block is valid
         self.num_nodes = 0
         self.cached_tokens = 0
         self.evicted_blocks = 0
@@ -100,7 +104,8 @@ class PrefixTree:
                 return None  # a tail inside a longer sibling: nothing new
             if shared == len(sibling.tokens) and self.allocator.refs[sibling.block] == 1:
                 self.remove(sibling)  # an unused tail that the new block covers
-        node = Node(tokens, block, parent, parent.depth + len(parent.tokens), last_used=self.clock)
+        depth = parent.depth + len(parent.tokens)
+        node = Node(tokens, block, parent, depth, block_key(parent.key, tokens), last_used=self.clock)
         parent.children[tokens] = node
         self.allocator.share(block)
         self.num_nodes += 1
@@ -150,6 +155,8 @@ class PrefixTree:
             if not self.evictable(node):
                 held.append(entry)  # a running turn holds it: a candidate again once it lets go
                 continue
+            if self.on_evict is not None:
+                self.on_evict(node)
             self.remove(node)
             self.evicted_blocks += 1
             freed += 1
