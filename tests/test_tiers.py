@@ -2,8 +2,11 @@
 computing only their new tokens; files on disk outlive the job and are used only when whole and made for it."""
 
 import json
+import os
 import random
 import re
+import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,9 @@ import pytest
 import rank_fns
 from harness import run_ranks
 from processes import ENV, REPO, torchrun
+from test_console import console
+
+from tp_infer.kv.tiers import block_key, root_key
 
 
 def token_lists(seed: int, lengths: list[int]) -> list[list[int]]:
@@ -114,3 +120,127 @@ def test_a_later_job_continues_conversations_from_disk(converted, tmp_path, worl
         assert second[i]["reused_tokens"] == history[i], f"conversation {i}"
     # read from disk once: the shared prefix serves the second conversation that needs it from the pool
     assert sum(second[i]["disk_tokens"] for i in range(3)) == sum(history) - len(SHARED)
+
+
+# ---- bad disk contents: skipped, reported in one line, the outputs unchanged ----------------------------------
+
+
+def block_file(folder: Path, tokens: list[int], rank: int | None) -> Path:
+    """The file of the block holding `tokens` at the start of a conversation, in a fingerprint's folder."""
+    key = block_key(root_key(folder.name), tokens)
+    return folder / f"{key.hex()}{'' if rank is None else f'.rank{rank}'}.safetensors"
+
+
+@pytest.fixture(scope="module")
+def disk_jobs(converted, tmp_path_factory):
+    """Per attention form at world size 2: the uninterrupted replies, the first job's replies and its disk folder."""
+    out = {}
+    for impl in ("naive", "absorb"):
+        root = tmp_path_factory.mktemp(f"disk-{impl}")
+        setup = ["--attn-impl", impl]
+        whole = uninterrupted(2, converted["v3"], root, *setup)
+        first, _ = first_job(2, converted["v3"], root, *setup, "--kv-disk-path", str(root / "kv"))
+        out[impl] = whole, first, root / "kv"
+    return out
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_data(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x5A  # in the tensors
+    path.write_bytes(bytes(data))
+
+
+def flip_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0x5A  # in the JSON header
+    path.write_bytes(bytes(data))
+
+
+def from_world_size_1(converted, path: Path, tmp: Path) -> None:
+    """Replace the file by the one a world-size-1 job wrote for the same tokens (another fingerprint)."""
+    first_job(1, converted["v3"], tmp, "--attn-impl", "absorb", "--kv-disk-path", str(tmp / "kv1"))
+    (other,) = (tmp / "kv1").iterdir()
+    block_file(other, PROMPTS[2][:16], None).replace(path)
+
+
+DAMAGES = {
+    "truncated, on one rank": ("naive", 1, truncate, "skipped"),
+    "flipped bytes in the tensors": ("absorb", None, flip_data, "checksum does not match"),
+    "flipped bytes in the header": ("naive", 0, flip_header, "skipped"),
+    "a file of another world size": ("absorb", None, from_world_size_1, "another checkpoint or setup"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_file_is_skipped_and_its_tokens_recomputed(converted, disk_jobs, tmp_path, damage):
+    """The first block of the third conversation is damaged between the jobs: that conversation is recomputed
+    (its first block is needed for anything after it), the others still come from disk; replies are unchanged."""
+    impl, rank, spoil, reason = DAMAGES[damage]
+    whole, first, folder = disk_jobs[impl]
+    shutil.copytree(folder, tmp_path / "kv")
+    (fingerprint_folder,) = (tmp_path / "kv").iterdir()
+    target = block_file(fingerprint_folder, PROMPTS[2][:16], rank)
+    assert target.exists()
+    if spoil is from_world_size_1:
+        spoil(converted, target, tmp_path)
+    else:
+        spoil(target)
+    second, err = second_job(
+        2, converted["v3"], tmp_path, first, "--attn-impl", impl, "--kv-disk-path", str(tmp_path / "kv")
+    )
+    lines = [line for line in err.splitlines() if "kv disk tier" in line]
+    assert len(lines) >= 1 and all(reason in line or "skipped" in line for line in lines), err
+    assert any(reason in line for line in lines), err
+    for i in range(3):
+        assert second[i]["token_ids"] == whole[i][1]["token_ids"], f"conversation {i}"
+    assert second[2]["computed_tokens"] == second[2]["prompt_tokens"] and second[2]["disk_tokens"] == 0
+    assert [second[i]["computed_tokens"] for i in (0, 1)] == [len(NEW[0]), len(NEW[1])]
+    original = folder / fingerprint_folder.name / target.name
+    assert target.stat().st_size == original.stat().st_size, "the bad file is deleted, the recomputed block saved"
+
+
+def limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a block's file is larger: as if the disk were full
+
+
+@pytest.mark.parametrize("trouble", ["full", "cannot be created"])
+def test_a_disk_that_cannot_be_written_is_reported_once_per_rank(converted, disk_jobs, tmp_path, trouble):
+    """Writes that fail (a full disk; a folder that cannot be created) are said once per rank, in one line; the
+    job's replies are those of a run without the disk tier."""
+    whole, _, _ = disk_jobs["naive"]
+    popen, path = {}, tmp_path / "kv"
+    if trouble == "full":
+        popen["preexec_fn"] = limit_file_size
+    elif os.geteuid() == 0:
+        path = Path("/sys/tp_infer_kv")  # root may write anywhere but there
+    else:
+        (tmp_path / "read-only").mkdir(mode=0o500)
+        path = tmp_path / "read-only" / "kv"
+    first, err = first_job(2, converted["v3"], tmp_path, "--attn-impl", "naive", "--kv-disk-path", str(path), **popen)
+    assert [first[i]["token_ids"] for i in range(3)] == [whole[i][0]["token_ids"] for i in range(3)]
+    lines = [line for line in err.splitlines() if "kv disk tier" in line]
+    expected = "cannot write" if trouble == "full" else "cannot create"
+    assert sorted(line.split(":")[0] for line in lines) == ["kv disk tier, rank 0", "kv disk tier, rank 1"], err
+    assert all(expected in line for line in lines), err
+
+
+def test_console_load_with_a_disk_tier_computes_only_the_new_tokens(chat_ckpt, tmp_path):
+    """/save in one console, /load in the next process: the loaded history comes from disk, not recomputed, and the
+    conversation goes on as it would have in one process."""
+    disk = ["--kv-disk-path", str(tmp_path / "kv")]
+    saved, whole, resumed = tmp_path / "saved.json", tmp_path / "whole.json", tmp_path / "resumed.json"
+    lines = ["Hello there", "My name is Ada", f"/save {saved}", "how are you today?", f"/save {whole}", "/exit"]
+    run = console(chat_ckpt, lines, world_size=1)
+    assert run.returncode == 0, run.stderr
+    first = console(chat_ckpt, ["Hello there", "My name is Ada", f"/save {saved}", "/exit"], world_size=1, extra=disk)
+    assert first.returncode == 0, first.stderr
+    second = console(chat_ckpt, [f"/load {saved}", "how are you today?", f"/save {resumed}", "/exit"], 1, disk)
+    assert second.returncode == 0, second.stderr
+    history = len(json.loads(saved.read_text())["token_ids"])
+    (stats,) = [line for line in second.stdout.splitlines() if line.startswith("[reused")]
+    assert stats.startswith(f"[reused {history} · {history} from disk · computed "), stats
+    assert json.loads(resumed.read_text()) == json.loads(whole.read_text())

@@ -351,7 +351,9 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
                 runner.abort(f"rank 0 failed: {type(e).__name__}: {e}")
         raise
     if files is not None:
-        click.echo(f"disk tier: {engine.flush()} blocks saved for later jobs", err=True)
+        before = files.saved
+        planned = engine.flush()
+        click.echo(f"disk tier: {files.saved - before} of {planned} blocks saved for later jobs", err=True)
     runner.shutdown()
     return status
 

@@ -65,6 +65,7 @@ class DiskFiles:
         self.owner = rank if not shared else "shared"
         self.writes = not shared or rank == 0
         self.reported: set[str] = set()
+        self.saved = 0  # files this rank wrote
         try:
             os.makedirs(self.dir.parent, mode=0o700, exist_ok=True)
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -76,7 +77,11 @@ class DiskFiles:
         """One line on stderr, once per kind of trouble (a full disk would otherwise say so for every block)."""
         if kind not in self.reported:
             self.reported.add(kind)
-            print(f"kv disk tier, rank {self.rank}: {message}", file=sys.stderr, flush=True)
+            self.say(message)
+
+    def say(self, message: str) -> None:
+        sys.stderr.write(f"kv disk tier, rank {self.rank}: {message}\n")  # one write: ranks share the stream
+        sys.stderr.flush()
 
     def path(self, key: bytes) -> Path:
         suffix = "" if self.shared else f".rank{self.rank}"
@@ -102,6 +107,7 @@ class DiskFiles:
                 tmp.unlink(missing_ok=True)
             self.report(f"write {e.errno}", f"cannot write {path} ({e.strerror}): such blocks are not kept on disk")
             return False
+        self.saved += 1
         return True
 
     def load(self, key: bytes, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict | None:
@@ -111,10 +117,14 @@ class DiskFiles:
             data = path.read_bytes()
             (length,) = struct.unpack("<Q", data[:8])
             meta = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
-            want = {"format": FORMAT, "key": key.hex(), "fingerprint": self.fingerprint, "rank": str(self.owner)}
-            wrong = [k for k, v in want.items() if meta.get(k) != v]
-            if wrong:
-                raise ValueError(f"its {wrong[0]} is {meta.get(wrong[0])!r}, not {want[wrong[0]]!r}")
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"not a {FORMAT} file (format {meta.get('format')!r})")
+            if meta.get("fingerprint") != self.fingerprint:
+                raise ValueError("made by another checkpoint or setup (world size, attention, dtypes, block size)")
+            if meta.get("rank") != str(self.owner):
+                raise ValueError(f"made for rank {meta.get('rank')}, not {self.owner}")
+            if meta.get("key") != key.hex():
+                raise ValueError(f"it holds block {meta.get('key')}, not this one")
             tensors = safetensors.torch.load(data)
             layout = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
             if layout != expected:
@@ -126,7 +136,7 @@ class DiskFiles:
             return None
         except Exception as e:  # a damaged file may fail anywhere in parsing: skip it, whatever the error
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"kv disk tier, rank {self.rank}: skipped {path}: {reason}", file=sys.stderr, flush=True)
+            self.say(f"skipped {path}: {reason}")
             return None
         if self.writes:
             with contextlib.suppress(OSError):
