@@ -244,7 +244,11 @@ class BlockManager:
             self.transfers.append((Transfer.DELETE, 0, 0, old))
 
     def demote(self, node: Node) -> None:
-        """The tree evicts node: its block's data moves to host memory (before the block is reused)."""
+        """The tree evicts node: its block's data moves to host memory (before the block is reused), unless host
+        memory has the block already (read from disk for a turn while another computed it)."""
+        if node.key in self.tiers.host:
+            self.tiers.host.touch([node.key])
+            return
         entry = self.host_slot(node.key)
         self.transfers.append((Transfer.DEMOTE, node.block, entry.slot, node.key))
 

@@ -4,7 +4,8 @@ A node at depth d holds the tokens [d*block_size, d*block_size + len(tokens)) of
 its block. Full nodes (block_size tokens) may have children; a tail (fewer tokens: the end of a conversation) is
 always a leaf. Nodes are immutable: a turn never writes into a block the tree holds. The tree is one holder of each
 of its blocks; eviction frees the least recently used leaves that no running turn holds, so a conversation loses
-its newest tokens first and keeps the prefix it shares with others.
+its newest tokens first and keeps the prefix it shares with others. Each node carries its key (tiers.block_key), and
+on_evict lets the block manager move an evicted block's data to the tier below before the block is reused.
 """
 
 import heapq
