@@ -244,3 +244,22 @@ def test_console_load_with_a_disk_tier_computes_only_the_new_tokens(chat_ckpt, t
     (stats,) = [line for line in second.stdout.splitlines() if line.startswith("[reused")]
     assert stats.startswith(f"[reused {history} · {history} from disk · computed "), stats
     assert json.loads(resumed.read_text()) == json.loads(whole.read_text())
+
+
+def test_a_later_job_finds_text_conversations_on_disk_too(chat_ckpt, tmp_path):
+    """A messages line in a new job that continues an earlier job's conversation, its reply sent back as text:
+    the reply's generated ids are remembered beside the disk tier's files, so the whole history comes from disk."""
+    system, users = "Be brief.", ["Hello there,", "My name is Ada"]
+    disk = ["--kv-disk-path", str(tmp_path / "kv")]
+    whole, _ = batch_job(1, chat_ckpt, tmp_path, "whole", [{"id": "w", "system": system, "turns": users}])
+    asked = [{"role": "system", "content": system}, {"role": "user", "content": users[0]}]
+    first, _ = batch_job(1, chat_ckpt, tmp_path, "first", [{"id": "a", "messages": asked}], *disk)
+    reply = first["a"]["turns"][0]
+    assert reply["text"] == whole["w"]["turns"][0]["text"]
+    messages = [*asked, {"role": "assistant", "content": reply["text"]}, {"role": "user", "content": users[1]}]
+    second, _ = batch_job(1, chat_ckpt, tmp_path, "second", [{"id": "b", "messages": messages}], *disk)
+    turn = second["b"]["turns"][0]
+    history = reply["prompt_tokens"] + len(reply["token_ids"])
+    assert turn["text"] == whole["w"]["turns"][1]["text"]
+    assert turn["reused_tokens"] == turn["disk_tokens"] == history
+    assert turn["computed_tokens"] == turn["prompt_tokens"] - history

@@ -304,6 +304,7 @@ class BatchJob:
         output_file: str,
         sampling: SamplingParams,
         seed: int,
+        replies: ReplyMemory,
     ):
         self.engine, self.tokenizer, self.sampling, self.seed = engine, tokenizer, sampling, seed
         self.input_file = input_file
@@ -319,7 +320,7 @@ class BatchJob:
         self.answered: set[str] = set()  # id keys whose first occurrence was written by this run
         self.deferred: dict[str, list[dict]] = defaultdict(list)  # duplicates waiting for their first occurrence
         self.written, self.errors, self.tokens = 0, 0, 0
-        self.replies = ReplyMemory()  # a messages line that continues an earlier line's conversation gets its ids
+        self.replies = replies  # a messages line that continues an earlier line's conversation gets its ids
         self.held: list[Job] = []  # such lines, until the reply they hold is generated
 
     def plan(self) -> tuple[int, int]:
@@ -539,6 +540,7 @@ def run_batch(
     output_file: str,
     sampling: SamplingParams,
     seed: int,
+    replies: ReplyMemory | None = None,
 ) -> int:
     """Answer every line of input_file not yet in output_file. Returns 0 when all are answered, EXIT_PREEMPTED
     when SIGTERM/SIGINT stopped the job first (rerun to resume). Error records do not change the status."""
@@ -554,7 +556,15 @@ def run_batch(
     if threading.current_thread() is threading.main_thread():  # elsewhere Python cannot take signals
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        job = BatchJob(engine, tokenizer, input_file, output_file, sampling, seed)
+        job = BatchJob(
+            engine,
+            tokenizer,
+            input_file,
+            output_file,
+            sampling,
+            seed,
+            replies if replies is not None else ReplyMemory(),
+        )
         if received:  # a signal during the first pass over the files
             job.stop_signal = received[0]
         if job.repaired:

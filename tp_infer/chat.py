@@ -2,11 +2,15 @@
 them for the engine. Each user message becomes only the tokens the template adds after the last reply, so the
 generated ids stay in the history exactly as they were generated."""
 
+import contextlib
 import hashlib
+import json
+import os
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import pairwise
+from pathlib import Path
 
 from tp_infer.engine.engine import Engine, Turn
 from tp_infer.engine.sampling import SamplingParams
@@ -97,6 +101,33 @@ class ReplyMemory:
     def recall(self, prompt: list[int], text: str) -> list[int] | None:
         found = self.replies.get(self.key(prompt))
         return found[1] if found is not None and found[0] == text else None
+
+    # Kept beside the disk tier's files, so that a restarted job or server finds the histories it sent back as text:
+    # JSON lines {"key", "text", "ids"}, oldest first.
+    @classmethod
+    def load(cls, path: Path, capacity: int = 65536) -> "ReplyMemory":
+        """What save() wrote (nothing if there is no such file); lines that do not parse are skipped."""
+        memory = cls(capacity)
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                    key, text, ids = bytes.fromhex(record["key"]), record["text"], record["ids"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if isinstance(text, str) and isinstance(ids, list) and all(isinstance(t, int) for t in ids):
+                    memory.replies[key] = (text, ids)
+        while len(memory.replies) > capacity:
+            memory.replies.popitem(last=False)
+        return memory
+
+    def save(self, path: Path) -> None:
+        """Write every remembered reply (a temporary file renamed into place, private to the user)."""
+        lines = [json.dumps({"key": k.hex(), "text": t, "ids": ids}) + "\n" for k, (t, ids) in self.replies.items()]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
 
 
 def encode_messages(

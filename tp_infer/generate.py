@@ -15,6 +15,7 @@ from typing import NoReturn
 import click
 import torch
 
+from tp_infer.chat import ReplyMemory
 from tp_infer.checkpoint import CheckpointError, load_model
 from tp_infer.config import ConfigError, ModelArgs, load_config
 from tp_infer.distributed import (
@@ -176,8 +177,11 @@ class FrontEnd(ABC):
         """Rank 0, before loading: refuse what cannot work (ValueError or OSError with a one-line message)."""
 
     @abstractmethod
-    def run(self, engine: Engine, tokenizer: ChatTokenizer | None, sampling: SamplingParams, seed: int) -> int:
-        """Serve until done; returns rank 0's exit status."""
+    def run(
+        self, engine: Engine, tokenizer: ChatTokenizer | None, sampling: SamplingParams, seed: int, replies: ReplyMemory
+    ) -> int:
+        """Serve until done; returns rank 0's exit status. replies: the ids of replies generated here (and, with a
+        disk tier, by earlier jobs), for conversations sent back as text."""
 
 
 @dataclass
@@ -186,7 +190,7 @@ class ConsoleFrontEnd(FrontEnd):
     show_stats: bool
     chat_required = True
 
-    def run(self, engine, tokenizer, sampling, seed) -> int:
+    def run(self, engine, tokenizer, sampling, seed, replies) -> int:
         from tp_infer.console import Console
 
         Console(engine, tokenizer, sampling, self.system, show_stats=self.show_stats, seed=seed).run()
@@ -207,10 +211,10 @@ class BatchFrontEnd(FrontEnd):
         except OSError as e:
             raise ValueError(f"--output-file {self.output_file}: cannot be written ({e.strerror})") from None
 
-    def run(self, engine, tokenizer, sampling, seed) -> int:
+    def run(self, engine, tokenizer, sampling, seed, replies) -> int:
         from tp_infer.batch import run_batch
 
-        return run_batch(engine, tokenizer, self.input_file, self.output_file, sampling, seed)
+        return run_batch(engine, tokenizer, self.input_file, self.output_file, sampling, seed, replies)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -343,8 +347,10 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
         eos_token_ids=tokenizer.eos_token_ids if tokenizer else (),
         ignore_eos=opts["ignore_eos"],
     )
+    replies_file = files.dir / "replies.jsonl" if files else None
+    replies = ReplyMemory.load(replies_file) if replies_file else ReplyMemory()
     try:
-        status = front_end.run(engine, tokenizer, sampling, opts["seed"])
+        status = front_end.run(engine, tokenizer, sampling, opts["seed"], replies)
     except BaseException as e:
         if not isinstance(e, CollectiveError):  # after a broken collective, an abort plan cannot get through
             with contextlib.suppress(Exception):
@@ -354,6 +360,11 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
         before = files.saved
         planned = engine.flush()
         click.echo(f"disk tier: {files.saved - before} of {planned} blocks saved for later jobs", err=True)
+        if files.writes and replies.replies:
+            try:
+                replies.save(replies_file)
+            except OSError as e:
+                click.echo(f"disk tier: cannot write {replies_file} ({e.strerror})", err=True)
     runner.shutdown()
     return status
 

@@ -39,10 +39,12 @@ class ServerFrontEnd(FrontEnd):
             except OSError as e:
                 raise ValueError(f"--host {self.host} --port {self.port}: cannot listen there ({e.strerror})") from None
 
-    def run(self, engine: Engine, tokenizer: ChatTokenizer, sampling: SamplingParams, seed: int) -> int:
+    def run(
+        self, engine: Engine, tokenizer: ChatTokenizer, sampling: SamplingParams, seed: int, replies: ReplyMemory
+    ) -> int:
         loop = EngineLoop(engine, self.max_waiting)
         settings = ServerSettings(self.model_name, engine.max_seq_len, sampling, self.api_key)
-        app = build_app(loop, tokenizer, settings, Metrics(engine), ReplyMemory())
+        app = build_app(loop, tokenizer, settings, Metrics(engine), replies)
         stop = []  # the signal that asked to stop, set before anyone can reach the server
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.append(signum))
