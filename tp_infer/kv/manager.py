@@ -44,7 +44,8 @@ class Admission:
 
 @dataclass
 class Restored:
-    """The blocks restore() promoted into the tree along a prompt (held till the match), and their tokens."""
+    """The blocks restore() promoted into the tree along a prompt and the node they hang from (held till the match),
+    and the promoted tokens."""
 
     pinned: list[int] = field(default_factory=list)
     from_host: int = 0
@@ -174,6 +175,9 @@ class BlockManager:
         for parent, block_tokens, key in self.below(tokens, limit):
             if key not in host:
                 break
+            if node is None and parent is not self.tree.root:  # held too, or the allocation below could evict it
+                self.allocator.share(parent.block)
+                out.pinned.append(parent.block)
             entry = host.take(key)  # out of the LRU order, so that the evictions below cannot pick it
             block = self.allocate()
             if block is None:
@@ -202,8 +206,9 @@ class BlockManager:
         if tiers is None or tiers.disk is None or tiers.host is None or not len(tiers.disk):
             return []
         loads = []
-        chain = self.below(tokens, len(tokens) - 1)
-        for _, _, key in chain:
+        keys = [key for _, _, key in self.below(tokens, len(tokens) - 1)]  # from the chain's start: it newest
+        tiers.disk.touch(keys)  # first, so that the disk's evictions for the loads' spills keep the files they read
+        for key in keys:
             if key in tiers.host:
                 continue
             if len(loads) >= budget:
@@ -211,8 +216,7 @@ class BlockManager:
             entry = self.host_slot(key, from_disk=True)
             self.transfers.append((Transfer.LOAD, 0, entry.slot, key))
             loads.append(entry)
-        tiers.disk.touch([key for _, _, key in reversed(chain)])
-        tiers.host.touch([key for _, _, key in reversed(chain)])
+        tiers.host.touch(keys)
         return loads
 
     def loaded(self, loads: list[HostEntry], ok: list[bool]) -> None:
@@ -246,8 +250,12 @@ class BlockManager:
     def demote(self, node: Node) -> None:
         """The tree evicts node: its block's data moves to host memory (before the block is reused), unless host
         memory has the block already (read from disk for a turn while another computed it)."""
-        if node.key in self.tiers.host:
-            self.tiers.host.touch([node.key])
+        host = self.tiers.host
+        if node.key in host:
+            host.touch([node.key])
+            return
+        if not host.free and not len(host):  # its only slot is reserved by a promotion under way: to disk instead
+            self.save(Transfer.SAVE_POOL, node.block, node.key)
             return
         entry = self.host_slot(node.key)
         self.transfers.append((Transfer.DEMOTE, node.block, entry.slot, node.key))
@@ -262,7 +270,12 @@ class BlockManager:
         blocks = [(Transfer.SAVE_HOST, e.slot, e.key) for e in tiers.host.entries.values()] if tiers.host else []
         nodes = sorted(self.tree.nodes(), key=lambda n: (n.last_used, -n.depth))
         blocks += [(Transfer.SAVE_POOL, n.block, n.key) for n in nodes]
-        blocks = [b for b in blocks if b[2] not in tiers.disk][-tiers.disk.capacity :]
+        newest, seen = [], set(tiers.disk.index)
+        for block in reversed(blocks):  # each key once: a block demoted and computed again is in both
+            if block[2] not in seen:
+                seen.add(block[2])
+                newest.append(block)
+        blocks = newest[: tiers.disk.capacity][::-1]
         for op, source, key in blocks:
             self.save(op, source, key)
         return len(blocks)

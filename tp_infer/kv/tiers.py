@@ -84,7 +84,8 @@ class HostTier:
         self.free.append(slot)
 
     def touch(self, keys: list[bytes]) -> None:
-        """Just used, the first key newest (pass a chain leaf first, so that its ancestors outlive it)."""
+        """Just used, the first key newest (pass a chain from its start, so that the blocks after a block, useless
+        without it, are evicted before it)."""
         for key in reversed(keys):
             if key in self.entries:
                 self.entries.move_to_end(key)
