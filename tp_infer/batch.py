@@ -580,7 +580,12 @@ def run_batch(
                 signal.signal(sig, handler)
         # else the handlers stay: torchrun forwards the signal the worker may have had already, and a second one
         # must not kill the process while it shuts the other ranks down
-    summary = f"{job.written} lines written ({job.errors} errors), {job.tokens} tokens generated"
+    t = engine.totals
+    summary = (
+        f"{job.written} lines written ({job.errors} errors), {job.tokens} tokens generated; prompts "
+        f"{t.prompt_tokens} tokens: {t.reused_tokens} cached (host {t.host_tokens}, disk {t.disk_tokens}), "
+        f"{t.computed_tokens} computed"
+    )
     if complete:
         say(summary)
         return 0
