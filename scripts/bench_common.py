@@ -2,8 +2,12 @@
 tests/checkpoints.py's, so that activations and logits stay O(1) and routing matters), and the closing line that
 says how loaded the machine was."""
 
+import json
 import math
 import os
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -35,3 +39,15 @@ def runtime_line(runtime_s: float, load_at_start: float) -> tuple[str, dict]:
         + (": other jobs were running, the timings are skewed" if max(load.values()) > cores else "")
     )
     return line, load
+
+
+def report(results: dict, printers: dict[str, Callable[[dict], None]], started: float, load_at_start: float, out):
+    """Print each section measured (results[name] by printers[name]) and the closing line; --out gets the JSON."""
+    for name, show in printers.items():
+        if name in results:
+            show(results[name])
+    results["runtime_s"] = time.perf_counter() - started
+    line, results["load_average_1min"] = runtime_line(results["runtime_s"], load_at_start)
+    print(line)
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")

@@ -25,7 +25,6 @@ Progress goes to stderr, the tables to stdout.
 """
 
 import itertools
-import json
 import math
 import os
 import random
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import click
 import torch
-from bench_common import fill_random, runtime_line
+from bench_common import fill_random, report
 
 from tp_infer.config import ModelArgs, load_config
 from tp_infer.distributed import DistContext
@@ -473,17 +472,13 @@ def main(
         results["shared"] = shared(model, prompts, system_tokens, conversations)
     if "decode" in sections:
         results["decode"] = decode(model, prompts, long_prompt_tokens)
-    if "capacity" in results:
-        print_capacity(results["capacity"])
-    if "shared" in results:
-        print_shared(results["shared"])
-    if "decode" in results:
-        print_decode(results["decode"])
-    results["runtime_s"] = time.perf_counter() - started
-    line, results["load_average_1min"] = runtime_line(results["runtime_s"], load_at_start)
-    print(line)
-    if out:
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    report(
+        results,
+        {"capacity": print_capacity, "shared": print_shared, "decode": print_decode},
+        started,
+        load_at_start,
+        out,
+    )
 
 
 if __name__ == "__main__":

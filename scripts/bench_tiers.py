@@ -57,7 +57,7 @@ from pathlib import Path
 import click
 import safetensors.torch
 import torch
-from bench_common import fill_random, runtime_line
+from bench_common import fill_random, report
 from bench_pool import BENCH_CONFIG, BLOCK_SIZE, Prompts, random_model, warm_up
 
 from tp_infer.checkpoint import shard_name
@@ -671,17 +671,7 @@ def main(config: str, dtype: str, out: str | None, only: str | None, threads: in
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if "restore" in results:
-        print_restore(results["restore"])
-    if "bytes" in results:
-        print_bytes(results["bytes"])
-    if "users" in results:
-        print_users(results["users"])
-    results["runtime_s"] = time.perf_counter() - started
-    line, results["load_average_1min"] = runtime_line(results["runtime_s"], load_at_start)
-    print(line)
-    if out:
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    report(results, {"restore": print_restore, "bytes": print_bytes, "users": print_users}, started, load_at_start, out)
 
 
 if __name__ == "__main__":

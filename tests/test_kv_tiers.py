@@ -7,6 +7,7 @@ import random
 from collections import Counter
 
 import pytest
+from test_kv_tree import path_tokens
 
 from tp_infer.kv.manager import BlockManager
 from tp_infer.kv.tiers import KEY_BYTES, DiskTier, HostTier, Transfer, block_key, make_tiers, root_key
@@ -94,14 +95,6 @@ def tiers(host: int = 8, disk: int | None = None, on_disk=None):
     """Tiers of `host` slots and, unless disk is None, a disk tier of `disk` blocks (empty, or with on_disk)."""
     on_disk = on_disk if on_disk is not None else ([] if disk is not None else None)
     return make_tiers(FINGERPRINT, host, disk or 0, on_disk)
-
-
-def path_tokens(node) -> tuple[int, ...]:
-    out = []
-    while node.parent is not None:
-        out[:0] = node.tokens
-        node = node.parent
-    return tuple(out)
 
 
 def run_plan(m: BlockManager, data: Data, rows=(), fail=frozenset()) -> tuple[list, list[bool]]:
