@@ -33,8 +33,7 @@ def serve(world_size, ckpt, options, driver, *args):
 ROUNDS = token_lists(21, [20, 6, 9])  # six conversations of 20 + 8 + 6 + 8 + 9 + 8 = 59 tokens
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("impl", ["naive", "absorb"])
+@pytest.mark.parametrize(("world_size", "impl"), [(1, "naive"), (2, "absorb")])
 def test_host_tier_restores_evicted_conversations(converted, world_size, impl):
     """Six conversations in round robin through a pool that holds one of them: each returning turn finds its whole
     history in host memory and computes only its new tokens, with the outputs of a pool that holds them all."""
