@@ -5,7 +5,6 @@ generated ids stay in the history exactly as they were generated."""
 import contextlib
 import hashlib
 import json
-import os
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from tp_infer.engine.engine import Engine, Turn
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
+from tp_infer.kv.disk import write_private
 from tp_infer.tokenizer import ChatTokenizer
 
 
@@ -124,10 +124,7 @@ class ReplyMemory:
     def save(self, path: Path) -> None:
         """Write every remembered reply (a temporary file renamed into place, private to the user)."""
         lines = [json.dumps({"key": k.hex(), "text": t, "ids": ids}) + "\n" for k, (t, ids) in self.replies.items()]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
+        write_private(path, "".join(lines).encode())
 
 
 def encode_messages(

@@ -99,12 +99,16 @@ def broadcast_plan(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     without limit, since rank 0 may be waiting for the console's user."""
     deadline_s = _collective_timeout_s if rank == 0 else None
     with collective("plan broadcast", deadline_s):
-        work = dist.broadcast(tensor, src=0, group=_control_group, async_op=True)
-        if deadline_s is None:
-            work.wait()
-        else:
-            work.wait(timedelta(seconds=deadline_s))  # raises once the deadline passes
+        wait(dist.broadcast(tensor, src=0, group=_control_group, async_op=True), deadline_s)
     return tensor
+
+
+def wait(work, deadline_s: float | None) -> None:
+    """Wait for an asynchronous collective, without limit or until deadline_s (then it raises)."""
+    if deadline_s is None:
+        work.wait()
+    else:
+        work.wait(timedelta(seconds=deadline_s))
 
 
 def all_reduce(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -158,11 +162,7 @@ def all_ranks_ok(flags: list[bool], world_size: int) -> list[bool]:
     if world_size > 1:
         deadline_s = _collective_timeout_s if dist.get_rank() == 0 else None
         with collective("agreement", deadline_s):
-            work = dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_control_group, async_op=True)
-            if deadline_s is None:
-                work.wait()
-            else:
-                work.wait(timedelta(seconds=deadline_s))
+            wait(dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_control_group, async_op=True), deadline_s)
     return [bool(v) for v in tensor.tolist()]
 
 

@@ -140,8 +140,8 @@ class Engine:
         """Read from disk into host memory what the tiers hold of the prompts the scheduler may admit next (one
         plan of loads, before the step's), so that admitting them finds it there."""
         tiers = self.manager.tiers
-        if not self.reuse or tiers is None or tiers.disk is None or tiers.host is None or not len(tiers.disk):
-            return  # (reads from disk pass through host memory: without it the disk tier only keeps what it is sent)
+        if not self.reuse or tiers is None or not tiers.reads_disk:
+            return
         budget, loads = tiers.host.num_slots, []
         for turn in list(self.scheduler.waiting)[: self.max_running - len(self.scheduler.running)]:
             if turn.looked_up == len(turn.tokens):

@@ -47,6 +47,20 @@ def fingerprint(args: ModelArgs, ckpt_path: str | Path, world_size: int, block_s
     return h.hexdigest()
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file through a temporary one renamed into place (a reader never sees half of it), readable by the
+    user only. Raises OSError, the temporary file removed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(tensors):
@@ -96,15 +110,9 @@ class DiskFiles:
         meta["checksum"] = checksum(tensors)
         data = safetensors.torch.save(tensors, metadata=meta)
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_private(path, data)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             self.report(f"write {e.errno}", f"cannot write {path} ({e.strerror}): such blocks are not kept on disk")
             return False
         self.saved += 1

@@ -19,7 +19,7 @@ those found on disk are first read into host memory by prefetch(). Each move is 
 from dataclasses import dataclass, field
 
 from tp_infer.kv.blocks import BlockAllocator
-from tp_infer.kv.radix import Node, PrefixTree, common_prefix
+from tp_infer.kv.radix import Node, PrefixTree
 from tp_infer.kv.tiers import HostEntry, Tiers, Transfer, block_key
 
 
@@ -124,22 +124,14 @@ class BlockManager:
         return Admission(table, reused, copied, restored.from_host, restored.from_disk)
 
     # ---- the tiers below the pool ----------------------------------------------------------------------------
-    def walk(self, tokens: list[int], limit: int) -> tuple[Node, int]:
-        """The deepest full node of the tree along tokens[:limit], and the tokens it ends at."""
-        node, k, bs = self.tree.root, 0, self.block_size
-        while (k + 1) * bs <= limit:
-            child = node.children.get(tuple(tokens[k * bs : (k + 1) * bs]))
-            if child is None or len(child.tokens) < bs:
-                break
-            node, k = child, k + 1
-        return node, k * bs
-
     def below(self, tokens: list[int], limit: int) -> list[tuple[Node | bytes, tuple[int, ...], bytes]]:
         """The blocks of tokens[:limit] past the tree's full nodes that the tiers hold, in order: (parent, tokens,
         key), the parent being a tree node for the first and the previous key after. Full blocks as far as the
         chain goes, then the longest tail (a partial block) longer than what the tree itself shares there."""
         tiers, bs = self.tiers, self.block_size
-        node, start = self.walk(tokens, limit)
+        match = self.tree.match(tokens, limit)
+        node = match.nodes[-1] if match.nodes else self.tree.root
+        start = len(match.nodes) * bs
         parent, key, found = node, node.key, []
 
         def held(k: bytes) -> bool:
@@ -153,9 +145,7 @@ class BlockManager:
             found.append((parent, block, child))
             parent, key, start = child, child, start + bs
         rest = tokens[start : min(limit, start + bs)]
-        shared = 0
-        if not found and rest:  # the tree may share part of this block already
-            shared = max((common_prefix(c.tokens, rest) for c in node.children.values()), default=0)
+        shared = 0 if found else match.partial_len  # the tree may share part of this block already
         for length in range(min(len(rest), bs - 1), shared, -1):
             tail = tuple(rest[:length])
             child = block_key(key, tail)
@@ -203,7 +193,7 @@ class BlockManager:
         """Read the blocks of a prompt that only the disk holds into host memory, at most `budget` of them: LOAD
         transfers into newly taken host slots. The caller runs them and reports with loaded()."""
         tiers = self.tiers
-        if tiers is None or tiers.disk is None or tiers.host is None or not len(tiers.disk):
+        if tiers is None or not tiers.reads_disk:
             return []
         loads = []
         keys = [key for _, _, key in self.below(tokens, len(tokens) - 1)]  # from the chain's start: it newest

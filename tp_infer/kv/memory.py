@@ -92,6 +92,14 @@ def describe(rank: int, weights: int, cache: int, pool: KVPool) -> str:
     )
 
 
+def gigabytes(text: str, option: str) -> float:
+    """Bytes of a budget given in gigabytes (a share of device memory makes no sense for host memory or disk)."""
+    amount, is_share = parse_budget(text, option)
+    if is_share:
+        raise ConfigError(f"{option} {text}: give gigabytes, not a share")
+    return amount
+
+
 def size_tiers(
     args: ModelArgs,
     world_size: int,
@@ -107,10 +115,7 @@ def size_tiers(
     per_block = kv_bytes_per_token(args, world_size) * block_size
     host_blocks = 0
     if host_memory is not None:
-        amount, is_share = parse_budget(host_memory, "--kv-host-memory")
-        if is_share:
-            raise ConfigError(f"--kv-host-memory {host_memory}: give gigabytes, not a share")
-        host_blocks = int(amount // per_block)
+        host_blocks = int(gigabytes(host_memory, "--kv-host-memory") // per_block)
         if host_blocks < 1:
             raise ConfigError(f"--kv-host-memory {host_memory}: not enough for one block ({per_block} bytes)")
     elif disk_path is not None:
@@ -119,9 +124,7 @@ def size_tiers(
     if host_blocks:
         notes.append(f"host tier {host_blocks} blocks, {host_blocks * per_block / 1e9:.3f} GB per rank")
     if disk_path is not None:
-        amount, is_share = parse_budget(disk_size, "--kv-disk-size")
-        if is_share:
-            raise ConfigError(f"--kv-disk-size {disk_size}: give gigabytes, not a share")
+        amount = gigabytes(disk_size, "--kv-disk-size")
         files_per_block = 1 if args.attn_impl == "absorb" else world_size
         disk_blocks = int(amount // (per_block * files_per_block))
         if disk_blocks < 1:

@@ -38,6 +38,13 @@ class Transfer(enum.IntEnum):
     DELETE = 5  # remove the file of key
 
 
+def touch(lru: OrderedDict, keys: list[bytes]) -> None:
+    """Move the keys lru holds to its newest end, the first key last (newest)."""
+    for key in reversed(keys):
+        if key in lru:
+            lru.move_to_end(key)
+
+
 @dataclass(eq=False)
 class HostEntry:
     key: bytes
@@ -86,9 +93,7 @@ class HostTier:
     def touch(self, keys: list[bytes]) -> None:
         """Just used, the first key newest (pass a chain from its start, so that the blocks after a block, useless
         without it, are evicted before it)."""
-        for key in reversed(keys):
-            if key in self.entries:
-                self.entries.move_to_end(key)
+        touch(self.entries, keys)
 
 
 class DiskTier:
@@ -123,9 +128,7 @@ class DiskTier:
 
     def touch(self, keys: list[bytes]) -> None:
         """Just used, the first key newest (as HostTier.touch)."""
-        for key in reversed(keys):
-            if key in self.index:
-                self.index.move_to_end(key)
+        touch(self.index, keys)
 
 
 @dataclass
@@ -135,6 +138,11 @@ class Tiers:
     root: bytes
     host: HostTier | None = None
     disk: DiskTier | None = None
+
+    @property
+    def reads_disk(self) -> bool:
+        """Whether anything can be read back from disk: files there, and host memory to read them into."""
+        return self.host is not None and self.disk is not None and len(self.disk) > 0
 
 
 def make_tiers(fingerprint: str, host_blocks: int, disk_blocks: int, on_disk: list[bytes] | None) -> Tiers | None:
