@@ -25,10 +25,11 @@ USERS = ["Hello there,", "My name is Ada", "how are you today?", "The code is 48
 
 
 def conversation(i: int) -> list[str]:
-    """Client i's user messages: clients 0..3 each hold a conversation of their own (USERS backwards, rotated);
-    the others USERS rotated, so clients i and i + 6 (4 <= i < 10) hold the same one."""
+    """Client i's user messages: clients 0..3 each hold a conversation of their own (a first message nobody else
+    sends, then USERS backwards, rotated), so no other prompt goes on from any of their histories; the others USERS
+    rotated, so clients i and i + 6 (4 <= i < 10) hold the same one."""
     if i < 4:
-        return USERS[::-1][i:] + USERS[::-1][:i]
+        return [f"I am client {i}.", *(USERS[::-1][i:] + USERS[::-1][:i])[:5]]
     return USERS[i % 6 :] + USERS[: i % 6]
 
 
