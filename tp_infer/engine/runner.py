@@ -15,6 +15,7 @@ from tp_infer.distributed import DistContext, all_ranks_ok, broadcast_plan
 from tp_infer.kv.disk import DiskFiles
 from tp_infer.kv.pool import CACHE_DTYPES, KVPool
 from tp_infer.kv.tiers import Transfer
+from tp_infer.malloc import keep_freed_memory
 from tp_infer.model.attention import MLA
 from tp_infer.model.batch import AttentionGroup, ForwardBatch
 from tp_infer.model.transformer import DTYPES, Transformer
@@ -117,6 +118,8 @@ class ModelRunner:
         disk: DiskFiles | None = None,
     ):
         self.model, self.ctx, self.disk = model, ctx, disk
+        if ctx.device.type == "cpu":
+            keep_freed_memory()  # every step's activations would otherwise arrive as fresh pages
         args = model.args
         cache_dtype = CACHE_DTYPES.get(args.kv_cache_dtype, DTYPES[args.dtype])
         shapes = MLA.cache_shapes(args, ctx.world_size)

@@ -41,15 +41,22 @@ class CacheTensor:
 
     def read(self, block_table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The blocks of each row of block_table [R, nb], as [R, nb * block_size, *shape] in `dtype`."""
-        data = self.data[block_table].flatten(1, 2)
+        data = gather_blocks(self.data, block_table)
         if not self.fp8:
             return data.to(dtype)
-        return (data.float() * self.scale[block_table].flatten(1, 2).unsqueeze(-1)).to(dtype)
+        return (data.float() * gather_blocks(self.scale, block_table).unsqueeze(-1)).to(dtype)
 
     def copy(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         self.data[destinations] = self.data[sources]
         if self.fp8:
             self.scale[destinations] = self.scale[sources]
+
+
+def gather_blocks(tensor: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """tensor [num_blocks, block_size, ...] at the blocks of block_table [R, nb], as [R, nb * block_size, ...]: one
+    index_select, several times faster on the CPU than advanced indexing with a 2-D index."""
+    rows, nb = block_table.shape
+    return tensor.index_select(0, block_table.flatten()).view(rows, nb * tensor.shape[1], *tensor.shape[2:])
 
 
 class LayerCache:
