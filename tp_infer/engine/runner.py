@@ -94,7 +94,8 @@ def build_batch(plan: StepPlan, block_size: int, device: torch.device) -> Forwar
         nb = -(-max(s + n for s, n in zip(starts[b:end], counts[b:end], strict=True)) // block_size)
         group_positions = positions[start : start + (end - b) * width].view(end - b, width)
         visible = torch.arange(nb * block_size, device=device) <= group_positions[:, :, None]
-        groups.append(AttentionGroup(start, end - b, width, tables[b:end, :nb], visible))
+        causal = not any(starts[b:end])
+        groups.append(AttentionGroup(start, end - b, width, tables[b:end, :nb], visible, causal))
         b, start = end, start + (end - b) * width
     return ForwardBatch(positions=positions, slots=slots, groups=groups, last=first + num_new - 1)
 

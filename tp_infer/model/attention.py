@@ -46,18 +46,16 @@ class MLA(nn.Module):
         heads = args.n_heads // world_size
         return [(heads, args.qk_head_dim), (heads, args.v_head_dim)]
 
-    def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        """x [N, dim]: the step's new tokens; cos/sin [N, rope_dim / 2] at their positions."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations: torch.Tensor) -> torch.Tensor:
+        """x [N, dim]: the step's new tokens; rotations [N, rope_dim / 2] (complex) at their positions."""
         n = x.shape[0]
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(n, self.local_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_pe = apply_rope(q_pe, rotations)
         latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
-        k_pe = apply_rope(k_pe, cos, sin)
+        k_pe = apply_rope(k_pe, rotations)
         wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         if self.attn_impl == "naive":
             k_nope, v = torch.einsum("nc,hdc->nhd", latent, wkv_b).split([self.nope_dim, self.v_dim], dim=-1)
@@ -71,7 +69,7 @@ class MLA(nn.Module):
 
     def naive_group(self, query: torch.Tensor, cache: LayerCache, group: AttentionGroup) -> torch.Tensor:
         k, v = cache.read(group.block_table, query.dtype)
-        return self.multi_head_attention(rows_of(query, group), k, v, group.visible).flatten(0, 1)
+        return self.multi_head_attention(rows_of(query, group), k, v, group).flatten(0, 1)
 
     def absorb_group(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup
@@ -85,28 +83,37 @@ class MLA(nn.Module):
             k_nope = torch.einsum("bsc,hdc->bshd", latent, w_k)
             k = torch.cat([k_nope, pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
             v = torch.einsum("bsc,hdc->bshd", latent, w_v)
-            out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, group.visible)
+            out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, group)
             return out.flatten(0, 1)
-        # one product over latent and rope key together, the softmax scale applied to the (smaller) query
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)
-        query = torch.cat([q_latent, q_pe], dim=-1) * self.softmax_scale
-        scores = torch.einsum("bthc,bsc->bths", query, torch.cat([latent, pe], dim=-1)).float()
+        # the softmax scale goes on the (smaller) queries; latent and rope key are read where they lie, not joined
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k) * self.softmax_scale
+        scores = torch.einsum("bthc,bsc->bths", q_latent, latent)
+        scores = scores.add_(torch.einsum("bthr,bsr->bths", q_pe * self.softmax_scale, pe)).float()
         probs = scores.masked_fill_(~group.visible.unsqueeze(2), float("-inf")).softmax(dim=-1).to(q_nope.dtype)
         out = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", probs, latent), w_v)
         return out.flatten(0, 1)
 
     def multi_head_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: AttentionGroup
     ) -> torch.Tensor:
-        """Fused causal attention of q [B, T, H, D] over per-head k [B, S, H, D] and v [B, S, H, Dv]."""
+        """Fused attention of q [B, T, H, D] over per-head k [B, S, H, D] and v [B, S, H, Dv], as the group's
+        visibility says. SDPA's fused kernels want v as wide as q and k (otherwise the CPU falls back to a slow
+        unfused path), so v is zero-padded and the output cut back; rows that start at position 0 attend by
+        is_causal over their own tokens, with no mask to read."""
+        v_dim, width = v.shape[-1], q.shape[1]
+        if v_dim < q.shape[-1] and width > 1:
+            v = F.pad(v, (0, q.shape[-1] - v_dim))
+        if group.causal:
+            k, v = k[:, :width], v[:, :width]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=visible.unsqueeze(1),
+            attn_mask=None if group.causal else group.visible.unsqueeze(1),
+            is_causal=group.causal,
             scale=self.softmax_scale,
         )
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., :v_dim]
 
     def expanding_is_cheaper(self, new_tokens: int, kv_len: int) -> bool:
         """Whether an absorb-mode forward costs fewer FLOPs by expanding the cached latent to per-head keys and

@@ -100,11 +100,21 @@ class MoE(nn.Module):
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
         y = torch.zeros_like(x) if self.shared_experts is None else self.shared_experts(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed).tolist()
-        for name, expert in self.experts.items():
-            i = int(name)
-            if counts[i] == 0:
-                continue
-            rows, slot = torch.where(indices == i)
-            y.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
+        # the (token, choice) pairs sorted by expert, stably: each local expert runs once on a contiguous run of its
+        # tokens, gathered in one go, and one index_add adds every weighted output (per token in expert order)
+        choices = indices.flatten()
+        counts = torch.bincount(choices, minlength=self.n_routed).tolist()
+        local = counts[self.first_expert : self.first_expert + len(self.experts)]
+        if not any(local):
+            return all_reduce(y, self.world_size).view(shape)
+        first = sum(counts[: self.first_expert])
+        pairs = choices.argsort(stable=True)[first : first + sum(local)]
+        rows = pairs // indices.shape[1]
+        tokens = x.index_select(0, rows)
+        outs, start = [], 0
+        for count, expert in zip(local, self.experts.values(), strict=True):
+            if count:
+                outs.append(expert(tokens[start : start + count]))
+            start += count
+        y.index_add_(0, rows, torch.cat(outs) * weights.flatten()[pairs, None])
         return all_reduce(y, self.world_size).view(shape)

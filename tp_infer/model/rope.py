@@ -31,17 +31,17 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return freqs
 
 
-def rope_cos_sin(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [max_seq_len, qk_rope_head_dim // 2], scaled by YaRN's rope mscale."""
+def rope_rotations(args: ModelArgs) -> torch.Tensor:
+    """cos + i sin of every position's angle per pair, [max_seq_len, qk_rope_head_dim // 2] complex64, scaled by
+    YaRN's rope mscale."""
     angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), rope_frequencies(args))
-    return angles.cos() * args.rope_mscale, angles.sin() * args.rope_mscale
+    return torch.complex(angles.cos() * args.rope_mscale, angles.sin() * args.rope_mscale)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs of x [N, H, D] (or [N, D]) by cos/sin [N, D/2], computed in fp32."""
-    if x.dim() == cos.dim() + 1:
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    xf = x.float()
-    even, odd = xf[..., 0::2], xf[..., 1::2]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs of x [N, H, D] (or [N, D]) by rotations [N, D/2] (complex), computed in fp32: each pair
+    (even, odd) becomes (even cos - odd sin, even sin + odd cos), one complex product."""
+    if x.dim() == rotations.dim() + 1:
+        rotations = rotations.unsqueeze(-2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)

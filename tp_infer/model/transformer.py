@@ -11,7 +11,7 @@ from tp_infer.model.attention import MLA
 from tp_infer.model.batch import ForwardBatch
 from tp_infer.model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, TensorParallel
 from tp_infer.model.moe import MLP, MoE
-from tp_infer.model.rope import rope_cos_sin
+from tp_infer.model.rope import rope_rotations
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -27,10 +27,8 @@ class Block(nn.Module):
         else:
             self.ffn = MoE(args, tp, dtype)
 
-    def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), batch, cache, cos, sin)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), batch, cache, rotations)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -47,9 +45,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, args, tp, dtype) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.head = ColumnParallelLinear(args.dim, args.vocab_size, tp, dtype)
-        cos, sin = rope_cos_sin(args)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", rope_rotations(args), persistent=False)
 
     @torch.inference_mode()
     def forward(
@@ -63,10 +59,10 @@ class Transformer(nn.Module):
         """Run the step's new tokens [N] (batch says where each sits and what it attends over) and return fp32 logits
         of each row's last token [B, V], or of every token [N, V] with all_logits; with logits_on_all_ranks=False
         only rank 0 gets them."""
-        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
+        rotations = self.rope[batch.positions]
         h = self.embed(tokens)
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            h = layer(h, batch, layer_cache, cos, sin)
+            h = layer(h, batch, layer_cache, rotations)
         if not all_logits:
             h = h[batch.last]
         local = self.head(self.norm(h)).float()
