@@ -7,6 +7,8 @@ from tp_infer.config import load_config
 from tp_infer.model.layers import TensorParallel
 
 PROMPT = [5, 17, 200, 3, 99, 42, 7, 7, 130, 250, 61, 8, 190, 33, 2, 77, 145, 12, 9, 240, 64, 101, 55, 18]
+# long enough for the prefill paths of wide rows (attention.PAD_V_FROM new tokens and more)
+LONG_PROMPT = [(7 * i * i + 13 * i + 5) % 250 + 2 for i in range(200)]
 
 
 BLOCK = 16
@@ -77,9 +79,33 @@ def logits_suite(ctx, ckpt_dir):
     return out
 
 
-def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32"):
+def long_prefill_suite(ctx, ckpt_dir):
+    """For naive and absorb: logits of LONG_PROMPT's every position fed in one piece over consecutive blocks (read
+    in place, causal from position 0), in chunks of 40 + 160 (a wide row over a history, masked), and in one piece
+    over scattered blocks (gathered)."""
+    from tp_infer.engine.runner import StepPlan, build_batch
+
+    out, n = {}, len(LONG_PROMPT)
+    for impl in ("naive", "absorb"):
+        runner = load(ctx, ckpt_dir, slots=2, max_seq_len=256, attn_impl=impl)
+        blocks = -(-n // BLOCK)
+        scattered = [2 * b + 1 for b in range(blocks)]  # odd blocks: none adjacent to the next
+        plan = StepPlan.from_rows([(scattered, 0, LONG_PROMPT)], all_logits=True)
+        batch = build_batch(plan, BLOCK, runner.ctx.device)
+        out[impl] = {
+            "whole": forward(runner, [(0, 0, LONG_PROMPT)], all_logits=True),
+            "chunks": torch.cat(
+                [forward(runner, [(1, a, LONG_PROMPT[a:b])], all_logits=True) for a, b in ((0, 40), (40, n))]
+            ),
+            "scattered": runner.model(plan.tokens, batch, runner.pool.layers, all_logits=True),
+            "first_blocks": [g.first_block for g in batch.groups],
+        }
+    return out
+
+
+def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32", max_seq_len=128):
     """Prefill logits for every prompt position, and `new_tokens` greedy tokens decoded one by one."""
-    runner = load(ctx, ckpt_dir, slots=1, attn_impl=attn_impl, dtype=dtype)
+    runner = load(ctx, ckpt_dir, slots=1, max_seq_len=max_seq_len, attn_impl=attn_impl, dtype=dtype)
     prefill = forward(runner, [(0, 0, prompt)], all_logits=True)
     seq, logits = list(prompt), prefill[-1]
     for _ in range(new_tokens):

@@ -79,6 +79,32 @@ def test_whole_chunked_and_token_by_token_agree(suites, kind, impl):
     assert max_diff(s["ragged"][1], s["decode"][1]) <= TOL
 
 
+@pytest.fixture(scope="module")
+def long_suites(converted):
+    """long[world_size] = rank 0's long_prefill_suite on the v3 checkpoint; every rank's logits agree."""
+    out = {}
+    for world_size in (1, 2):
+        results = run_ranks(world_size, rank_fns.long_prefill_suite, str(converted["v3"]))
+        for other in results[1:]:
+            for impl in other:
+                assert torch.equal(other[impl]["whole"], results[0][impl]["whole"]), (world_size, impl)
+        out[world_size] = results[0]
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_wide_rows_agree_however_fed_and_wherever_cached(long_suites, world_size, impl):
+    """200 tokens in one causal row over consecutive blocks (read in place), in chunks of 40 + 160 (a wide masked
+    row over a history) and over scattered blocks (gathered) give the same logits, at world size 1 and 2."""
+    s = long_suites[world_size][impl]
+    assert s["first_blocks"] == [None]  # the scattered table is gathered, not read in place
+    assert max_diff(s["whole"], s["chunks"]) <= TOL
+    assert max_diff(s["whole"], s["scattered"]) <= TOL
+    assert max_diff(s["whole"], long_suites[1][impl]["whole"]) <= TOL
+    assert max_diff(s["whole"], long_suites[world_size]["naive"]["whole"]) <= TOL
+
+
 def test_logits_are_not_degenerate(suites):
     """Guard against a vacuous pass: the logits spread over several units and depend on the tokens."""
     whole = suites["v3"][1]["absorb"]["whole"]

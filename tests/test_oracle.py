@@ -39,6 +39,19 @@ def test_matches_transformers(reference, converted, kind, world_size, impl):
     assert len(set(tokens)) > 3, "a degenerate continuation would prove little"
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_long_prefill_matches_transformers(converted, world_size, impl):
+    """A 200-token prefill (past attention.PAD_V_FROM: the CPU's fused kernel, causal, on zero-padded values)."""
+    prompt = rank_fns.LONG_PROMPT
+    with torch.no_grad():
+        ref = hf_model("v3")(torch.tensor([prompt])).logits[0]
+    prefill, _ = run_ranks(world_size, rank_fns.greedy, str(converted["v3"]), prompt, 0, impl, "fp32", 256)[0]
+    diff = (prefill - ref).abs().max().item()
+    print(f"v3 ws={world_size} {impl}, {len(prompt)} tokens: max |logits - transformers| = {diff:.2e}")
+    assert diff <= TOL
+
+
 def test_yarn_is_active(converted):
     from tp_infer.config import load_config
 

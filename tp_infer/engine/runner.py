@@ -95,9 +95,15 @@ def build_batch(plan: StepPlan, block_size: int, device: torch.device) -> Forwar
         group_positions = positions[start : start + (end - b) * width].view(end - b, width)
         visible = torch.arange(nb * block_size, device=device) <= group_positions[:, :, None]
         causal = not any(starts[b:end])
-        groups.append(AttentionGroup(start, end - b, width, tables[b:end, :nb], visible, causal))
+        run = consecutive_from(plan.block_tables[b, :nb].tolist()) if end == b + 1 else None
+        groups.append(AttentionGroup(start, end - b, width, tables[b:end, :nb], visible, causal, run))
         b, start = end, start + (end - b) * width
     return ForwardBatch(positions=positions, slots=slots, groups=groups, last=first + num_new - 1)
+
+
+def consecutive_from(blocks: list[int]) -> int | None:
+    """The first block of a run of consecutive blocks (as a conversation allocated at once holds them), else None."""
+    return blocks[0] if blocks == list(range(blocks[0], blocks[0] + len(blocks))) else None
 
 
 class RemoteAbort(RuntimeError):

@@ -39,12 +39,13 @@ class CacheTensor:
         flat[slots] = (values / scale).to(torch.float8_e4m3fn)
         self.scale.view(-1, *self.scale.shape[2:])[slots] = scale.squeeze(-1)
 
-    def read(self, block_table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The blocks of each row of block_table [R, nb], as [R, nb * block_size, *shape] in `dtype`."""
-        data = gather_blocks(self.data, block_table)
+    def read(self, block_table: torch.Tensor, dtype: torch.dtype, first_block: int | None = None) -> torch.Tensor:
+        """The blocks of each row of block_table [R, nb], as [R, nb * block_size, *shape] in `dtype`. first_block
+        says the one row's blocks are consecutive from there: a view of the pool is read then, nothing copied."""
+        data = blocks_of(self.data, block_table, first_block)
         if not self.fp8:
             return data.to(dtype)
-        return (data.float() * gather_blocks(self.scale, block_table).unsqueeze(-1)).to(dtype)
+        return (data.float() * blocks_of(self.scale, block_table, first_block).unsqueeze(-1)).to(dtype)
 
     def copy(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         self.data[destinations] = self.data[sources]
@@ -52,10 +53,13 @@ class CacheTensor:
             self.scale[destinations] = self.scale[sources]
 
 
-def gather_blocks(tensor: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """tensor [num_blocks, block_size, ...] at the blocks of block_table [R, nb], as [R, nb * block_size, ...]: one
-    index_select, several times faster on the CPU than advanced indexing with a 2-D index."""
+def blocks_of(tensor: torch.Tensor, block_table: torch.Tensor, first_block: int | None) -> torch.Tensor:
+    """tensor [num_blocks, block_size, ...] at the blocks of block_table [R, nb], as [R, nb * block_size, ...]: a
+    view when they are the consecutive blocks from first_block, else one index_select (several times faster on the
+    CPU than advanced indexing with a 2-D index)."""
     rows, nb = block_table.shape
+    if first_block is not None:
+        return tensor[first_block : first_block + nb].flatten(0, 1).unsqueeze(0)
     return tensor.index_select(0, block_table.flatten()).view(rows, nb * tensor.shape[1], *tensor.shape[2:])
 
 
@@ -73,9 +77,9 @@ class LayerCache:
         for tensor, value in zip(self.tensors, values, strict=True):
             tensor.write(slots, value)
 
-    def read(self, block_table: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Every quantity over the rows' blocks, [R, nb * block_size, *shapes[i]]."""
-        return [tensor.read(block_table, dtype) for tensor in self.tensors]
+    def read(self, block_table: torch.Tensor, dtype: torch.dtype, first_block: int | None = None) -> list[torch.Tensor]:
+        """Every quantity over the rows' blocks, [R, nb * block_size, *shapes[i]] (see CacheTensor.read)."""
+        return [tensor.read(block_table, dtype, first_block) for tensor in self.tensors]
 
 
 class KVPool:
