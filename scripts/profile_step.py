@@ -17,8 +17,8 @@ each printed as a small markdown table, all figures written to --out:
    module's forward wrapped in record_function, for a breakdown by module kind and the top-10 aten ops by self CPU
    time. --profile-steps decode steps are profiled the same way.
 3. flops: the prefill's FLOPs counted from the config (projections, MLA in its expanded form, scores and values over
-   the padded key length the kernel computes, the routed experts' top-k per token plus the shared expert, the dense
-   MLP, the gate, the head on the last token) over the measured times, against torch.matmul of [N, dim] x
+   the causal (query, key) pairs the kernel computes, the routed experts' top-k per token plus the shared expert,
+   the dense MLP, the gate, the head on the last token) over the measured times, against torch.matmul of [N, dim] x
    [dim, inter] shapes timed in the same run.
 
 Progress goes to stderr, the tables to stdout.
@@ -300,15 +300,17 @@ def print_prefill(r: dict) -> None:
 
 # ---- 3. flops --------------------------------------------------------------------------------------------------------
 def prefill_flops(args, n: int, block_size: int) -> dict[str, float]:
-    """Multiply-adds x 2 of a cold n-token prefill, by part, as the model computes it (absorb mode expands)."""
-    s = -(-n // block_size) * block_size  # key length the masked attention computes over
+    """Multiply-adds x 2 of a cold n-token prefill, by part, as the model computes it (absorb mode expands the
+    cached latent of every block; the causal kernel computes each query against the keys up to its own)."""
+    s = -(-n // block_size) * block_size  # key length the latent is expanded over
+    pairs = n * (n + 1) // 2  # (query, key) pairs a causal row of n tokens attends over
     h, nope, rope, v = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
     c, d = args.kv_lora_rank, args.dim
     q = d * h * (nope + rope) if args.q_lora_rank == 0 else d * args.q_lora_rank + args.q_lora_rank * h * (nope + rope)
     proj = 2 * n * (q + d * (c + rope) + h * v * d)  # wq(_a/_b), wkv_a, wo
     # absorb: the cached latent expanded to per-head keys and values; naive: the new tokens' latents
     expand = 2 * (s if args.attn_impl == "absorb" else n) * c * h * (nope + v)
-    scores = 2 * n * s * h * (nope + rope) + 2 * n * s * h * v  # q k^T and p v, mask included
+    scores = 2 * pairs * h * (nope + rope) + 2 * pairs * h * v  # q k^T and p v
     moe_layers, dense_layers = args.n_layers - args.n_dense_layers, args.n_dense_layers
     routed = 2 * 3 * d * args.moe_inter_dim * n * args.n_activated_experts
     shared = 2 * 3 * d * args.moe_inter_dim * args.n_shared_experts * n
