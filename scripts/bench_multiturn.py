@@ -126,14 +126,21 @@ def decode_rate(first_token_at: float, last_token_at: float, tokens: int) -> flo
 
 
 # ---- tp_infer --------------------------------------------------------------------------------------------------------
-def run_ours(runner: ModelRunner, users: list[list[int]], reply_tokens: int, reuse: bool) -> list[Turn]:
+def run_ours(
+    runner: ModelRunner,
+    users: list[list[int]],
+    reply_tokens: int,
+    reuse: bool,
+    max_num_batched_tokens: int = 512,
+    warm_up_tokens: int = 16,
+) -> list[Turn]:
     """The conversation through a fresh Engine (a fresh view of the runner's pool, whose blocks the runs share, so
-    they go one after the other, never interleaved)."""
-    engine = Engine(runner, reuse=reuse)
+    they go one after the other, never interleaved), after a warm-up prompt of warm_up_tokens."""
+    engine = Engine(runner, reuse=reuse, max_num_batched_tokens=max_num_batched_tokens)
     sampling = SamplingParams(max_new_tokens=reply_tokens, ignore_eos=True)
     warm_up = Session("warm-up")
     # first-call allocations stay out of turn 1; the warm-up shares no token with the conversation's opening
-    engine.generate(warm_up, [3 if users[0][0] == 2 else 2] * 16, sampling)
+    engine.generate(warm_up, [3 if users[0][0] == 2 else 2] * warm_up_tokens, sampling)
     engine.close_session(warm_up)
     session, turns = Session("bench"), []
     for i, user in enumerate(users, 1):
