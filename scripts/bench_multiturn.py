@@ -92,9 +92,19 @@ def check_same_architecture(ours: ModelArgs, converted: ModelArgs) -> None:
 
 def build_runner(args: ModelArgs, hf_model: HFModel, work_dir: Path) -> ModelRunner:
     """save_pretrained, convert to one shard, load at world size 1 in this process."""
+    return load_runner(args, convert_hf(hf_model, work_dir))
+
+
+def convert_hf(hf_model: HFModel, work_dir: Path) -> Path:
+    """save_pretrained into work_dir/hf and convert it to one shard in work_dir/converted, which it returns."""
     hf_dir, ckpt_dir = work_dir / "hf", work_dir / "converted"
     hf_model.save_pretrained(hf_dir)
     convert(hf_dir, ckpt_dir, 1)
+    return ckpt_dir
+
+
+def load_runner(args: ModelArgs, ckpt_dir: Path) -> ModelRunner:
+    """A converted one-shard checkpoint loaded at world size 1 in this process, with the runtime options of args."""
     runtime = {"dtype": args.dtype, "attn_impl": args.attn_impl, "max_seq_len": args.max_seq_len, "max_batch_size": 1}
     converted = load_config(ckpt_dir / "config.json", **runtime)
     check_same_architecture(args, converted)

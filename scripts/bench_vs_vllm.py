@@ -40,7 +40,7 @@ from pathlib import Path
 import click
 import torch
 from bench_common import report
-from bench_multiturn import build_runner, log, random_hf_model, run_ours, user_messages
+from bench_multiturn import convert_hf, load_runner, log, random_hf_model, run_ours, user_messages
 
 from tp_infer.config import load_config
 from tp_infer.engine.request import Turn
@@ -264,10 +264,10 @@ def main(
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         log(f"building a random DeepSeek-V3 model ({config_path}, fp32) and converting it")
-        hf_model, engines = random_hf_model(args, DTYPES["fp32"], seed), {}
+        ckpt_dir, engines = convert_hf(random_hf_model(args, DTYPES["fp32"], seed), work), {}
         for name, (_, attn_impl) in OURS_CONFIGS.items():
             log(f"{name}, reuse on, max_num_batched_tokens {MAX_NUM_BATCHED_TOKENS}")
-            runner = build_runner(args.with_options(attn_impl=attn_impl), hf_model, work)
+            runner = load_runner(args.with_options(attn_impl=attn_impl), ckpt_dir)
             engines[name] = {
                 "turns": ours_turns(run_ours(runner, users, reply_tokens, True, MAX_NUM_BATCHED_TOKENS, first_tokens))
             }
