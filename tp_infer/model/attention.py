@@ -69,7 +69,7 @@ class MLA(nn.Module):
         else:
             cache.write(batch.slots, latent, k_pe)
             outs = [self.absorb_group(q_nope, q_pe, wkv_b, cache, g) for g in batch.groups]
-        return self.wo(torch.cat(outs).flatten(1))
+        return self.wo((outs[0] if len(outs) == 1 else torch.cat(outs)).flatten(1))
 
     def naive_group(self, query: torch.Tensor, cache: LayerCache, group: AttentionGroup) -> torch.Tensor:
         k, v = cache.read(group.block_table, query.dtype, group.first_block)
@@ -89,13 +89,17 @@ class MLA(nn.Module):
             v = torch.einsum("bsc,hdc->bshd", latent, w_v)
             out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, group)
             return out.flatten(0, 1)
-        # the softmax scale goes on the (smaller) queries; latent and rope key are read where they lie, not joined
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k) * self.softmax_scale
-        scores = torch.einsum("bthc,bsc->bths", q_latent, latent)
-        scores = scores.add_(torch.einsum("bthr,bsr->bths", q_pe * self.softmax_scale, pe)).float()
+        # batched products, not einsums (which permute and reshape around each): per head into latent space, per row
+        # over its cache; the softmax scale goes on the (smaller) queries; latent and rope key are read where they
+        # lie, not joined
+        rows, width, heads, latent_dim = group.rows, group.width, self.local_heads, self.kv_lora_rank
+        q_latent = torch.bmm(q_nope.flatten(0, 1).transpose(0, 1), w_k).mul_(self.softmax_scale)  # [H, R*T, C]
+        q_latent = q_latent.view(heads, rows, width, latent_dim).permute(1, 2, 0, 3).reshape(rows, -1, latent_dim)
+        q_pe = (q_pe * self.softmax_scale).view(rows, width * heads, -1)
+        scores = torch.bmm(q_latent, latent.mT).baddbmm_(q_pe, pe.mT).view(rows, width, heads, -1).float()
         probs = scores.masked_fill_(~group.visible.unsqueeze(2), float("-inf")).softmax(dim=-1).to(q_nope.dtype)
-        out = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", probs, latent), w_v)
-        return out.flatten(0, 1)
+        out = torch.bmm(probs.view(rows, width * heads, -1), latent)  # [R, T*H, C]
+        return torch.bmm(out.view(-1, heads, latent_dim).transpose(0, 1), w_v.mT).transpose(0, 1)  # [R*T, H, V]
 
     def multi_head_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: AttentionGroup

@@ -100,6 +100,12 @@ class MoE(nn.Module):
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
         y = torch.zeros_like(x) if self.shared_experts is None else self.shared_experts(x)
+        if x.shape[0] == 1:  # a lone token (batch-1 decode): no sort or gather; its local experts added in ascending
+            # order, as the index_add below adds them
+            for choice, e in sorted(enumerate(indices[0].tolist()), key=lambda pair: pair[1]):
+                if str(e) in self.experts:
+                    y.add_(self.experts[str(e)](x) * weights[:, choice, None])
+            return all_reduce(y, self.world_size).view(shape)
         # the (token, choice) pairs sorted by expert, stably: each local expert runs once on a contiguous run of its
         # tokens, gathered in one go, and one index_add adds every weighted output (per token in expert order)
         choices = indices.flatten()
