@@ -1,15 +1,22 @@
 """What the benchmarks share: random weights for their models, ours or transformers' (scaled as
-tests/checkpoints.py's, so that activations and logits stay O(1) and routing matters), and the closing line that
-says how loaded the machine was."""
+tests/checkpoints.py's, so that activations and logits stay O(1) and routing matters), the closing line that
+says how loaded the machine was, and the command-line options they have in common (one place for each: the same name,
+type and default everywhere, the help text where a script says more)."""
 
+import functools
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import click
 import torch
+
+BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
+OptionDecorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def fill_random(model: torch.nn.Module, seed: int) -> None:
@@ -51,3 +58,57 @@ def report(results: dict, printers: dict[str, Callable[[dict], None]], started: 
     print(line)
     if out:
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def config_option(
+    *names: str, default: Path = BENCH_CONFIG, help: str = "Reference-style model config.", **kwargs: Any
+) -> OptionDecorator:
+    """--config: the config the random model is shaped by (names: main's parameter; kwargs: e.g. a type)."""
+    return click.option("--config", *names, default=str(default), show_default=True, help=help, **kwargs)
+
+
+def dtype_option(help: str = "Compute.") -> OptionDecorator:
+    """--dtype: fp32 by default, as bf16 matmuls are slow on CPU."""
+    return click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help=help)
+
+
+def out_option(help: str = "Write every figure as JSON.") -> OptionDecorator:
+    """--out: the JSON file the results go to (report writes it)."""
+    return click.option("--out", type=click.Path(dir_okay=False), help=help)
+
+
+def threads_option(
+    default: int | None = None, help: str = "torch threads (default: torch's choice)."
+) -> OptionDecorator:
+    """--threads: torch's thread count, left to torch unless a script sets a default."""
+    shown = {} if default is None else {"default": default, "show_default": True}
+    return click.option("--threads", type=click.IntRange(min=1), help=help, **shown)
+
+
+def seed_option(help: str = "Weights and token ids.") -> OptionDecorator:
+    """--seed: of the random weights and of whatever else a run draws."""
+    return click.option("--seed", default=0, show_default=True, type=int, help=help)
+
+
+def work_dir_option(help: str) -> OptionDecorator:
+    """--work-dir: a folder for the files a run writes (a temporary one unless given)."""
+    return click.option("--work-dir", type=click.Path(file_okay=False), help=help)
+
+
+def turns_option(default: int, help: str = "User messages.") -> OptionDecorator:
+    """--turns: turns of each conversation."""
+    return click.option("--turns", default=default, show_default=True, type=click.IntRange(min=1), help=help)
+
+
+def reply_tokens_option(default: int, help: str, fewest: int = 2) -> OptionDecorator:
+    """--reply-tokens: greedy tokens of each reply, eos ignored (at least 2 where decode speed is timed)."""
+    return click.option(
+        "--reply-tokens", default=default, show_default=True, type=click.IntRange(min=fewest), help=help
+    )
+
+
+def sections_options(sections: Sequence[str]) -> OptionDecorator:
+    """What a benchmark of sections opens with: --config --dtype --out --only (one section) --threads --seed."""
+    only = click.option("--only", type=click.Choice(sections), help="Run one measurement.")
+    options = (config_option(), dtype_option(), out_option(), only, threads_option(), seed_option())
+    return lambda f: functools.reduce(lambda g, option: option(g), reversed(options), f)

@@ -10,11 +10,10 @@ import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 import torch
-from bench_common import fill_random
+from bench_common import config_option, fill_random
 
 from tp_infer.config import load_config
 from tp_infer.distributed import DistContext
@@ -26,7 +25,6 @@ from tp_infer.kv.memory import kv_bytes_per_token, measured_bytes
 from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import Transformer
 
-BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
 BLOCK_SIZE = 16
 
 
@@ -61,7 +59,7 @@ def measure(config: str, kv_cache_dtype: str, history: int, decode: int, slots: 
 
 
 @click.command()
-@click.option("--config", default=str(BENCH_CONFIG), show_default=True, help="Reference-style model config.")
+@config_option()
 @click.option("--history", default=2000, show_default=True, help="Tokens prefilled before decoding.")
 @click.option("--decode", default=64, show_default=True, help="Tokens decoded one by one.")
 @click.option("--slots", default=8, show_default=True, help="The pool holds this many max_seq_len conversations.")

@@ -25,7 +25,18 @@ from pathlib import Path
 import click
 import torch
 import transformers
-from bench_common import fill_random, runtime_line
+from bench_common import (
+    config_option,
+    dtype_option,
+    fill_random,
+    out_option,
+    reply_tokens_option,
+    runtime_line,
+    seed_option,
+    threads_option,
+    turns_option,
+    work_dir_option,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from tp_infer.checkpoint import load_model
@@ -42,7 +53,6 @@ from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import DTYPES
 
 HFModel = transformers.DeepseekV3ForCausalLM
-BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
 
 
 def log(message: str) -> None:
@@ -336,35 +346,22 @@ def print_transformers(tf: dict, turns: int, reply_tokens: int) -> None:
 
 
 @click.command()
-@click.option(
-    "--config",
+@config_option(
     "config_path",
-    default=str(BENCH_CONFIG),
-    show_default=True,
     type=click.Path(dir_okay=False),
     help="Reference-style DeepSeek-V3-shaped config (architecture and max_seq_len).",
 )
-@click.option("--turns", default=24, show_default=True, type=click.IntRange(min=1), help="User messages.")
+@turns_option(24)
 @click.option(
     "--new-tokens-min", default=30, show_default=True, type=click.IntRange(min=1), help="Fewest user tokens in a turn."
 )
 @click.option(
     "--new-tokens-max", default=70, show_default=True, type=click.IntRange(min=1), help="Most user tokens in a turn."
 )
-@click.option(
-    "--reply-tokens",
-    default=32,
-    show_default=True,
-    type=click.IntRange(min=2),
-    help="Greedy tokens generated per turn (eos ignored).",
-)
-@click.option(
-    "--dtype",
-    default="fp32",
-    show_default=True,
-    type=click.Choice(["fp32", "bf16"]),
-    help="Weights and compute of both engines for the whole run. In fp32 all runs generate the same replies, so they "
-    "time the very same conversation; bf16 rounding parts the engines' greedy replies after a few tokens.",
+@reply_tokens_option(32, "Greedy tokens generated per turn (eos ignored).")
+@dtype_option(
+    "Weights and compute of both engines for the whole run. In fp32 all runs generate the same replies, so they "
+    "time the very same conversation; bf16 rounding parts the engines' greedy replies after a few tokens."
 )
 @click.option(
     "--attn-impl",
@@ -373,18 +370,12 @@ def print_transformers(tf: dict, turns: int, reply_tokens: int) -> None:
     type=click.Choice(["absorb", "naive"]),
     help="tp_infer's MLA form: absorb caches the latent (DeepSeek's default), naive per-head keys and values.",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Weights and user messages.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the rows and the summary as JSON.")
-@click.option(
-    "--work-dir",
-    type=click.Path(file_okay=False),
-    help="Keep the Hugging Face and converted checkpoints here (default: a temporary folder).",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
+@seed_option("Weights and user messages.")
+@out_option("Write the rows and the summary as JSON.")
+@work_dir_option("Keep the Hugging Face and converted checkpoints here (default: a temporary folder).")
+@threads_option(
     help="torch threads (default: torch's choice, one per core). On a machine other jobs share, 1 keeps the timings "
-    "steady: a thread descheduled by another job stalls every parallel op of the others.",
+    "steady: a thread descheduled by another job stalls every parallel op of the others."
 )
 @click.option("--skip-transformers", is_flag=True, help="Time tp_infer only.")
 def main(

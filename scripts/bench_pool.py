@@ -32,11 +32,10 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import click
 import torch
-from bench_common import fill_random, report
+from bench_common import fill_random, report, sections_options
 
 from tp_infer.config import ModelArgs, load_config
 from tp_infer.distributed import DistContext
@@ -48,7 +47,6 @@ from tp_infer.kv.memory import kv_bytes_per_token
 from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import Transformer
 
-BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
 BLOCK_SIZE = 16
 SECTIONS = ("capacity", "shared", "decode")
 
@@ -415,12 +413,7 @@ def print_decode(r: dict) -> None:
 
 # ---- main ------------------------------------------------------------------------------------------------------------
 @click.command()
-@click.option("--config", default=str(BENCH_CONFIG), show_default=True, help="Reference-style model config.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help="Compute.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
-@click.option("--only", type=click.Choice(SECTIONS), help="Run one measurement.")
-@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
-@click.option("--seed", default=0, show_default=True, help="Weights and token ids.")
+@sections_options(SECTIONS)
 @click.option(
     "--slots",
     default=8,

@@ -57,8 +57,15 @@ from pathlib import Path
 import click
 import safetensors.torch
 import torch
-from bench_common import fill_random, report
-from bench_pool import BENCH_CONFIG, BLOCK_SIZE, Prompts, random_model, warm_up
+from bench_common import (
+    fill_random,
+    reply_tokens_option,
+    report,
+    sections_options,
+    turns_option,
+    work_dir_option,
+)
+from bench_pool import BLOCK_SIZE, Prompts, random_model, warm_up
 
 from tp_infer.checkpoint import shard_name
 from tp_infer.config import load_config
@@ -603,12 +610,7 @@ QUICK = {
 
 
 @click.command()
-@click.option("--config", default=str(BENCH_CONFIG), show_default=True, help="Reference-style model config.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help="Compute.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
-@click.option("--only", type=click.Choice(SECTIONS), help="Run one measurement.")
-@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's choice).")
-@click.option("--seed", default=0, show_default=True, help="Weights and token ids.")
+@sections_options(SECTIONS)
 @click.option("--history", default=2000, show_default=True, type=click.IntRange(min=32), help="Restore: history.")
 @click.option("--new-tokens", default=60, show_default=True, type=click.IntRange(min=1), help="Restore: new tokens.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Restore: repetitions.")
@@ -619,14 +621,14 @@ QUICK = {
 @click.option("--disk-tokens", default=256, show_default=True, type=click.IntRange(min=16), help="Bytes: tokens each.")
 @click.option("--no-naive", is_flag=True, help="Bytes: skip the naive-mode job.")
 @click.option("--users", default=64, show_default=True, type=click.IntRange(min=1), help="Users: conversations.")
-@click.option("--turns", default=8, show_default=True, type=click.IntRange(min=1), help="Users: turns each.")
+@turns_option(8, "Users: turns each.")
 @click.option("--first-tokens", default="32-48", show_default=True, callback=token_range, help="Users: LO-HI.")
 @click.option("--turn-tokens", default="8-12", show_default=True, callback=token_range, help="Users: LO-HI.")
-@click.option("--reply-tokens", default=8, show_default=True, type=click.IntRange(min=1), help="Users: per reply.")
+@reply_tokens_option(8, "Users: per reply.", fewest=1)
 @click.option(
     "--pool-conversations", default=8, show_default=True, type=click.IntRange(min=1), help="Users: pool size."
 )
-@click.option("--work-dir", type=click.Path(file_okay=False), help="For the files (default: a temporary folder).")
+@work_dir_option("For the files (default: a temporary folder).")
 @click.option("--quick", is_flag=True, help="Small sizes everywhere (a test of the script: about 1 minute).")
 def main(config: str, dtype: str, out: str | None, only: str | None, threads: int | None, seed: int, **sizes) -> None:
     """Restore time, bytes on disk per token and many users of the KV tiers."""

@@ -39,7 +39,16 @@ from pathlib import Path
 
 import click
 import torch
-from bench_common import report
+from bench_common import (
+    config_option,
+    out_option,
+    reply_tokens_option,
+    report,
+    seed_option,
+    threads_option,
+    turns_option,
+    work_dir_option,
+)
 from bench_multiturn import convert_hf, load_runner, log, random_hf_model, run_ours, user_messages
 
 from tp_infer.config import load_config
@@ -210,29 +219,21 @@ def print_comparison(c: dict) -> None:
 
 
 @click.command()
-@click.option(
-    "--config",
+@config_option(
     "config_path",
-    default=str(VS_VLLM_CONFIG),
-    show_default=True,
+    default=VS_VLLM_CONFIG,
     type=click.Path(dir_okay=False),
     help="DeepSeek-V3-shaped config; vLLM's CPU MLA kernel needs kv_lora_rank + qk_rope_head_dim = 576.",
 )
 @click.option("--vllm-python", type=click.Path(dir_okay=False), help="The python of a venv holding vLLM (CPU build).")
-@click.option("--turns", default=8, show_default=True, type=click.IntRange(min=1), help="User messages.")
+@turns_option(8)
 @click.option("--first-tokens", default=1000, show_default=True, type=click.IntRange(min=1), help="Turn 1's tokens.")
 @click.option("--new-tokens", default=60, show_default=True, type=click.IntRange(min=1), help="Each later turn's.")
-@click.option(
-    "--reply-tokens", default=32, show_default=True, type=click.IntRange(min=2), help="Greedy reply (eos ignored)."
-)
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="Threads of each engine.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Weights and user messages.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
-@click.option(
-    "--work-dir",
-    type=click.Path(file_okay=False),
-    help="Keep the checkpoints and vLLM's logs here (default: a temporary folder).",
-)
+@reply_tokens_option(32, "Greedy reply (eos ignored).")
+@threads_option(2, "Threads of each engine.")
+@seed_option("Weights and user messages.")
+@out_option()
+@work_dir_option("Keep the checkpoints and vLLM's logs here (default: a temporary folder).")
 def main(
     config_path: str,
     vllm_python: str | None,

@@ -33,8 +33,8 @@ from contextlib import contextmanager
 
 import click
 import torch
-from bench_common import report
-from bench_pool import BENCH_CONFIG, BLOCK_SIZE, Prompts, random_model, runner_for
+from bench_common import config_option, dtype_option, out_option, report, seed_option, threads_option
+from bench_pool import BLOCK_SIZE, Prompts, random_model, runner_for
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tp_infer.engine.runner as runner_module
@@ -390,16 +390,16 @@ def print_flops(r: dict) -> None:
 
 # ---- main ------------------------------------------------------------------------------------------------------------
 @click.command()
-@click.option("--config", default=str(BENCH_CONFIG), show_default=True, help="Reference-style model config.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help="Compute.")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="torch threads.")
-@click.option("--seed", default=0, show_default=True, help="Weights and token ids.")
+@config_option()
+@dtype_option()
+@threads_option(2, "torch threads.")
+@seed_option()
 @click.option("--history", default=1000, show_default=True, type=click.IntRange(min=1), help="Decode: history.")
 @click.option("--decode-steps", default=50, show_default=True, type=click.IntRange(min=1), help="Decode: timed steps.")
 @click.option("--prefill-tokens", default=1000, show_default=True, type=click.IntRange(min=2), help="Prefill length.")
 @click.option("--prefill-repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed prefills.")
 @click.option("--profile-steps", default=10, show_default=True, type=click.IntRange(min=1), help="Profiled decodes.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
+@out_option()
 def main(
     config: str,
     dtype: str,
