@@ -84,8 +84,8 @@ EXPECTED_ERRORS = {
 }
 
 
-def command(world_size: int, ckpt: Path, input_file: Path, output_file: Path) -> list[str]:
-    cli = ["-m", "tp_infer.generate", "--ckpt-path", str(ckpt), *OPTIONS, "--max-new-tokens", str(MAX_NEW)]
+def command(world_size: int, ckpt: Path, input_file: Path, output_file: Path, *extra: str) -> list[str]:
+    cli = ["-m", "tp_infer.generate", "--ckpt-path", str(ckpt), *OPTIONS, *extra, "--max-new-tokens", str(MAX_NEW)]
     cli += ["--input-file", str(input_file), "--output-file", str(output_file)]
     if world_size == 1:
         return [sys.executable, *cli]
@@ -96,9 +96,11 @@ def command(world_size: int, ckpt: Path, input_file: Path, output_file: Path) ->
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_cli(world_size: int, ckpt: Path, input_file: Path, output_file: Path) -> subprocess.CompletedProcess:
+def run_cli(
+    world_size: int, ckpt: Path, input_file: Path, output_file: Path, *extra: str
+) -> subprocess.CompletedProcess:
     out = subprocess.run(
-        command(world_size, ckpt, input_file, output_file), cwd=REPO, env=ENV, capture_output=True, timeout=180
+        command(world_size, ckpt, input_file, output_file, *extra), cwd=REPO, env=ENV, capture_output=True, timeout=180
     )
     assert out.returncode == 0, out.stderr.decode()[-3000:]
     return out
@@ -126,7 +128,7 @@ def essentials(records: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def job(chat_ckpt, tmp_path_factory):
-    """The input file and its uninterrupted outputs at world sizes 1 and 2."""
+    """The input file and its uninterrupted outputs at world sizes 1 and 2, and at 1 with PyTorch's kernels alone."""
     root = tmp_path_factory.mktemp("batch")
     input_file = root / "in.jsonl"
     lines, good = conversations()
@@ -135,6 +137,8 @@ def job(chat_ckpt, tmp_path_factory):
     for world_size in (1, 2):
         outputs[world_size] = root / f"out{world_size}.jsonl"
         run_cli(world_size, chat_ckpt, input_file, outputs[world_size])
+    outputs["pytorch"] = root / "out-pytorch.jsonl"
+    run_cli(1, chat_ckpt, input_file, outputs["pytorch"], "--no-cpu-kernels")
     return {"input": input_file, "lines": lines, "good": good, "out": outputs, "root": root}
 
 
@@ -142,6 +146,7 @@ def test_all_forms_and_bad_lines_at_world_sizes_1_and_2(job):
     one, two = load(job["out"][1]), load(job["out"][2])
     assert len(two) == len(job["lines"]), "one output line per non-blank input line"
     assert essentials(two) == essentials(one)
+    assert essentials(load(job["out"]["pytorch"])) == essentials(one), "the compiled kernels change no reply"
 
     by_id = {r["id"]: r for r in two.values() if r["error"] is None}
     errors = [r for r in two.values() if r["error"] is not None]

@@ -35,6 +35,7 @@ from tp_infer.kv.disk import DiskFiles, fingerprint
 from tp_infer.kv.manager import BlockManager
 from tp_infer.kv.memory import describe, measured_bytes, size_pool, size_tiers
 from tp_infer.kv.tiers import make_tiers
+from tp_infer.model import kernels
 from tp_infer.model.layers import TensorParallel
 from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 
@@ -140,6 +141,13 @@ ENGINE_OPTIONS = [
         default="16",
         show_default=True,
         help="Gigabytes the disk tier's files may take in all; the least recently used are deleted beyond it.",
+    ),
+    click.option(
+        "--cpu-kernels/--no-cpu-kernels",
+        default=True,
+        show_default=True,
+        help="On the CPU in fp32, decode's small products and latent attention run in tp_infer's compiled kernels "
+        "(built with the system's C compiler on first use); off: PyTorch's alone.",
     ),
     click.option(
         "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
@@ -293,6 +301,7 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
     args, tokenizer, error, sizing, num_blocks, host_blocks, disk_blocks = None, None, None, None, 0, 0, 0
     tp = TensorParallel(ctx.rank, ctx.world_size)
     ckpt_path, block_size, disk_path = opts["ckpt_path"], opts["block_size"], opts["kv_disk_path"]
+    kernels.set_enabled(opts["cpu_kernels"])
     try:
         if block_size & (block_size - 1):
             raise ConfigError(f"--block-size {block_size}: must be a power of two")

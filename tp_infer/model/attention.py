@@ -6,6 +6,7 @@ from torch import nn
 
 from tp_infer.config import ModelArgs
 from tp_infer.kv.pool import LayerCache
+from tp_infer.model import kernels
 from tp_infer.model.batch import AttentionGroup, ForwardBatch
 from tp_infer.model.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, TensorParallel
 from tp_infer.model.rope import apply_rope
@@ -78,12 +79,18 @@ class MLA(nn.Module):
     def absorb_group(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup
     ) -> torch.Tensor:
-        """Attention of one group's queries in the absorbed form (latent space), or, when it costs fewer FLOPs, by
-        expanding the cached latent to per-head keys and values."""
+        """Attention of one group's queries in the absorbed form (latent space; decode rows in the compiled kernel
+        where it applies), or, when it costs fewer FLOPs, by expanding the cached latent to per-head keys and values."""
+        if group.width == 1:  # the kernel reads the pool's blocks in place: nothing gathered
+            pools, lengths = [tensor.data for tensor in cache.tensors], group.visible[:, 0].sum(-1)
+            queries = (rows_of(q_nope, group)[:, 0], rows_of(q_pe, group)[:, 0])
+            out = kernels.mla_decode(*queries, wkv_b, *pools, group.block_table, lengths, self.softmax_scale)
+            if out is not None:
+                return out
         w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]
-        latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, rope]
         q_nope, q_pe = rows_of(q_nope, group), rows_of(q_pe, group)  # [R, T, H, *]
-        if self.expanding_is_cheaper(group.width, latent.shape[1]):
+        if self.expanding_is_cheaper(group.width, group.visible.shape[-1]):
+            latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, rope]
             k_nope = torch.einsum("bsc,hdc->bshd", latent, w_k)
             k = torch.cat([k_nope, pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
             v = torch.einsum("bsc,hdc->bshd", latent, w_v)
@@ -96,6 +103,7 @@ class MLA(nn.Module):
         q_latent = torch.bmm(q_nope.flatten(0, 1).transpose(0, 1), w_k).mul_(self.softmax_scale)  # [H, R*T, C]
         q_latent = q_latent.view(heads, rows, width, latent_dim).permute(1, 2, 0, 3).reshape(rows, -1, latent_dim)
         q_pe = (q_pe * self.softmax_scale).view(rows, width * heads, -1)
+        latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, rope]
         scores = torch.bmm(q_latent, latent.mT).baddbmm_(q_pe, pe.mT).view(rows, width, heads, -1).float()
         probs = scores.masked_fill_(~group.visible.unsqueeze(2), float("-inf")).softmax(dim=-1).to(q_nope.dtype)
         out = torch.bmm(probs.view(rows, width * heads, -1), latent)  # [R, T*H, C]

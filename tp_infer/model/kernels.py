@@ -1,0 +1,135 @@
+"""Compiled CPU kernels for what PyTorch runs slowly at decode (kernels.c): a few rows of activations times a weight
+matrix, which MKL computes on one core at a third of the memory bandwidth (2-3x faster here up to 8 rows), and
+MLA's decode in the absorbed form over the paged cache in place, without gathering its blocks.
+
+Built on first use with the system's C compiler into a per-user cache (under a second, once per source and
+machine). Where there is no compiler or no AVX2, or when switched off (--no-cpu-kernels), F.linear does the work;
+the two agree to fp32 rounding, not bit for bit (they sum in different orders).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]
+MAX_ROWS = 12  # kernels.c's MAX_ROWS: more rows go to F.linear
+
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Use the compiled kernels where they apply (the default) or always PyTorch's."""
+    global _enabled
+    _enabled = enabled
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tp_infer"
+
+
+def build(compiler: str, path: Path) -> None:
+    """Compile kernels.c to path: beside it under a temporary name, then renamed, as ranks and test processes may
+    build at the same time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, str(SOURCE), "-o", partial, *LIBS]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernels of this process, built if needed; None where they cannot be (no C compiler, no AVX2)."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        return None
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS, *LIBS, platform.machine()]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"kernels-{tag}.so"
+    try:
+        if not path.exists():
+            build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) else e
+        warnings.warn(f"tp_infer: CPU kernels not built ({detail}); using PyTorch's", stacklevel=2)
+        return None
+    lib.small_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.small_matmul.restype = ctypes.c_int
+    lib.mla_decode.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
+    lib.mla_decode.restype = ctypes.c_int
+    return lib
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times weight [N, K] transposed: the compiled product for 1 to MAX_ROWS fp32 rows on the CPU, else
+    F.linear."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if not (
+        _enabled
+        and 0 < rows <= MAX_ROWS
+        and x.dtype == weight.dtype == torch.float32
+        and x.device.type == weight.device.type == "cpu"
+        and weight.is_contiguous()
+    ):
+        return F.linear(x, weight)
+    lib = library()
+    if lib is None:
+        return F.linear(x, weight)
+    x = x.contiguous()
+    y = x.new_empty(rows, weight.shape[0])
+    lib.small_matmul(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, *weight.shape, torch.get_num_threads())
+    return y
+
+
+def mla_decode(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    wkv_b: torch.Tensor,
+    latent: torch.Tensor,
+    pe: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """MLA decode in the absorbed form, one new token per row: q_nope [R, H, D] and q_pe [R, H, P] (rotated), wkv_b
+    [H, D + V, C], the pool's latent [blocks, bs, C] and pe [blocks, bs, P], row r over its positions
+    0 .. lengths[r] - 1 in block_table [R, nb]; the output [R, H, V]. None where the kernel does not apply (not fp32 on
+    the CPU, C not a multiple of 16, switched off, not built): the caller computes it with PyTorch."""
+    tensors = (q_nope, q_pe, wkv_b, latent, pe)
+    if not (
+        _enabled
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and latent.shape[-1] % 16 == 0
+        and all(t.is_contiguous() for t in (wkv_b, latent, pe))
+        and block_table.dtype == lengths.dtype == torch.int64
+    ):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    (rows, heads, nope), rope, (nb, bs) = q_nope.shape, q_pe.shape[-1], (block_table.shape[1], latent.shape[1])
+    v_dim, width = wkv_b.shape[1] - nope, latent.shape[-1]
+    out = q_nope.new_empty(rows, heads, v_dim)
+    queries, rows_of_table = (q_nope.contiguous(), q_pe.contiguous()), (block_table.contiguous(), lengths.contiguous())
+    pointers = (*queries, wkv_b, latent, pe, *rows_of_table, out)
+    shape = (rows, heads, nope, v_dim, width, rope, nb, bs)
+    status = lib.mla_decode(*(t.data_ptr() for t in pointers), *shape, scale, torch.get_num_threads())
+    assert status == 0, f"mla_decode: lengths {lengths.tolist()} outside 1 .. {nb * bs}, or out of memory"
+    return out
