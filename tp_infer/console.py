@@ -103,14 +103,16 @@ class Console:
 
     def reply(self, content: str) -> None:
         stream = StreamDecoder(self.tokenizer)
-        try:
-            turn = self.conversation.ask(content, self.sampling, lambda t: self._write(stream.push(t)))
-        except (TurnRefused, TokenizerError) as e:
-            self.say(f"(turn refused: {e})")
-            return
+        # from the line's arrival, Ctrl-C stops the reply at a step boundary: a Ctrl-C while the turn is still being
+        # rendered would otherwise be lost (a launcher's background rank 0 starts with SIGINT ignored)
         self.interrupted = False
-        previous = signal.signal(signal.SIGINT, self._on_sigint)  # Ctrl-C now stops the reply at a step boundary
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
+            try:
+                turn = self.conversation.ask(content, self.sampling, lambda t: self._write(stream.push(t)))
+            except (TurnRefused, TokenizerError) as e:
+                self.say(f"(turn refused: {e})")
+                return
             self.engine.run([turn], interrupted=lambda: self.interrupted)
         finally:
             signal.signal(signal.SIGINT, previous)
