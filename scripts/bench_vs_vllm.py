@@ -2,8 +2,8 @@
 through tp_infer and through vLLM in two configurations, timed side by side in one run.
 
 OMP_NUM_THREADS=2 python scripts/bench_vs_vllm.py [--vllm-python /path/to/venv/bin/python] [--out FILE.json]
-    [--config configs/config_vs_vllm.json] [--turns 8] [--first-tokens 1000] [--new-tokens 60] [--reply-tokens 32]
-    [--threads 2] [--seed 0] [--work-dir DIR]
+    [--config configs/config_vs_vllm.json] [--rounds 3] [--turns 8] [--first-tokens 1000] [--new-tokens 60]
+    [--reply-tokens 32] [--threads 2] [--seed 0] [--work-dir DIR]
 
 Turn 1 is --first-tokens random token ids, each later turn --new-tokens more; every turn ends with a greedy reply of
 --reply-tokens tokens (eos ignored) that stays in the history. tp_infer (TP 1) runs it through one Engine session
@@ -20,6 +20,11 @@ Time to first token: tp_infer from the turn's submission to its first token (Tur
 RequestStateStats.first_token_latency, from the request's arrival to the first token's output. Decode: the mean
 over the turns of (reply tokens - 1) / (last token time - first token time), for both engines.
 
+Rounds: this machine's speed drifts over minutes, and one engine after the other would put a drift on one of them.
+So the four configurations run --rounds times, in an order rotated by one each round (round 1: tp_infer absorb,
+whose replies are the history fed to all, first); each ratio to vLLM's best configuration is taken within a round,
+and the table shows each figure's median over the rounds, the ratios their median and range.
+
 vLLM stays out of our dependencies and CI: it runs in a subprocess of another virtual environment's python
 (--vllm-python), one configuration after the other, each given the model folder and the conversation as JSON and
 printing its results as JSON; this process never imports it. Its log goes to <configuration>.log in the work dir.
@@ -32,6 +37,7 @@ table to stdout.
 
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -165,24 +171,48 @@ def summarize(turns: list[dict]) -> dict[str, float]:
     }
 
 
-def compare(engines: dict) -> dict:
-    """Each of our configurations over the better vLLM configuration of each row, and the turns whose replies
-    differ from the first configuration's."""
-    theirs = [e["summary"] for n, e in engines.items() if n not in OURS_CONFIGS]
+def median_summary(summaries: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds."""
+    return {key: statistics.median(s[key] for s in summaries) for key in summaries[0]}
+
+
+def ratios_to_best(summaries: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Within one round: each of our configurations over the better vLLM configuration of each row."""
+    theirs = [s for n, s in summaries.items() if n not in OURS_CONFIGS]
     best = {
         "decode_tokens_per_s": max(s["decode_tokens_per_s"] for s in theirs),
         "turn1_ttft_s": min(s["turn1_ttft_s"] for s in theirs),
         "sum_ttft_s": min(s["sum_ttft_s"] for s in theirs),
     }
-    replies = [t["reply"] for t in next(iter(engines.values()))["turns"]]
+    return {name: {key: summaries[name][key] / value for key, value in best.items()} for name in OURS_CONFIGS}
+
+
+def compare(engines: dict) -> dict:
+    """The ratios to vLLM's best of each round, their median and range over the rounds, and the (round, turn)s
+    whose replies differ from tp_infer absorb's in round 1."""
+    rounds = len(next(iter(engines.values()))["rounds"])
+    by_round = [ratios_to_best({n: e["rounds"][k]["summary"] for n, e in engines.items()}) for k in range(rounds)]
+    replies = [t["reply"] for t in engines["tp_infer_absorb"]["rounds"][0]["turns"]]
     return {
         "ours_over_best_vllm": {
-            name: {key: engines[name]["summary"][key] / value for key, value in best.items()}
+            name: {
+                key: {
+                    "median": statistics.median(r[name][key] for r in by_round),
+                    "min": min(r[name][key] for r in by_round),
+                    "max": max(r[name][key] for r in by_round),
+                }
+                for key in by_round[0][name]
+            }
             for name in OURS_CONFIGS
-            if name in engines
         },
+        "by_round": by_round,
         "turns_differing": {
-            name: [i for i, (a, t) in enumerate(zip(replies, e["turns"], strict=True), 1) if a != t["reply"]]
+            name: [
+                (k, i)
+                for k, run in enumerate(e["rounds"], 1)
+                for i, (a, t) in enumerate(zip(replies, run["turns"], strict=True), 1)
+                if a != t["reply"]
+            ]
             for name, e in engines.items()
         },
     }
@@ -203,18 +233,28 @@ def print_table(engines: dict, labels: list[str]) -> None:
 
 
 def print_comparison(c: dict) -> None:
-    """The ratio lines and whether the replies agree."""
+    """The ratio lines (median and range over the rounds) and whether the replies agree."""
+    rounds = len(c["by_round"])
+
+    def ratio(r: dict) -> str:
+        return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})" if rounds > 1 else f"{r['median']:.2f}x"
+
     for name, r in c["ours_over_best_vllm"].items():
         print(
-            f"\n{OURS_CONFIGS[name][0]} over the best vLLM configuration of each row:\n"
-            f"- decode: {r['decode_tokens_per_s']:.2f}x (> 1: tp_infer faster)\n"
-            f"- turn-1 prefill TTFT: {r['turn1_ttft_s']:.2f}x (< 1: tp_infer faster)\n"
-            f"- sum of TTFT: {r['sum_ttft_s']:.2f}x (< 1: tp_infer faster)"
+            f"\n{OURS_CONFIGS[name][0]} over the best vLLM configuration of each row, within each round"
+            + (f" (median and range of {rounds} rounds)" if rounds > 1 else "")
+            + f":\n- decode: {ratio(r['decode_tokens_per_s'])} (> 1: tp_infer faster)\n"
+            f"- turn-1 prefill TTFT: {ratio(r['turn1_ttft_s'])} (< 1: tp_infer faster)\n"
+            f"- sum of TTFT: {ratio(r['sum_ttft_s'])} (< 1: tp_infer faster)"
         )
     differing = {name: turns for name, turns in c["turns_differing"].items() if turns}
     print(
-        "generated token ids identical across engines in every turn: "
-        + ("yes" if not differing else "NO, " + "; ".join(f"{n} differs in turns {t}" for n, t in differing.items()))
+        f"generated token ids identical across engines in every turn of {rounds} round{'s' * (rounds > 1)}: "
+        + (
+            "yes"
+            if not differing
+            else "NO, " + "; ".join(f"{n} differs in (round, turn)s {t}" for n, t in differing.items())
+        )
     )
 
 
@@ -226,6 +266,7 @@ def print_comparison(c: dict) -> None:
     help="DeepSeek-V3-shaped config; vLLM's CPU MLA kernel needs kv_lora_rank + qk_rope_head_dim = 576.",
 )
 @click.option("--vllm-python", type=click.Path(dir_okay=False), help="The python of a venv holding vLLM (CPU build).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved runs of each.")
 @turns_option(8)
 @click.option("--first-tokens", default=1000, show_default=True, type=click.IntRange(min=1), help="Turn 1's tokens.")
 @click.option("--new-tokens", default=60, show_default=True, type=click.IntRange(min=1), help="Each later turn's.")
@@ -237,6 +278,7 @@ def print_comparison(c: dict) -> None:
 def main(
     config_path: str,
     vllm_python: str | None,
+    rounds: int,
     turns: int,
     first_tokens: int,
     new_tokens: int,
@@ -265,34 +307,38 @@ def main(
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir or tmp)
         log(f"building a random DeepSeek-V3 model ({config_path}, fp32) and converting it")
-        ckpt_dir, engines = convert_hf(random_hf_model(args, DTYPES["fp32"], seed), work), {}
-        for name, (_, attn_impl) in OURS_CONFIGS.items():
-            log(f"{name}, reuse on, max_num_batched_tokens {MAX_NUM_BATCHED_TOKENS}")
-            runner = load_runner(args.with_options(attn_impl=attn_impl), ckpt_dir)
-            engines[name] = {
-                "turns": ours_turns(run_ours(runner, users, reply_tokens, True, MAX_NUM_BATCHED_TOKENS, first_tokens))
-            }
-            del runner
-        ours = engines["tp_infer_absorb"]["turns"]
+        ckpt_dir = convert_hf(random_hf_model(args, DTYPES["fp32"], seed), work)
         mark_router(work / "hf" / "config.json")
-        if vllm_python:
-            job = {
-                "model": str(work / "hf"),
-                "max_model_len": args.max_seq_len,
-                "seed": seed,
-                "reply_tokens": reply_tokens,
-                "warm_up": [3 if users[0][0] == 2 else 2] * first_tokens,
-                "users": users,
-                "replies": [t["reply"] for t in ours],
-            }
-            for name in VLLM_CONFIGS:
-                log(f"{name} ({vllm_python}, log in {work / name}.log)")
-                engines[name] = {"turns": run_vllm(vllm_python, name, job, threads, work)}
+        names = [*OURS_CONFIGS, *(VLLM_CONFIGS if vllm_python else ())]
+        engines: dict[str, dict] = {name: {"rounds": []} for name in names}
+        job = None
+        for k in range(rounds):
+            for name in names[k % len(names) :] + names[: k % len(names)]:
+                log(f"round {k + 1}/{rounds}: {name}")
+                if name in OURS_CONFIGS:
+                    runner = load_runner(args.with_options(attn_impl=OURS_CONFIGS[name][1]), ckpt_dir)
+                    run = run_ours(runner, users, reply_tokens, True, MAX_NUM_BATCHED_TOKENS, first_tokens)
+                    turns_run = ours_turns(run)
+                    del runner, run
+                else:
+                    turns_run = run_vllm(vllm_python, name, job, threads, work)
+                engines[name]["rounds"].append({"turns": turns_run, "summary": summarize(turns_run)})
+                if job is None:  # round 1's tp_infer absorb: its replies are every engine's history
+                    job = {
+                        "model": str(work / "hf"),
+                        "max_model_len": args.max_seq_len,
+                        "seed": seed,
+                        "reply_tokens": reply_tokens,
+                        "warm_up": [3 if users[0][0] == 2 else 2] * first_tokens,
+                        "users": users,
+                        "replies": [t["reply"] for t in turns_run],
+                    }
     for engine in engines.values():
-        engine["summary"] = summarize(engine["turns"])
+        engine["summary"] = median_summary([r["summary"] for r in engine["rounds"]])
     results = {
         "settings": {
             "config": config_path,
+            "rounds": rounds,
             "turns": turns,
             "first_tokens": first_tokens,
             "new_tokens": new_tokens,
@@ -306,7 +352,10 @@ def main(
     }
     if vllm_python:
         results["comparison"] = compare(engines)
-    print(f"\n{turns} turns, {reply_tokens}-token greedy replies, fp32, {threads} threads, {config_path}")
+    print(
+        f"\n{turns} turns, {reply_tokens}-token greedy replies, fp32, {threads} threads, {config_path}; "
+        f"medians of {rounds} interleaved round{'s' * (rounds > 1)}"
+    )
     report(
         results,
         {"engines": lambda e: print_table(e, labels), "comparison": print_comparison},
