@@ -84,19 +84,18 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels, where they apply to these operands: switched on, all fp32 on the CPU, the library built."""
+    if not (_enabled and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)):
+        return None
+    return library()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] times weight [N, K] transposed: the compiled product for 1 to SPLIT_ROWS fp32 rows on the CPU (in
     two calls past MAX_ROWS), else F.linear."""
     rows = x.shape[0] if x.dim() == 2 else 0
-    if not (
-        _enabled
-        and 0 < rows <= SPLIT_ROWS
-        and x.dtype == weight.dtype == torch.float32
-        and x.device.type == weight.device.type == "cpu"
-        and weight.is_contiguous()
-    ):
-        return F.linear(x, weight)
-    lib = library()
+    lib = usable(x, weight) if 0 < rows <= SPLIT_ROWS and weight.is_contiguous() else None
     if lib is None:
         return F.linear(x, weight)
     x = x.contiguous()
@@ -122,16 +121,9 @@ def mla_decode(
     [H, D + V, C], the pool's latent [blocks, bs, C] and pe [blocks, bs, P], row r over its positions
     0 .. lengths[r] - 1 in block_table [R, nb]; the output [R, H, V]. None where the kernel does not apply (not fp32 on
     the CPU, C not a multiple of 16, switched off, not built): the caller computes it with PyTorch."""
-    tensors = (q_nope, q_pe, wkv_b, latent, pe)
-    if not (
-        _enabled
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-        and latent.shape[-1] % 16 == 0
-        and all(t.is_contiguous() for t in (wkv_b, latent, pe))
-        and block_table.dtype == lengths.dtype == torch.int64
-    ):
-        return None
-    lib = library()
+    fits = latent.shape[-1] % 16 == 0 and all(t.is_contiguous() for t in (wkv_b, latent, pe))
+    fits = fits and block_table.dtype == lengths.dtype == torch.int64
+    lib = usable(q_nope, q_pe, wkv_b, latent, pe) if fits else None
     if lib is None:
         return None
     (rows, heads, nope), rope, (nb, bs) = q_nope.shape, q_pe.shape[-1], (block_table.shape[1], latent.shape[1])
