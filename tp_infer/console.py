@@ -104,7 +104,7 @@ class Console:
     def reply(self, content: str) -> None:
         stream = StreamDecoder(self.tokenizer)
         # from the line's arrival, Ctrl-C stops the reply at a step boundary: a Ctrl-C while the turn is still being
-        # rendered would otherwise be lost (a launcher's background rank 0 starts with SIGINT ignored)
+        # rendered would otherwise escape the reply
         self.interrupted = False
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:

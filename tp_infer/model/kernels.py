@@ -100,9 +100,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
     x = x.contiguous()
     y = x.new_empty(rows, weight.shape[0])
-    threads, half = torch.get_num_threads(), (rows + 1) // 2 if rows > MAX_ROWS else rows
-    for start in range(0, rows, half):  # row slices of x and y are contiguous: the kernel takes them in place
-        part = min(half, rows - start)
+    threads, chunk = torch.get_num_threads(), (rows + 1) // 2 if rows > MAX_ROWS else rows
+    for start in range(0, rows, chunk):  # row slices of x and y are contiguous: the kernel takes them in place
+        part = min(chunk, rows - start)
         lib.small_matmul(x[start].data_ptr(), weight.data_ptr(), y[start].data_ptr(), part, *weight.shape, threads)
     return y
 
