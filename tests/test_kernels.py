@@ -1,10 +1,15 @@
 """The compiled CPU kernels against PyTorch's products and attention, and where they hand over to PyTorch."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tp_infer.config import ModelArgs
 from tp_infer.model import kernels
+from tp_infer.model.layers import TensorParallel
+from tp_infer.model.moe import MoE
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler or no AVX2 here")
 
@@ -39,6 +44,39 @@ def test_linear_takes_strided_rows():
     assert torch.allclose(kernels.linear(x, w), F.linear(x, w), atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 13, 24])
+@pytest.mark.parametrize(("inter", "dim"), [(32, 64), (33, 20), (7, 9)])
+def test_swiglu_matches_pytorch(rows, inter, dim):
+    generator = torch.Generator().manual_seed(rows * 100 + inter + dim)
+    x, w1, w3 = torch.randn(rows, dim, generator=generator), *torch.randn(2, inter, dim, generator=generator)
+    w2 = torch.randn(dim, inter, generator=generator)
+    for scale in (1, 1000):  # then silu far out on both sides: e^-a overflows for a << 0, vanishes for a >> 0
+        expected = F.linear(F.silu(F.linear(x, w1 * scale)) * F.linear(x, w3), w2)
+        error = (kernels.swiglu(x, w1 * scale, w3, w2) - expected).abs().max()
+        assert error <= 1e-6 * expected.abs().max(), (scale, error)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 24])
+@pytest.mark.parametrize("n", [512, 20, 7])
+def test_rms_norm_matches_pytorch_on_strided_rows(rows, n):
+    generator = torch.Generator().manual_seed(rows + n)
+    x, weight = torch.randn(rows, n + 5, generator=generator)[:, :n], torch.randn(n, generator=generator)
+    assert torch.allclose(kernels.rms_norm(x, weight, 1e-6), F.rms_norm(x, (n,), weight, 1e-6), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 64), (5, 3, 10), (24, 64), (2, 6)])
+def test_rope_matches_the_complex_product(shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape[:-1], shape[-1] + 4, generator=generator)[..., 4:]  # strided, as q's rope part is
+    rotations = torch.polar(
+        torch.rand(shape[0], shape[-1] // 2, generator=generator) + 0.5,
+        torch.randn(shape[0], shape[-1] // 2, generator=generator),
+    )
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    expected = torch.view_as_real(pairs * (rotations.unsqueeze(1) if x.dim() == 3 else rotations)).flatten(-2)
+    assert torch.allclose(kernels.rope(x, rotations), expected, atol=1e-6, rtol=1e-5)
+
+
 def reference_decode(q_nope, q_pe, wkv_b, latent, pe, block_table, lengths, scale):
     """The same attention in float64 through PyTorch: each row's blocks gathered and cut at its length."""
     nope = q_nope.shape[-1]
@@ -51,6 +89,51 @@ def reference_decode(q_nope, q_pe, wkv_b, latent, pe, block_table, lengths, scal
         scores = (q_latent @ keys.T + q_pe[r].double() @ rope.T) * scale
         outs.append(torch.einsum("hc,hvc->hv", scores.softmax(-1) @ keys, w_v))
     return torch.stack(outs).float()
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        dict(score_func="sigmoid"),
+        dict(score_func="sigmoid", n_expert_groups=4, n_limited_groups=2),
+        dict(score_func="softmax", n_expert_groups=4, n_limited_groups=2),
+        dict(score_func="softmax", route_norm=True, n_shared_experts=0),
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 3, 24])
+def test_route_and_experts_match_pytorch(switched_on, rules, rows):
+    sizes = dict(dim=48, moe_inter_dim=24, n_routed_experts=16, n_activated_experts=3, n_shared_experts=1)
+    args = ModelArgs(**(sizes | rules))
+    torch.manual_seed(rows)
+    moe = MoE(args, TensorParallel(), torch.float32)
+    for parameter in moe.parameters():
+        parameter.normal_(0, 0.3)
+    x = torch.randn(rows, args.dim)
+    (weights, indices), y = moe.gate(x), moe(x)
+    kernels.set_enabled(False)
+    (expected_weights, expected_indices), expected = moe.gate(x), moe(x)
+    assert torch.equal(indices, expected_indices)
+    assert torch.allclose(weights, expected_weights, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_of_one_rank_match_pytorch(switched_on):
+    """A rank holding experts 8-15 of 16: the kernel adds only those, as the PyTorch path does before the
+    all-reduce."""
+    args = ModelArgs(dim=32, moe_inter_dim=16, n_routed_experts=16, n_activated_experts=4, n_shared_experts=1)
+    moe = MoE(args, TensorParallel(rank=1, world_size=2), torch.float32)
+    for parameter in moe.parameters():
+        parameter.normal_(0, 0.3)
+    x = torch.randn(5, args.dim)
+    weights, indices = moe.gate(x)
+    y = moe.compiled(x, weights, indices)
+    expected = moe.shared_experts(x)
+    kernels.set_enabled(False)
+    for token, choice in itertools.product(range(5), range(4)):
+        expert = indices[token, choice].item()
+        if expert >= 8:
+            expected[token] += moe.experts[str(expert)](x[token : token + 1])[0] * weights[token, choice]
+    assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +153,64 @@ def test_mla_decode_matches_gathered_attention(heads, nope, v_dim, latent_dim, r
     q_nope, q_pe = q.split([nope, rope_dim], dim=-1)  # strided views, as the model passes them
     out = kernels.mla_decode(q_nope, q_pe, wkv_b, latent, pe, block_table, lengths, 0.3)
     expected = reference_decode(q_nope, q_pe, wkv_b, latent, pe, block_table, lengths, 0.3)
+    assert out is not None and torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def decode_inputs(heads=4, nope=8, v_dim=8, latent_dim=32, rope_dim=8, num_blocks=12, block_size=4):
+    generator = torch.Generator().manual_seed(7)
+    latent = torch.randn(num_blocks, block_size, latent_dim, generator=generator)
+    pe = torch.randn(num_blocks, block_size, rope_dim, generator=generator)
+    wkv_b = torch.randn(heads, nope + v_dim, latent_dim, generator=generator) * 0.2
+    q = torch.randn(4, heads, nope + rope_dim, generator=generator)
+    return q.split([nope, rope_dim], dim=-1), wkv_b, latent, pe
+
+
+def test_mla_decode_gives_the_same_bits_however_rows_are_shared_out():
+    """Rows split between threads (fewer rows than threads), whole rows per thread, or each row alone: each output
+    value is computed the same way, so the step's batch does not change its rows' results."""
+    (q_nope, q_pe), wkv_b, latent, pe = decode_inputs()
+    block_table, lengths = torch.tensor([[7, 2, 9], [3, 4, 5], [1, 0, 0], [8, 2, 10]]), torch.tensor([10, 12, 1, 9])
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 8):  # 4 rows on 1 thread: whole rows; on 8: each row split
+            torch.set_num_threads(n)
+            outs.append(kernels.mla_decode(q_nope, q_pe, wkv_b, latent, pe, block_table, lengths, 0.3))
+        torch.set_num_threads(2)
+        alone = [
+            kernels.mla_decode(
+                q_nope[r : r + 1], q_pe[r : r + 1], wkv_b, latent, pe, block_table[r : r + 1], lengths[r : r + 1], 0.3
+            )
+            for r in range(4)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], torch.cat(alone))
+
+
+def test_mla_decode_stores_the_new_entries_first():
+    (q_nope, q_pe), wkv_b, latent, pe = decode_inputs()
+    latent_dim, rope_dim, block_size = latent.shape[-1], pe.shape[-1], latent.shape[1]
+    block_table, lengths = torch.tensor([[7, 2, 9], [3, 4, 5], [1, 0, 0], [8, 6, 10]]), torch.tensor([10, 12, 1, 9])
+    positions = lengths - 1
+    slots = block_table.gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
+    kv = torch.randn(4, latent_dim + rope_dim)
+    norm_weight, rotations = (
+        torch.rand(latent_dim) + 0.5,
+        torch.polar(torch.ones(4, rope_dim // 2), torch.randn(4, rope_dim // 2)),
+    )
+    pools = latent.clone(), pe.clone()
+    new = kernels.NewEntries(kv, norm_weight, 1e-6, rotations, slots)
+    out = kernels.mla_decode(q_nope, q_pe, wkv_b, *pools, block_table, lengths, 0.3, new)
+
+    def rotated(x):
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+        return torch.view_as_real(pairs * (rotations[:, None] if x.dim() == 3 else rotations)).flatten(-2)
+
+    latent.view(-1, latent_dim)[slots] = F.rms_norm(kv[:, :latent_dim], (latent_dim,), norm_weight, 1e-6)
+    pe.view(-1, rope_dim)[slots] = rotated(kv[:, latent_dim:])
+    assert torch.allclose(pools[0], latent, atol=1e-6) and torch.allclose(pools[1], pe, atol=1e-6)
+    expected = reference_decode(q_nope, rotated(q_pe), wkv_b, latent, pe, block_table, lengths, 0.3)
     assert out is not None and torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
 
 

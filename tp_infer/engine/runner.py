@@ -96,7 +96,8 @@ def build_batch(plan: StepPlan, block_size: int, device: torch.device) -> Forwar
         visible = torch.arange(nb * block_size, device=device) <= group_positions[:, :, None]
         causal = not any(starts[b:end])
         run = consecutive_from(plan.block_tables[b, :nb].tolist()) if end == b + 1 else None
-        groups.append(AttentionGroup(start, end - b, width, tables[b:end, :nb], visible, causal, run))
+        lengths = group_positions[:, -1] + 1
+        groups.append(AttentionGroup(start, end - b, width, tables[b:end, :nb], visible, lengths, causal, run))
         b, start = end, start + (end - b) * width
     return ForwardBatch(positions=positions, slots=slots, groups=groups, last=first + num_new - 1)
 

@@ -57,11 +57,16 @@ class MLA(nn.Module):
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(n, self.local_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv = self.wkv_a(x)
+        wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        if self.attn_impl == "absorb" and len(batch.groups) == 1 and batch.groups[0].width == 1:
+            out = self.decode(q_nope, q_pe, kv, wkv_b, batch, cache, rotations)
+            if out is not None:
+                return self.wo(out.flatten(1))
         q_pe = apply_rope(q_pe, rotations)
-        latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
         k_pe = apply_rope(k_pe, rotations)
-        wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         if self.attn_impl == "naive":
             k_nope, v = torch.einsum("nc,hdc->nhd", latent, wkv_b).split([self.nope_dim, self.v_dim], dim=-1)
             cache.write(batch.slots, torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.local_heads, -1)], -1), v)
@@ -71,6 +76,24 @@ class MLA(nn.Module):
             cache.write(batch.slots, latent, k_pe)
             outs = [self.absorb_group(q_nope, q_pe, wkv_b, cache, g) for g in batch.groups]
         return self.wo((outs[0] if len(outs) == 1 else torch.cat(outs)).flatten(1))
+
+    def decode(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv: torch.Tensor,
+        wkv_b: torch.Tensor,
+        batch: ForwardBatch,
+        cache: LayerCache,
+        rotations: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """A step of decode rows alone, absorbed, in one compiled call that also stores the new entries (normalised
+        and rotated) and rotates the queries; None where the kernel does not apply, before anything is stored."""
+        group, pools = batch.groups[0], [tensor.data for tensor in cache.tensors]
+        new = kernels.NewEntries(kv, self.kv_norm.weight, self.kv_norm.eps, rotations, batch.slots)
+        return kernels.mla_decode(
+            q_nope, q_pe, wkv_b, *pools, group.block_table, group.lengths, self.softmax_scale, new
+        )
 
     def naive_group(self, query: torch.Tensor, cache: LayerCache, group: AttentionGroup) -> torch.Tensor:
         k, v = cache.read(group.block_table, query.dtype, group.first_block)
@@ -82,9 +105,9 @@ class MLA(nn.Module):
         """Attention of one group's queries in the absorbed form (latent space; decode rows in the compiled kernel
         where it applies), or, when it costs fewer FLOPs, by expanding the cached latent to per-head keys and values."""
         if group.width == 1:  # the kernel reads the pool's blocks in place: nothing gathered
-            pools, lengths = [tensor.data for tensor in cache.tensors], group.visible[:, 0].sum(-1)
-            queries = (rows_of(q_nope, group)[:, 0], rows_of(q_pe, group)[:, 0])
-            out = kernels.mla_decode(*queries, wkv_b, *pools, group.block_table, lengths, self.softmax_scale)
+            pools = [tensor.data for tensor in cache.tensors]
+            queries = (q_nope[group.start : group.end], q_pe[group.start : group.end])
+            out = kernels.mla_decode(*queries, wkv_b, *pools, group.block_table, group.lengths, self.softmax_scale)
             if out is not None:
                 return out
         w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]

@@ -16,6 +16,7 @@ class AttentionGroup:
     width: int
     block_table: torch.Tensor  # [rows, nb] the blocks holding each row's positions 0 .. nb * block_size - 1
     visible: torch.Tensor  # [rows, width, nb * block_size] True where a new token may attend (causal, in range)
+    lengths: torch.Tensor  # [rows] int64: the positions each row's last new token attends over (its position + 1)
     causal: bool = False  # every row starts at position 0: visible is the causal mask over the first `width` keys
     first_block: int | None = None  # one row whose blocks are first_block, first_block + 1, ...: read in place
 

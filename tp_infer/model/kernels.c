@@ -6,9 +6,12 @@
  *
  *   x [m, k] fp32, contiguous, m >= 1             w [n, k] fp32, contiguous      y [m, n] fp32, contiguous
  *
+ * swiglu, rms_norm, rope, route, moe: a layer's few rows in one call each, as the PyTorch code they replace computes
+ * them (each described above its code).
  * mla_decode: MLA's attention of one new token per row, in the absorbed form, over the paged cache (below). */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -17,6 +20,13 @@ static inline float sum8(__m256 a) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+static inline float max8(__m256 a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
 }
 
 /* one row of x: four accumulators, so that the FMAs do not wait on each other */
@@ -65,18 +75,241 @@ static inline void row_block(const float *w, const float *x, float *y, int64_t n
     }
 }
 
+/* rows [0, m) of x against rows [r0, r1) of w, MAX_ROWS rows of x at a time (more would not stay in L1 beside a row
+ * of w: past it the rows go in two halves, each reading w again); inside a parallel region, which shares the rows of
+ * w out, with no barrier at the end */
+#define MAX_ROWS 12
+static inline void matmul_rows(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k) {
+    const int64_t chunk = m > MAX_ROWS ? (m + 1) / 2 : m;
+    for (int64_t j0 = 0; j0 < m; j0 += chunk) {
+        const int64_t rows = m - j0 < chunk ? m - j0 : chunk;
+#pragma omp for schedule(static) nowait
+        for (int64_t r = 0; r < n; r++)  /* blocks of 8 rows of x while this row of w stays in L1 */
+            for (int64_t j = j0; j < j0 + rows; j += 8)
+                row_block(w + r * k, x + j * k, y + j * n + r, n, k, j0 + rows - j < 8 ? (int)(j0 + rows - j) : 8);
+    }
+}
+
 /* 0, or -1 (nothing written) when m < 1; kernels.py decides up to how many rows this beats MKL */
 int small_matmul(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k, int threads) {
     if (m < 1) return -1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < n; r++)  /* blocks of 8 rows of x while this row of w stays in L1 */
-        for (int64_t j = 0; j < m; j += 8) row_block(w + r * k, x + j * k, y + j * n + r, n, k, m - j < 8 ? m - j : 8);
+#pragma omp parallel num_threads(threads)
+    matmul_rows(x, w, y, m, n, k);
     return 0;
+}
+
+/* e^x for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (under 2 ulp), times 2^n;
+ * below -87.3 it gives 0 (expf would give subnormals), above 88 e^88 */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* SwiGLU of m rows inside a parallel region, y = (silu(x w1^T) * x w3^T) w2^T, through scratch g and h [m, inter];
+ * every thread returns once y is complete.
+ *
+ *   x [m, dim]   w1, w3 [inter, dim]   w2 [dim, inter]   y [m, dim]   all fp32, contiguous */
+static void swiglu_rows(const float *x, const float *w1, const float *w3, const float *w2, float *g, float *h,
+                        float *y, int64_t m, int64_t inter, int64_t dim) {
+    matmul_rows(x, w1, g, m, inter, dim);
+    matmul_rows(x, w3, h, m, inter, dim);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m * inter; i += 8) {
+        if (i + 8 <= m * inter) {  /* silu(a) b = a b / (1 + e^-a) */
+            __m256 a = _mm256_loadu_ps(g + i), b = _mm256_loadu_ps(h + i);
+            __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), a)));
+            _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(a, den), b));
+        } else
+            for (int64_t t = i; t < m * inter; t++) h[t] = g[t] / (1.f + expf(-g[t])) * h[t];
+    }
+    matmul_rows(h, w2, y, m, dim, inter);
+#pragma omp barrier
+}
+
+/* SwiGLU for a few rows in one parallel region: 0, -1 when m < 1, -2 out of memory */
+int swiglu(const float *x, const float *w1, const float *w3, const float *w2, float *y, int64_t m, int64_t inter,
+           int64_t dim, int threads) {
+    if (m < 1) return -1;
+    float *g = malloc(sizeof(float) * 2 * m * inter);
+    if (!g) return -2;
+#pragma omp parallel num_threads(threads)
+    swiglu_rows(x, w1, w3, w2, g, g + m * inter, y, m, inter, dim);
+    free(g);
+    return 0;
+}
+
+/* the index of the largest of n values not yet taken (the first of equals), marking it taken */
+static int64_t take_largest(const float *v, char *taken, int64_t n) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+    taken[best] = 1;
+    return best;
+}
+
+/* The router for m tokens over E experts, as MoE's Gate computes it: scores (sigmoid, else softmax) of x gate^T; the
+ * choice adds the bias (if any); with groups > 1 only the best topk_groups groups (by their best score, or best two
+ * with a bias) stay in the running; the topk chosen experts' scores (renormalised if norm) times scale.
+ *
+ *   x [m, dim]   gate [E, dim]   bias [E] or NULL   weights [m, topk] fp32   indices [m, topk] int64
+ * 0, -2 out of memory. */
+int route(const float *x, const float *gate, const float *bias, float *weights, int64_t *indices, int64_t m,
+          int64_t dim, int64_t E, int sigmoid, int64_t groups, int64_t topk_groups, int64_t topk, int norm,
+          float scale, int threads) {
+    float *logits = malloc(sizeof(float) * (m * E + E + groups)), *choice = logits + m * E, *group_scores = choice + E;
+    char *taken = malloc(E + groups);
+    if (!logits || !taken) return free(logits), free(taken), -2;
+#pragma omp parallel num_threads(threads)
+    matmul_rows(x, gate, logits, m, E, dim);
+    const int64_t per_group = E / groups;
+    for (int64_t t = 0; t < m; t++) {
+        float *score = logits + t * E;
+        if (sigmoid)
+            for (int64_t e = 0; e < E; e++) score[e] = 1.f / (1.f + expf(-score[e]));
+        else {
+            float mx = score[0], sum = 0.f;
+            for (int64_t e = 1; e < E; e++) mx = score[e] > mx ? score[e] : mx;
+            for (int64_t e = 0; e < E; e++) sum += (score[e] = expf(score[e] - mx));
+            for (int64_t e = 0; e < E; e++) score[e] /= sum;
+        }
+        for (int64_t e = 0; e < E; e++) choice[e] = bias ? score[e] + bias[e] : score[e];
+        if (groups > 1) {
+            for (int64_t i = 0; i < E; i++) taken[i] = 0;
+            for (int64_t k = 0; k < groups; k++) {
+                const float *c = choice + k * per_group;
+                if (bias) {
+                    int64_t a = take_largest(c, taken + k * per_group, per_group);
+                    int64_t b = take_largest(c, taken + k * per_group, per_group);
+                    group_scores[k] = c[a] + c[b];
+                } else
+                    group_scores[k] = c[take_largest(c, taken + k * per_group, per_group)];
+            }
+            char *kept = taken + E;
+            for (int64_t k = 0; k < groups; k++) kept[k] = 0;
+            for (int64_t k = 0; k < topk_groups; k++) take_largest(group_scores, kept, groups);
+            for (int64_t e = 0; e < E; e++)
+                if (!kept[e / per_group]) choice[e] = -INFINITY;
+        }
+        for (int64_t e = 0; e < E; e++) taken[e] = 0;
+        float *w = weights + t * topk, sum = 0.f;
+        for (int64_t k = 0; k < topk; k++) {
+            const int64_t e = take_largest(choice, taken, E);
+            indices[t * topk + k] = e;
+            sum += (w[k] = score[e]);
+        }
+        for (int64_t k = 0; k < topk; k++) w[k] = (norm ? w[k] / sum : w[k]) * scale;
+    }
+    free(logits), free(taken);
+    return 0;
+}
+
+/* This rank's part of a mixture of experts for m tokens: the shared expert (if sw1) on every token, plus, expert by
+ * expert in ascending order, each chosen local expert's output on the tokens routed to it, times their weight.
+ *
+ *   x [m, dim]   weights, indices [m, topk] (the router's)   y [m, dim]
+ *   ids [n]: the local experts some token chose, ascending; w1s, w3s, w2s [n]: their weights (as swiglu's)
+ *   sw1, sw3, sw2: the shared expert's, inner size shared_inter, or NULL
+ * 0, -2 out of memory. */
+int moe(const float *x, const float *weights, const int64_t *indices, const int64_t *ids, const float *const *w1s,
+        const float *const *w3s, const float *const *w2s, int64_t n, const float *sw1, const float *sw3,
+        const float *sw2, float *y, int64_t m, int64_t topk, int64_t dim, int64_t inter, int64_t shared_inter,
+        int threads) {
+    const int64_t wide = inter > shared_inter ? inter : shared_inter;
+    float *xs = malloc(sizeof(float) * (2 * m * dim + 2 * m * wide + m)), *ys = xs + m * dim, *g = ys + m * dim;
+    float *h = g + m * wide, *wt = h + m * wide;
+    int64_t *tokens = malloc(sizeof(int64_t) * (m + 1));
+    if (!xs || !tokens) return free(xs), free(tokens), -2;
+#pragma omp parallel num_threads(threads)
+    {
+        if (sw1)
+            swiglu_rows(x, sw1, sw3, sw2, g, h, y, m, shared_inter, dim);
+        else {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < m * dim; i++) y[i] = 0.f;
+        }
+        for (int64_t e = 0; e < n; e++) {
+#pragma omp single
+            { /* gather the tokens routed to ids[e] */
+                int64_t count = 0;
+                for (int64_t t = 0; t < m; t++)
+                    for (int64_t k = 0; k < topk; k++)
+                        if (indices[t * topk + k] == ids[e]) {
+                            for (int64_t i = 0; i < dim; i++) xs[count * dim + i] = x[t * dim + i];
+                            tokens[count] = t, wt[count++] = weights[t * topk + k];
+                        }
+                tokens[m] = count;
+            }
+            const int64_t count = tokens[m];
+            if (count == 0) continue;
+            swiglu_rows(xs, w1s[e], w3s[e], w2s[e], g, h, ys, count, inter, dim);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < dim; i++)
+                for (int64_t j = 0; j < count; j++) y[tokens[j] * dim + i] += ys[j * dim + i] * wt[j];
+        }
+    }
+    free(xs), free(tokens);
+    return 0;
+}
+
+/* RMSNorm of m rows: y = x / sqrt(mean(x^2) + eps) * w. x [m, n] with rows `stride` floats apart, y [m, n]. */
+void rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t stride, float eps) {
+    for (int64_t j = 0; j < m; j++) {
+        const float *row = x + j * stride;
+        float *out = y + j * n;
+        const float scale = 1.f / sqrtf(dot(row, row, n) / (float)n + eps);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(v, _mm256_loadu_ps(w + i)));
+        }
+        for (; i < n; i++) out[i] = row[i] * scale * w[i];
+    }
+}
+
+/* Rotary embedding: row i's vectors x[i, h] (at x + i * row_stride + h * head_stride), pairs (a, b) of 2 * pairs
+ * floats, each turned by rot[i, k] = (cos, sin) to (a cos - b sin, a sin + b cos), the complex product; y [m, nh,
+ * 2 * pairs] contiguous. Four pairs at a time: (a, b) (cos, cos) -+ (b, a) (sin, sin). */
+void rope(const float *x, const float *rot, float *y, int64_t m, int64_t nh, int64_t pairs, int64_t row_stride,
+          int64_t head_stride) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t h = 0; h < nh; h++) {
+            const float *in = x + i * row_stride + h * head_stride, *r = rot + i * 2 * pairs;
+            float *o = y + (i * nh + h) * 2 * pairs;
+            int64_t k = 0;
+            for (; k + 4 <= pairs; k += 4) {
+                __m256 v = _mm256_loadu_ps(in + 2 * k), t = _mm256_loadu_ps(r + 2 * k);
+                __m256 swapped = _mm256_permute_ps(v, 0xB1);
+                __m256 turned = _mm256_fmaddsub_ps(v, _mm256_moveldup_ps(t), _mm256_mul_ps(swapped, _mm256_movehdup_ps(t)));
+                _mm256_storeu_ps(o + 2 * k, turned);
+            }
+            for (; k < pairs; k++) {
+                const float a = in[2 * k], b = in[2 * k + 1], c = r[2 * k], s = r[2 * k + 1];
+                o[2 * k] = a * c - b * s, o[2 * k + 1] = a * s + b * c;
+            }
+        }
 }
 
 /* MLA's decode in the absorbed form, one new token per row, over the paged cache in place:
  *
- *   q_nope [R, H, D], q_pe [R, H, P]          the new tokens' queries (q_pe rotated)
+ *   q_nope [R, H, D], q_pe [R, H, P]          the new tokens' queries: row r, head h at r * q_rs + h * q_hs
+ *                                              (nope) and r * p_rs + h * p_hs (pe), contiguous within
+ *   kv [R, C + P] or NULL                      the new tokens' latent and rope key as wkv_a gives them: normalised
+ *                                              (norm, eps) and rotated (rot [R, P / 2] pairs (cos, sin)) into the
+ *                                              pool at slots [R], and q_pe rotated likewise; NULL: all done already
  *   wkv_b [H, D + V, C]                        per head: D rows that take q_nope to latent space, V rows from it
  *   latent [slots, C], pe [slots, P]           the pool, slot = block * bs + offset
  *   block_table [R, nb] int64, lengths [R]     row r attends over its positions 0 .. lengths[r] - 1
@@ -84,92 +317,215 @@ int small_matmul(const float *x, const float *w, float *y, int64_t m, int64_t n,
  *
  * Per row: q_latent = scale q_nope w_k; scores = q_latent . latent + scale q_pe . pe; softmax; out = (probabilities
  * . latent) w_v^T. Each cached latent row is read once for the scores (every head against it while it is in L1) and
- * once more, from the cache, for the output, where the threads split the latent dimension between them. */
+ * once more, block by block, for the output, where the threads split the latent dimension between them. With at
+ * least as many rows as threads, each thread takes whole rows instead. */
 static inline const float *row_at(const float *pool, const int64_t *table, int64_t bs, int64_t width, int64_t s) {
     return pool + (table[s / bs] * bs + s % bs) * width;
 }
 
-int mla_decode(const float *q_nope, const float *q_pe, const float *wkv_b, const float *latent, const float *pe,
-               const int64_t *block_table, const int64_t *lengths, float *out, int64_t R, int64_t H, int64_t D,
-               int64_t V, int64_t C, int64_t P, int64_t nb, int64_t bs, float scale, int threads) {
-    const int64_t S = nb * bs;
+/* q_latent[h, c0 .. c0 + 8 NV) = sum_d q[h, d] w_k[h, d, c0 .. c0 + 8 NV): NV vectors of columns, one accumulator
+ * each, so that NV independent FMAs issue per step of d */
+static inline void absorb_query(const float *q, const float *w_k, float *out, int64_t D, int64_t C, float scale,
+                                const int NV) {
+    __m256 acc[8];
+    for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        __m256 qd = _mm256_set1_ps(q[d]);
+        for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(w_k + d * C + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(acc[v], _mm256_set1_ps(scale)));
+}
+
+/* t[j * 3 + p] = q_latent[j] . lat[p] over C (a multiple of 8), NH <= 4 heads by NP <= 3 cached rows: 12
+ * accumulators, each loaded vector used 3 or 4 times */
+static inline void score_tile(const float *q, const float *const *lat, float *t, int64_t C, const int NH,
+                              const int NP) {
+    __m256 acc[4][3];
+    for (int j = 0; j < NH; j++)
+        for (int p = 0; p < NP; p++) acc[j][p] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; c += 8) {
+        __m256 l[3];
+        for (int p = 0; p < NP; p++) l[p] = _mm256_loadu_ps(lat[p] + c);
+        for (int j = 0; j < NH; j++) {
+            __m256 qv = _mm256_loadu_ps(q + j * C + c);
+            for (int p = 0; p < NP; p++) acc[j][p] = _mm256_fmadd_ps(qv, l[p], acc[j][p]);
+        }
+    }
+    for (int j = 0; j < NH; j++)
+        for (int p = 0; p < NP; p++) t[j * 3 + p] = sum8(acc[j][p]);
+}
+
+static inline void score_tiles(const float *q, const float *const *lat, float *t, int64_t C, int nh, int np) {
+#define TILE(NH)                                                                                                       \
+    case NH:                                                                                                           \
+        if (np == 3) score_tile(q, lat, t, C, NH, 3);                                                                  \
+        else if (np == 2) score_tile(q, lat, t, C, NH, 2);                                                             \
+        else score_tile(q, lat, t, C, NH, 1);                                                                          \
+        break;
+    switch (nh) { TILE(1) TILE(2) TILE(3) TILE(4) }
+#undef TILE
+}
+
+/* o[j, 0 .. 16) += sum over n rows of p[j * S + s] lat[s, 0 .. 16), NH <= 4 heads: the rows are bs floats apart
+ * (one block of the pool), 8 accumulators */
+static inline void weigh_rows(const float *p, int64_t S, const float *lat, int64_t C, int64_t n, float *o,
+                              int64_t ostride, const int NH) {
+    __m256 lo[4], hi[4];
+    for (int j = 0; j < NH; j++) lo[j] = _mm256_loadu_ps(o + j * ostride), hi[j] = _mm256_loadu_ps(o + j * ostride + 8);
+    for (int64_t s = 0; s < n; s++) {
+        __m256 l0 = _mm256_loadu_ps(lat + s * C), l1 = _mm256_loadu_ps(lat + s * C + 8);
+        for (int j = 0; j < NH; j++) {
+            __m256 pr = _mm256_set1_ps(p[j * S + s]);
+            lo[j] = _mm256_fmadd_ps(pr, l0, lo[j]);
+            hi[j] = _mm256_fmadd_ps(pr, l1, hi[j]);
+        }
+    }
+    for (int j = 0; j < NH; j++) _mm256_storeu_ps(o + j * ostride, lo[j]), _mm256_storeu_ps(o + j * ostride + 8, hi[j]);
+}
+
+/* One row of mla_decode on thread `tid` of `nt` (nt = 1: alone); the scratch q_latent [H, C], qp [H, P], sc [H, S],
+ * o_latent [H, C] is shared by the nt threads. */
+static void decode_row(const float *qn, const float *qpe, int64_t q_hs, int64_t p_hs, const float *rot,
+                       const float *wkv_b, const float *latent, const float *pe, const int64_t *table, int64_t len,
+                       float *out, int64_t H, int64_t D, int64_t V, int64_t C, int64_t P, int64_t S, int64_t bs,
+                       float scale, float *q_latent, float *qp, float *sc, float *o_latent, int tid, int nt) {
+#define SHARE(n) const int64_t first = (n) * tid / nt, last = (n) * (tid + 1) / nt
+#define SYNC() if (nt > 1) { _Pragma("omp barrier") }
+    { /* the scaled rope query, rotated here if rot; zeroed output accumulators */
+        SHARE(H);
+        for (int64_t h = first; h < last; h++) {
+            if (rot)
+                rope(qpe + h * p_hs, rot, qp + h * P, 1, 1, P / 2, 0, 0);
+            else
+                for (int64_t i = 0; i < P; i++) qp[h * P + i] = qpe[h * p_hs + i];
+            for (int64_t i = 0; i < P; i++) qp[h * P + i] *= scale;
+            for (int64_t i = 0; i < C; i++) o_latent[h * C + i] = 0.f;
+        }
+    }
+    { /* q_latent[h] = scale q_nope[h] w_k[h], in tiles of 64 columns (16 past the last multiple of 64) */
+        const int64_t wide = C / 64, tiles = wide + (C - 64 * wide) / 16;
+        SHARE(H * tiles);
+        for (int64_t i = first; i < last; i++) {
+            const int64_t h = i / tiles, tile = i % tiles, c = tile < wide ? 64 * tile : 64 * wide + 16 * (tile - wide);
+            const float *w_k = wkv_b + h * (D + V) * C + c;
+            if (tile < wide) absorb_query(qn + h * q_hs, w_k, q_latent + h * C + c, D, C, scale, 8);
+            else absorb_query(qn + h * q_hs, w_k, q_latent + h * C + c, D, C, scale, 2);
+        }
+    }
+    SYNC();
+    { /* scores, 3 cached rows at a time against the heads 4 at a time, plus their rope parts */
+        const int64_t triples = (len + 2) / 3;
+        SHARE(triples);
+        for (int64_t s0 = 3 * first; s0 < 3 * last && s0 < len; s0 += 3) {
+            const int np = len - s0 < 3 ? (int)(len - s0) : 3;
+            const float *lat[3], *rope_key[3];
+            for (int p = 0; p < np; p++)
+                lat[p] = row_at(latent, table, bs, C, s0 + p), rope_key[p] = row_at(pe, table, bs, P, s0 + p);
+            for (int64_t h = 0; h < H; h += 4) {
+                const int nh = H - h < 4 ? (int)(H - h) : 4;
+                float t[12], b[4];
+                score_tiles(q_latent + h * C, lat, t, C, nh, np);
+                for (int p = 0; p < np; p++) {
+                    row_block(rope_key[p], qp + h * P, b, 1, P, nh);
+                    for (int j = 0; j < nh; j++) sc[(h + j) * S + s0 + p] = t[j * 3 + p] + b[j];
+                }
+            }
+        }
+    }
+    SYNC();
+    { /* softmax over the row's positions, 8 at a time */
+        SHARE(H);
+        for (int64_t h = first; h < last; h++) {
+            float *x = sc + h * S, mx, sum;
+            int64_t s = 0;
+            __m256 vmx = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
+            for (; s + 8 <= len; s += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + s));
+            mx = max8(vmx);
+            for (int64_t t = s; t < len; t++) mx = x[t] > mx ? x[t] : mx;
+            vmx = _mm256_set1_ps(mx);
+            for (s = 0; s + 8 <= len; s += 8) {
+                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), vmx));
+                _mm256_storeu_ps(x + s, e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            sum = sum8(vsum);
+            for (int64_t t = s; t < len; t++) sum += (x[t] = expf(x[t] - mx));
+            __m256 inv = _mm256_set1_ps(1.f / sum);
+            for (s = 0; s + 8 <= len; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
+            for (int64_t t = s; t < len; t++) x[t] *= 1.f / sum;
+        }
+    }
+    SYNC();
+    { /* o_latent = probabilities . latent: each thread its share of the 16-column stripes, walking the row's
+       * blocks in order so that each streams in once, heads 4 at a time */
+        SHARE(C / 16);
+        for (int64_t s0 = 0; s0 < len; s0 += bs) {
+            const int64_t n = len - s0 < bs ? len - s0 : bs;
+            const float *block = latent + table[s0 / bs] * bs * C;
+            for (int64_t c = 16 * first; c < 16 * last; c += 16)
+                for (int64_t h = 0; h < H; h += 4) {
+                    const float *p = sc + h * S + s0;
+                    float *o = o_latent + h * C + c;
+                    switch (H - h < 4 ? H - h : 4) {
+                    case 1: weigh_rows(p, S, block + c, C, n, o, C, 1); break;
+                    case 2: weigh_rows(p, S, block + c, C, n, o, C, 2); break;
+                    case 3: weigh_rows(p, S, block + c, C, n, o, C, 3); break;
+                    default: weigh_rows(p, S, block + c, C, n, o, C, 4);
+                    }
+                }
+        }
+    }
+    SYNC();
+    { /* out[h, v] = o_latent[h] . w_v[h, v] */
+        SHARE(H * V);
+        for (int64_t i = first; i < last; i++) {
+            const int64_t h = i / V, v = i % V;
+            out[h * V + v] = dot(wkv_b + (h * (D + V) + D + v) * C, o_latent + h * C, C);
+        }
+    }
+    SYNC();
+#undef SHARE
+#undef SYNC
+}
+
+/* this row's new latent (normalised) and rope key (rotated) into the pool at its slot */
+static void write_new(const float *kv, const float *norm, float eps, const float *rot, int64_t slot, float *latent,
+                      float *pe, int64_t C, int64_t P) {
+    rms_norm(kv, norm, latent + slot * C, 1, C, C, eps);
+    rope(kv + C, rot, pe + slot * P, 1, 1, P / 2, 0, 0);
+}
+
+int mla_decode(const float *q_nope, const float *q_pe, const float *kv, const float *norm, const float *rot,
+               const int64_t *slots, const float *wkv_b, float *latent, float *pe, const int64_t *block_table,
+               const int64_t *lengths, float *out, int64_t R, int64_t H, int64_t D, int64_t V, int64_t C, int64_t P,
+               int64_t nb, int64_t bs, int64_t q_rs, int64_t q_hs, int64_t p_rs, int64_t p_hs, float scale, float eps,
+               int threads) {
+    const int64_t S = nb * bs, per_row = H * (C + P + S + C);
     if (C % 16) return -1;
     for (int64_t r = 0; r < R; r++)
         if (lengths[r] < 1 || lengths[r] > S) return -1;
-    float *q_latent = malloc(sizeof(float) * H * (C + P + S + C));
-    if (!q_latent) return -2;
-    float *qp = q_latent + H * C, *sc = qp + H * P, *o_latent = sc + H * S;
-    for (int64_t r = 0; r < R; r++) {
-        const int64_t *table = block_table + r * nb;
-        const int64_t len = lengths[r];
-        const float *qn = q_nope + r * H * D;
-        for (int64_t i = 0; i < H * P; i++) qp[i] = scale * q_pe[r * H * P + i];
-#pragma omp parallel num_threads(threads)
-        {
-            /* q_latent[h, c .. c + 16) = scale sum_d q_nope[h, d] w_k[h, d, c .. c + 16) */
-#pragma omp for collapse(2) schedule(static)
-            for (int64_t h = 0; h < H; h++) {
-                for (int64_t c = 0; c < C; c += 16) {
-                    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-                    for (int64_t d = 0; d < D; d++) {
-                        const float *w = wkv_b + (h * (D + V) + d) * C + c;
-                        __m256 q = _mm256_set1_ps(qn[h * D + d]);
-                        lo = _mm256_fmadd_ps(q, _mm256_loadu_ps(w), lo);
-                        hi = _mm256_fmadd_ps(q, _mm256_loadu_ps(w + 8), hi);
-                    }
-                    __m256 sv = _mm256_set1_ps(scale);
-                    _mm256_storeu_ps(q_latent + h * C + c, _mm256_mul_ps(lo, sv));
-                    _mm256_storeu_ps(q_latent + h * C + c + 8, _mm256_mul_ps(hi, sv));
-                }
-            }
-            /* scores, heads 8 at a time against each cached row */
-#pragma omp for schedule(static)
-            for (int64_t s = 0; s < len; s++) {
-                const float *lat = row_at(latent, table, bs, C, s), *p = row_at(pe, table, bs, P, s);
-                for (int64_t h = 0; h < H; h += 8) {
-                    int m = H - h < 8 ? (int)(H - h) : 8;
-                    float a[8], b[8];
-                    row_block(lat, q_latent + h * C, a, 1, C, m);
-                    row_block(p, qp + h * P, b, 1, P, m);
-                    for (int j = 0; j < m; j++) sc[(h + j) * S + s] = a[j] + b[j];
-                }
-            }
-#pragma omp for schedule(static)
-            for (int64_t h = 0; h < H; h++) { /* softmax over the row's positions */
-                float *x = sc + h * S, mx = x[0], sum = 0.f;
-                for (int64_t s = 1; s < len; s++) mx = x[s] > mx ? x[s] : mx;
-                for (int64_t s = 0; s < len; s++) sum += (x[s] = expf(x[s] - mx));
-                for (int64_t s = 0; s < len; s++) x[s] /= sum;
-            }
-            /* o_latent[h, c .. c + 16): 16-column stripes (a cache line of each latent row), heads 8 at a time */
-#pragma omp for collapse(2) schedule(static)
-            for (int64_t c = 0; c < C; c += 16) {
-                for (int64_t h = 0; h < H; h += 8) {
-                    int m = H - h < 8 ? (int)(H - h) : 8;
-                    __m256 lo[8], hi[8];
-                    for (int j = 0; j < m; j++) lo[j] = hi[j] = _mm256_setzero_ps();
-                    for (int64_t s = 0; s < len; s++) {
-                        const float *lat = row_at(latent, table, bs, C, s) + c;
-                        __m256 l0 = _mm256_loadu_ps(lat), l1 = _mm256_loadu_ps(lat + 8);
-                        for (int j = 0; j < m; j++) {
-                            __m256 pr = _mm256_set1_ps(sc[(h + j) * S + s]);
-                            lo[j] = _mm256_fmadd_ps(pr, l0, lo[j]);
-                            hi[j] = _mm256_fmadd_ps(pr, l1, hi[j]);
-                        }
-                    }
-                    for (int j = 0; j < m; j++) {
-                        _mm256_storeu_ps(o_latent + (h + j) * C + c, lo[j]);
-                        _mm256_storeu_ps(o_latent + (h + j) * C + c + 8, hi[j]);
-                    }
-                }
-            }
-            /* out[h, v] = o_latent[h] . w_v[h, v] */
-#pragma omp for collapse(2) schedule(static)
-            for (int64_t h = 0; h < H; h++)
-                for (int64_t v = 0; v < V; v++)
-                    out[(r * H + h) * V + v] = dot(wkv_b + (h * (D + V) + D + v) * C, o_latent + h * C, C);
+    const int whole_rows = R >= threads;  /* each thread its own rows, with scratch of its own */
+    float *scratch = malloc(sizeof(float) * per_row * (whole_rows ? threads : 1));
+    if (!scratch) return -2;
+    if (kv)
+        for (int64_t r = 0; r < R; r++)
+            write_new(kv + r * (C + P), norm, eps, rot + r * P, slots[r], latent, pe, C, P);
+#define ROW(r, tid, nt, buf)                                                                                           \
+    decode_row(q_nope + (r) * q_rs, q_pe + (r) * p_rs, q_hs, p_hs, kv ? rot + (r) * P : NULL, wkv_b, latent, pe,       \
+               block_table + (r) * nb, lengths[r], out + (r) * H * V, H, D, V, C, P, S, bs, scale, buf,                \
+               buf + H * C, buf + H * (C + P), buf + H * (C + P + S), tid, nt)
+    if (whole_rows) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t r = 0; r < R; r++) {
+            float *buf = scratch + per_row * omp_get_thread_num();
+            ROW(r, 0, 1, buf);
         }
-    }
-    free(q_latent);
+    } else
+        for (int64_t r = 0; r < R; r++) {
+#pragma omp parallel num_threads(threads)
+            ROW(r, omp_get_thread_num(), omp_get_num_threads(), scratch);
+        }
+#undef ROW
+    free(scratch);
     return 0;
 }

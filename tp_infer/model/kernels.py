@@ -1,8 +1,10 @@
-"""Compiled CPU kernels for what PyTorch runs slowly at decode (kernels.c): a few rows of activations times a weight
-matrix, which MKL computes on one core at a third of the memory bandwidth (2-3x faster here up to 8 rows), and
-MLA's decode in the absorbed form over the paged cache in place, without gathering its blocks.
+"""Compiled CPU kernels for what PyTorch runs slowly at decode (kernels.c). A decode step is a few rows of
+activations through many small layers, where each PyTorch op costs tens of microseconds of dispatch with the caches
+cold and MKL reads a thin product's weight on one core at a third of the memory bandwidth. So each layer's work is one
+call here: a few rows times a weight matrix; a SwiGLU; an RMSNorm; a rotary embedding; MoE's router and its experts;
+and MLA's decode in the absorbed form over the paged cache in place, storing the step's new entries on the way.
 
-Built on first use with the system's C compiler into a per-user cache (1-3 s here, once per source and machine;
+Built on first use with the system's C compiler into a per-user cache (about 5 s here, once per source and machine;
 later processes load it in under a millisecond). Where there is no compiler or no AVX2, or when switched off
 (--no-cpu-kernels), PyTorch does the work; the two agree to fp32 rounding, not bit for bit (they sum in different
 orders).
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,32 +82,153 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.small_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.small_matmul.restype = ctypes.c_int
-    lib.mla_decode.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
+    lib.mla_decode.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 12 + [ctypes.c_float] * 2 + [ctypes.c_int]
     lib.mla_decode.restype = ctypes.c_int
+    lib.swiglu.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.swiglu.restype = ctypes.c_int
+    lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float]
+    lib.rms_norm.restype = None
+    lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+    lib.rope.restype = None
+    lib.route.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 3
+    lib.route.argtypes += [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    lib.route.restype = ctypes.c_int
+    lib.moe.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    lib.moe.argtypes += [ctypes.c_int]
+    lib.moe.restype = ctypes.c_int
     return lib
 
 
 def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The kernels, where they apply to these operands: switched on, all fp32 on the CPU, the library built."""
-    if not (_enabled and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)):
+    if not (_enabled and all(t.dtype == torch.float32 and t.is_cpu for t in tensors)):
         return None
     return library()
 
 
+def few_rows(x: torch.Tensor) -> bool:
+    """Whether x is [M, K] with 1 to SPLIT_ROWS rows: what the row kernels take."""
+    return x.dim() == 2 and 0 < x.shape[0] <= SPLIT_ROWS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] times weight [N, K] transposed: the compiled product for 1 to SPLIT_ROWS fp32 rows on the CPU (in
-    two calls past MAX_ROWS), else F.linear."""
-    rows = x.shape[0] if x.dim() == 2 else 0
-    lib = usable(x, weight) if 0 < rows <= SPLIT_ROWS and weight.is_contiguous() else None
+    two halves past MAX_ROWS), else F.linear."""
+    lib = usable(x, weight) if few_rows(x) and weight.is_contiguous() else None
     if lib is None:
         return F.linear(x, weight)
     x = x.contiguous()
-    y = x.new_empty(rows, weight.shape[0])
-    threads, chunk = torch.get_num_threads(), (rows + 1) // 2 if rows > MAX_ROWS else rows
-    for start in range(0, rows, chunk):  # row slices of x and y are contiguous: the kernel takes them in place
-        part = min(chunk, rows - start)
-        lib.small_matmul(x[start].data_ptr(), weight.data_ptr(), y[start].data_ptr(), part, *weight.shape, threads)
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    lib.small_matmul(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], *weight.shape, torch.get_num_threads())
     return y
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
+    """(silu(x w1^T) * x w3^T) w2^T for x [M, dim] with 1 to SPLIT_ROWS fp32 rows on the CPU, in one compiled call
+    instead of five ops; None elsewhere (the caller runs PyTorch's)."""
+    fits = few_rows(x) and all(w.is_contiguous() for w in (w1, w3, w2))
+    lib = usable(x, w1, w3, w2) if fits else None
+    if lib is None:
+        return None
+    x = x.contiguous()
+    (rows, dim), inter = x.shape, w1.shape[0]
+    y = x.new_empty(rows, w2.shape[0])
+    pointers = (t.data_ptr() for t in (x, w1, w3, w2, y))
+    status = lib.swiglu(*pointers, rows, inter, dim, torch.get_num_threads())
+    assert status == 0, f"swiglu: out of memory for {rows} x {inter} hidden values"
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of x [M, N] (rows may be strided) for 1 to SPLIT_ROWS fp32 rows on the CPU, compiled: a few
+    microseconds where PyTorch's composite takes tens; None elsewhere."""
+    lib = usable(x, weight) if few_rows(x) and x.stride(-1) == 1 else None
+    if lib is None:
+        return None
+    y = x.new_empty(x.shape)
+    lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), *x.shape, x.stride(0), eps)
+    return y
+
+
+def route(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    bias: torch.Tensor | None,
+    sigmoid: bool,
+    groups: int,
+    topk_groups: int,
+    topk: int,
+    norm: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """MoE routing of x [M, dim] by gate [E, dim] (Gate.forward's rules) for 1 to SPLIT_ROWS fp32 rows on the CPU, in
+    one call: the weights [M, topk] and expert indices [M, topk]; None elsewhere."""
+    operands = (x, gate) if bias is None else (x, gate, bias)
+    lib = usable(*operands) if few_rows(x) and all(t.is_contiguous() for t in operands) else None
+    if lib is None:
+        return None
+    weights, indices = x.new_empty(x.shape[0], topk), torch.empty(x.shape[0], topk, dtype=torch.int64)
+    pointers = (x.data_ptr(), gate.data_ptr(), None if bias is None else bias.data_ptr())
+    shape = (*x.shape, gate.shape[0], sigmoid, groups, topk_groups, topk, norm, scale)
+    status = lib.route(*pointers, weights.data_ptr(), indices.data_ptr(), *shape, torch.get_num_threads())
+    assert status == 0, f"route: out of memory for {x.shape[0]} x {gate.shape[0]} scores"
+    return weights, indices
+
+
+def moe(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor | None:
+    """This rank's mixture of experts for x [M, dim], 1 to SPLIT_ROWS fp32 rows on the CPU, in one call: the shared
+    expert's (w1, w3, w2) on every token, plus each of `experts` (id -> weights: the local experts some token chose)
+    on the tokens routed to it, times their weight, expert by expert in ascending order as MoE adds them; None
+    elsewhere."""
+    ids = sorted(experts)
+    matrices = [w for e in ids for w in experts[e]] + list(shared or ())
+    lib = usable(x, weights, *matrices) if few_rows(x) and all(w.is_contiguous() for w in matrices) else None
+    if lib is None or indices.dtype != torch.int64:
+        return None
+    x, weights, indices = x.contiguous(), weights.contiguous(), indices.contiguous()
+    per_expert = [(ctypes.c_void_p * len(ids))(*(experts[e][i].data_ptr() for e in ids)) for i in range(3)]
+    (rows, dim), topk = x.shape, weights.shape[1]
+    inter, shared_inter = experts[ids[0]][0].shape[0] if ids else 0, 0 if shared is None else shared[0].shape[0]
+    y = torch.empty_like(x)
+    pointers = (x.data_ptr(), weights.data_ptr(), indices.data_ptr(), (ctypes.c_int64 * len(ids))(*ids), *per_expert)
+    shared_pointers = (None, None, None) if shared is None else tuple(w.data_ptr() for w in shared)
+    sizes = (rows, topk, dim, inter, shared_inter)
+    status = lib.moe(*pointers, len(ids), *shared_pointers, y.data_ptr(), *sizes, torch.get_num_threads())
+    assert status == 0, f"moe: out of memory for {rows} tokens"
+    return y
+
+
+def rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor | None:
+    """x [M, H, D] or [M, D] (last dimension contiguous) rotated pairwise by rotations [M, D / 2] complex64, for 1 to
+    SPLIT_ROWS fp32 rows on the CPU: one call where PyTorch's complex product takes five; None elsewhere."""
+    fits = few_rows(x.flatten(1)) and x.stride(-1) == 1 and rotations.dtype == torch.complex64
+    lib = usable(x) if fits and rotations.is_cpu and rotations.is_contiguous() else None
+    if lib is None:
+        return None
+    heads, head_stride = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
+    y = x.new_empty(x.shape)
+    lib.rope(
+        x.data_ptr(), rotations.data_ptr(), y.data_ptr(), x.shape[0], heads, x.shape[-1] // 2, x.stride(0), head_stride
+    )
+    return y
+
+
+@dataclass
+class NewEntries:
+    """What mla_decode stores before it attends: each row's new latent and rope key as wkv_a gives them, kv [R, C + P],
+    normalised (kv_norm's weight and eps) and rotated (rotations [R, P / 2] complex64) into the pool at slots [R]."""
+
+    kv: torch.Tensor
+    norm_weight: torch.Tensor
+    eps: float
+    rotations: torch.Tensor
+    slots: torch.Tensor
 
 
 def mla_decode(
@@ -116,22 +240,31 @@ def mla_decode(
     block_table: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    new: NewEntries | None = None,
 ) -> torch.Tensor | None:
-    """MLA decode in the absorbed form, one new token per row: q_nope [R, H, D] and q_pe [R, H, P] (rotated), wkv_b
-    [H, D + V, C], the pool's latent [blocks, bs, C] and pe [blocks, bs, P], row r over its positions
-    0 .. lengths[r] - 1 in block_table [R, nb]; the output [R, H, V]. None where the kernel does not apply (not fp32 on
-    the CPU, C not a multiple of 16, switched off, not built): the caller computes it with PyTorch."""
+    """MLA decode in the absorbed form, one new token per row: q_nope [R, H, D] and q_pe [R, H, P] (each head's last
+    dimension contiguous; q_pe rotated unless `new` is given), wkv_b [H, D + V, C], the pool's latent [blocks, bs, C]
+    and pe [blocks, bs, P], row r over its positions 0 .. lengths[r] - 1 in block_table [R, nb]; the output
+    [R, H, V]. With `new`, the rows' new entries are stored first and q_pe rotated here: one call for all of
+    attention's glue. None where the kernel does not apply (not fp32 on the CPU, C not a multiple of 16, switched off,
+    not built): the caller computes it with PyTorch."""
     fits = latent.shape[-1] % 16 == 0 and all(t.is_contiguous() for t in (wkv_b, latent, pe))
-    fits = fits and block_table.dtype == lengths.dtype == torch.int64
-    lib = usable(q_nope, q_pe, wkv_b, latent, pe) if fits else None
+    fits = fits and block_table.dtype == lengths.dtype == torch.int64 and q_nope.stride(-1) == q_pe.stride(-1) == 1
+    if new is not None:
+        fits = fits and new.kv.is_contiguous() and new.rotations.is_contiguous() and new.slots.dtype == torch.int64
+        fits = fits and new.rotations.dtype == torch.complex64
+    lib = usable(q_nope, q_pe, wkv_b, latent, pe, *(() if new is None else (new.kv, new.norm_weight))) if fits else None
     if lib is None:
         return None
-    (rows, heads, nope), rope, (nb, bs) = q_nope.shape, q_pe.shape[-1], (block_table.shape[1], latent.shape[1])
+    (rows, heads, nope), rope_dim, (nb, bs) = q_nope.shape, q_pe.shape[-1], (block_table.shape[1], latent.shape[1])
     v_dim, width = wkv_b.shape[1] - nope, latent.shape[-1]
     out = q_nope.new_empty(rows, heads, v_dim)
-    queries, rows_of_table = (q_nope.contiguous(), q_pe.contiguous()), (block_table.contiguous(), lengths.contiguous())
-    pointers = (*queries, wkv_b, latent, pe, *rows_of_table, out)
-    shape = (rows, heads, nope, v_dim, width, rope, nb, bs)
-    status = lib.mla_decode(*(t.data_ptr() for t in pointers), *shape, scale, torch.get_num_threads())
+    stored = (None,) * 4 if new is None else (new.kv, new.norm_weight, new.rotations, new.slots.contiguous())
+    pointers = (q_nope, q_pe, *stored, wkv_b, latent, pe, block_table.contiguous(), lengths.contiguous(), out)
+    shape = (rows, heads, nope, v_dim, width, rope_dim, nb, bs, *q_nope.stride()[:2], *q_pe.stride()[:2])
+    eps = 0.0 if new is None else new.eps
+    status = lib.mla_decode(
+        *(None if t is None else t.data_ptr() for t in pointers), *shape, scale, eps, torch.get_num_threads()
+    )
     assert status == 0, f"mla_decode: lengths {lengths.tolist()} outside 1 .. {nb * bs}, or out of memory"
     return out

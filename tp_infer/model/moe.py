@@ -6,7 +6,15 @@ from torch import nn
 
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import all_reduce
+from tp_infer.model import kernels
 from tp_infer.model.layers import ColumnParallelLinear, Linear, RowParallelLinear, TensorParallel
+
+
+def swiglu(x: torch.Tensor, w1: Linear, w2: Linear, w3: Linear) -> torch.Tensor:
+    """w2(silu(w1(x)) * w3(x)) over these layers' slices, not reduced: one compiled call for a few fp32 rows on the
+    CPU (decode), else five ops."""
+    y = kernels.swiglu(x, w1.dense_weight(x.dtype), w3.dense_weight(x.dtype), w2.dense_weight(x.dtype))
+    return y if y is not None else w2(F.silu(w1(x)) * w3(x))
 
 
 class MLP(nn.Module):
@@ -15,11 +23,13 @@ class MLP(nn.Module):
     def __init__(self, dim: int, inter_dim: int, tp: TensorParallel, dtype: torch.dtype, fp8: bool, reduce=True):
         super().__init__()
         self.w1 = ColumnParallelLinear(dim, inter_dim, tp, dtype, fp8)
-        self.w2 = RowParallelLinear(inter_dim, dim, tp, dtype, fp8, reduce=reduce)
+        self.w2 = RowParallelLinear(inter_dim, dim, tp, dtype, fp8, reduce=False)
         self.w3 = ColumnParallelLinear(dim, inter_dim, tp, dtype, fp8)
+        self.world_size, self.reduce = tp.world_size, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        y = swiglu(x, self.w1, self.w2, self.w3)
+        return all_reduce(y, self.world_size) if self.reduce else y
 
 
 class Expert(nn.Module):
@@ -32,7 +42,7 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter_dim, dtype, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return swiglu(x, self.w1, self.w2, self.w3)
 
 
 class Gate(nn.Module):
@@ -54,6 +64,11 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights [N, topk] (in x's dtype) and expert indices [N, topk]."""
+        sigmoid = self.score_func == "sigmoid"
+        rules = (sigmoid, self.n_groups, self.topk_groups, self.topk, self.route_norm, self.route_scale)
+        routed = kernels.route(x, self.weight, self.bias, *rules)  # decode's few rows, compiled
+        if routed is not None:
+            return routed
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.bias is None else scores + self.bias
@@ -99,6 +114,9 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
+        y = self.compiled(x, weights, indices)
+        if y is not None:
+            return all_reduce(y, self.world_size).view(shape)
         y = torch.zeros_like(x) if self.shared_experts is None else self.shared_experts(x)
         if x.shape[0] == 1:  # a lone token (batch-1 decode): no sort or gather; its local experts added in ascending
             # order, as the index_add below adds them
@@ -124,3 +142,19 @@ class MoE(nn.Module):
             start += count
         y.index_add_(0, rows, torch.cat(outs) * weights.flatten()[pairs, None])
         return all_reduce(y, self.world_size).view(shape)
+
+    def compiled(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """The shared and routed experts in one compiled call for decode's few fp32 rows on the CPU (not reduced); None
+        where it does not apply."""
+        if not kernels.few_rows(x):
+            return None
+        local = range(self.first_expert, self.first_expert + len(self.experts))
+        chosen = {e for e in indices.flatten().tolist() if e in local}
+        experts = {e: layer_weights(self.experts[str(e)], x.dtype) for e in chosen}
+        shared = None if self.shared_experts is None else layer_weights(self.shared_experts, x.dtype)
+        return kernels.moe(x, weights, indices, experts, shared)
+
+
+def layer_weights(mlp: MLP | Expert, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A SwiGLU's (w1, w3, w2) in `dtype`, as the compiled kernels take them."""
+    return mlp.w1.dense_weight(dtype), mlp.w3.dense_weight(dtype), mlp.w2.dense_weight(dtype)
