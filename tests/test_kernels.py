@@ -214,6 +214,86 @@ def test_mla_decode_stores_the_new_entries_first():
     assert out is not None and torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("heads", "nope", "rope_dim", "v_dim"), [(8, 16, 8, 16), (3, 13, 4, 8), (5, 128, 64, 72)])
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_mha_decode_matches_gathered_attention(heads, nope, rope_dim, v_dim, threads):
+    generator = torch.Generator().manual_seed(heads * nope + v_dim)
+    num_blocks, block_size = 12, 4
+    keys = torch.randn(num_blocks, block_size, heads, nope + rope_dim, generator=generator)
+    values = torch.randn(num_blocks, block_size, heads, v_dim, generator=generator)
+    block_table = torch.tensor([[7, 2, 9, 0, 0], [3, 4, 5, 6, 11], [1, 0, 0, 0, 0], [8, 2, 10, 1, 0]])
+    lengths = torch.tensor([10, 5 * block_size, 1, 13])
+    q = torch.randn(4, heads, nope + rope_dim, generator=generator)
+    q_nope, q_pe = q.split([nope, rope_dim], dim=-1)  # strided views, as the model passes them
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)  # 1, 2: whole rows per thread; 8: each row's heads shared out
+        out = kernels.mha_decode(q_nope, q_pe, None, keys, values, block_table, lengths, 0.3)
+        rows = [(q_nope[r : r + 1], q_pe[r : r + 1], None, keys, values, block_table[r : r + 1]) for r in range(4)]
+        alone = [kernels.mha_decode(*row, lengths[r : r + 1], 0.3) for r, row in enumerate(rows)]
+    finally:
+        torch.set_num_threads(saved)
+    assert out is not None and torch.equal(out, torch.cat(alone))
+    assert torch.allclose(out, reference_mha(q, keys, values, block_table, lengths, 0.3), atol=1e-5, rtol=1e-4)
+
+
+def reference_mha(q, keys, values, block_table, lengths, scale):
+    """Each row's attention in float64 over its blocks, gathered and cut at its length."""
+    outs = []
+    for r, length in enumerate(lengths.tolist()):
+        k = keys[block_table[r]].flatten(0, 1)[:length].double()
+        v = values[block_table[r]].flatten(0, 1)[:length].double()
+        probs = (torch.einsum("hd,shd->hs", q[r].double(), k) * scale).softmax(-1)
+        outs.append(torch.einsum("hs,shv->hv", probs, v))
+    return torch.stack(outs).float()
+
+
+def test_mha_decode_stores_the_new_entries_first():
+    heads, nope, rope_dim, v_dim, latent_dim, block_size = 3, 8, 8, 16, 32, 4
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(12, block_size, heads, nope + rope_dim, generator=generator)
+    values = torch.randn(12, block_size, heads, v_dim, generator=generator)
+    wkv_b = torch.randn(heads, nope + v_dim, latent_dim, generator=generator) * 0.2
+    block_table, lengths = torch.tensor([[7, 2, 9], [3, 4, 5], [1, 0, 0], [8, 6, 10]]), torch.tensor([10, 12, 1, 9])
+    positions = lengths - 1
+    slots = block_table.gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
+    kv, q = torch.randn(4, latent_dim + rope_dim), torch.randn(4, heads, nope + rope_dim)
+    norm_weight, rotations = (
+        torch.rand(latent_dim) + 0.5,
+        torch.polar(torch.ones(4, rope_dim // 2), torch.randn(4, rope_dim // 2)),
+    )
+    pools = keys.clone(), values.clone()
+    new = kernels.NewEntries(kv, norm_weight, 1e-6, rotations, slots)
+    out = kernels.mha_decode(q[..., :nope], q[..., nope:], wkv_b, *pools, block_table, lengths, 0.3, new)
+
+    def rotated(x):
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+        return torch.view_as_real(pairs * (rotations[:, None] if x.dim() == 3 else rotations)).flatten(-2)
+
+    latent = F.rms_norm(kv[:, :latent_dim], (latent_dim,), norm_weight, 1e-6)
+    k_nope, v = torch.einsum("nc,hdc->nhd", latent, wkv_b).split([nope, v_dim], dim=-1)
+    k_pe = rotated(kv[:, latent_dim:]).unsqueeze(1).expand(-1, heads, -1)
+    keys.view(-1, heads, nope + rope_dim)[slots] = torch.cat([k_nope, k_pe], dim=-1)
+    values.view(-1, heads, v_dim)[slots] = v
+    assert torch.allclose(pools[0], keys, atol=1e-5) and torch.allclose(pools[1], values, atol=1e-5)
+    query = torch.cat([q[..., :nope], rotated(q[..., nope:])], dim=-1)
+    expected = reference_mha(query, keys, values, block_table, lengths, 0.3)
+    assert out is not None and torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_mha_decode_refuses_what_it_does_not_cover(switched_on):
+    q_nope, q_pe, table, lengths = torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.tensor([[0, 1]]), torch.tensor([5])
+    keys, values = torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8)
+    assert kernels.mha_decode(q_nope, q_pe, None, keys, values[..., :6].contiguous(), table, lengths, 1.0) is None
+    assert kernels.mha_decode(q_nope.bfloat16(), q_pe, None, keys, values, table, lengths, 1.0) is None
+    kernels.set_enabled(False)
+    assert kernels.mha_decode(q_nope, q_pe, None, keys, values, table, lengths, 1.0) is None
+    kernels.set_enabled(True)
+    assert kernels.mha_decode(q_nope, q_pe, None, keys, values, table, lengths, 1.0) is not None
+    with pytest.raises(AssertionError, match="lengths"):
+        kernels.mha_decode(q_nope, q_pe, None, keys, values, table, torch.tensor([9]), 1.0)
+
+
 def test_mla_decode_refuses_what_it_does_not_cover(switched_on):
     heads, nope, v_dim, rope_dim = 2, 4, 4, 8
     q_nope, q_pe, table, lengths = (

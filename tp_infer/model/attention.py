@@ -59,7 +59,7 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         kv = self.wkv_a(x)
         wkv_b = self.wkv_b.dense_weight(x.dtype).view(self.local_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        if self.attn_impl == "absorb" and len(batch.groups) == 1 and batch.groups[0].width == 1:
+        if len(batch.groups) == 1 and batch.groups[0].width == 1:
             out = self.decode(q_nope, q_pe, kv, wkv_b, batch, cache, rotations)
             if out is not None:
                 return self.wo(out.flatten(1))
@@ -87,15 +87,24 @@ class MLA(nn.Module):
         cache: LayerCache,
         rotations: torch.Tensor,
     ) -> torch.Tensor | None:
-        """A step of decode rows alone, absorbed, in one compiled call that also stores the new entries (normalised
-        and rotated) and rotates the queries; None where the kernel does not apply, before anything is stored."""
+        """A step of decode rows alone in one compiled call that also stores the new entries (normalised, rotated;
+        naive: taken to keys and values) and rotates the queries; None where the kernel does not apply, before
+        anything is stored."""
         group, pools = batch.groups[0], [tensor.data for tensor in cache.tensors]
         new = kernels.NewEntries(kv, self.kv_norm.weight, self.kv_norm.eps, rotations, batch.slots)
-        return kernels.mla_decode(
-            q_nope, q_pe, wkv_b, *pools, group.block_table, group.lengths, self.softmax_scale, new
-        )
+        attend = kernels.mla_decode if self.attn_impl == "absorb" else kernels.mha_decode
+        return attend(q_nope, q_pe, wkv_b, *pools, group.block_table, group.lengths, self.softmax_scale, new)
 
     def naive_group(self, query: torch.Tensor, cache: LayerCache, group: AttentionGroup) -> torch.Tensor:
+        """Attention of one group's queries over its rows' per-head keys and values (decode rows in the compiled
+        kernel where it applies, reading the pool in place)."""
+        if group.width == 1:
+            pools = [tensor.data for tensor in cache.tensors]
+            rows = query[group.start : group.end]
+            q_nope, q_pe = rows[..., : self.nope_dim], rows[..., self.nope_dim :]
+            out = kernels.mha_decode(q_nope, q_pe, None, *pools, group.block_table, group.lengths, self.softmax_scale)
+            if out is not None:
+                return out
         k, v = cache.read(group.block_table, query.dtype, group.first_block)
         return self.multi_head_attention(rows_of(query, group), k, v, group).flatten(0, 1)
 

@@ -303,6 +303,26 @@ void rope(const float *x, const float *rot, float *y, int64_t m, int64_t nh, int
         }
 }
 
+/* softmax of x [n] in place, 8 at a time */
+static void softmax(float *x, int64_t n) {
+    int64_t s = 0;
+    __m256 vmx = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
+    for (; s + 8 <= n; s += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + s));
+    float mx = max8(vmx), sum;
+    for (int64_t t = s; t < n; t++) mx = x[t] > mx ? x[t] : mx;
+    vmx = _mm256_set1_ps(mx);
+    for (s = 0; s + 8 <= n; s += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), vmx));
+        _mm256_storeu_ps(x + s, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    sum = sum8(vsum);
+    for (int64_t t = s; t < n; t++) sum += (x[t] = expf(x[t] - mx));
+    __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
+    for (int64_t t = s; t < n; t++) x[t] *= 1.f / sum;
+}
+
 /* MLA's decode in the absorbed form, one new token per row, over the paged cache in place:
  *
  *   q_nope [R, H, D], q_pe [R, H, P]          the new tokens' queries: row r, head h at r * q_rs + h * q_hs
@@ -433,27 +453,9 @@ static void decode_row(const float *qn, const float *qpe, int64_t q_hs, int64_t 
         }
     }
     SYNC();
-    { /* softmax over the row's positions, 8 at a time */
+    { /* softmax over the row's positions */
         SHARE(H);
-        for (int64_t h = first; h < last; h++) {
-            float *x = sc + h * S, mx, sum;
-            int64_t s = 0;
-            __m256 vmx = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
-            for (; s + 8 <= len; s += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + s));
-            mx = max8(vmx);
-            for (int64_t t = s; t < len; t++) mx = x[t] > mx ? x[t] : mx;
-            vmx = _mm256_set1_ps(mx);
-            for (s = 0; s + 8 <= len; s += 8) {
-                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), vmx));
-                _mm256_storeu_ps(x + s, e);
-                vsum = _mm256_add_ps(vsum, e);
-            }
-            sum = sum8(vsum);
-            for (int64_t t = s; t < len; t++) sum += (x[t] = expf(x[t] - mx));
-            __m256 inv = _mm256_set1_ps(1.f / sum);
-            for (s = 0; s + 8 <= len; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
-            for (int64_t t = s; t < len; t++) x[t] *= 1.f / sum;
-        }
+        for (int64_t h = first; h < last; h++) softmax(sc + h * S, len);
     }
     SYNC();
     { /* o_latent = probabilities . latent: each thread its share of the 16-column stripes, walking the row's
@@ -520,6 +522,95 @@ int mla_decode(const float *q_nope, const float *q_pe, const float *kv, const fl
             float *buf = scratch + per_row * omp_get_thread_num();
             ROW(r, 0, 1, buf);
         }
+    } else
+        for (int64_t r = 0; r < R; r++) {
+#pragma omp parallel num_threads(threads)
+            ROW(r, omp_get_thread_num(), omp_get_num_threads(), scratch);
+        }
+#undef ROW
+    free(scratch);
+    return 0;
+}
+
+/* Multi-head attention of one new token per row over per-head keys and values, the paged cache read in place (MLA's
+ * naive form):
+ *
+ *   q_nope [R, H, D], q_pe [R, H, P]           row r, head h at r * q_rs + h * q_hs (nope) and r * p_rs + h * p_hs
+ *                                              (pe), contiguous within; keys are nope then pe
+ *   kv [R, C + P] or NULL                      the new tokens' latent and rope key as wkv_a gives them: the latent
+ *                                              normalised (norm, eps) and taken to each head's key and value by
+ *                                              wkv_b [H, D + V, C], the rope key rotated (rot [R, P / 2] pairs), all
+ *                                              into the pool at slots [R], and q_pe rotated; NULL: all done already
+ *   keys [slots, H, D + P], values [slots, H, V] the pool, slot = block * bs + offset; V a multiple of 8
+ *   block_table [R, nb] int64, lengths [R]     row r attends over its positions 0 .. lengths[r] - 1
+ *   out [R, H, V]
+ *
+ * Per row and head: softmax(scale q . keys) . values, every step of it on one thread: the heads are shared out
+ * between the threads, or, with at least as many rows as threads, whole rows. 0, -1 for a length out of range or
+ * V not a multiple of 8, -2 out of memory. */
+static void mha_row(const float *qn, const float *qpe, int64_t q_hs, int64_t p_hs, const float *rot,
+                    const float *keys, const float *values, const int64_t *table, int64_t len, float *out, int64_t H,
+                    int64_t D, int64_t P, int64_t V, int64_t S, int64_t bs, float scale, float *sc, float *qp, int tid,
+                    int nt) {
+    const int64_t K = D + P;
+    for (int64_t h = H * tid / nt; h < H * (tid + 1) / nt; h++) {
+        float *x = sc + h * S;
+        const float *rope_query = qpe + h * p_hs;
+        if (rot) {
+            rope(qpe + h * p_hs, rot, qp + h * P, 1, 1, P / 2, 0, 0);
+            rope_query = qp + h * P;
+        }
+        for (int64_t s = 0; s < len; s++) {
+            const float *key = row_at(keys, table, bs, H * K, s) + h * K;
+            x[s] = scale * (dot(key, qn + h * q_hs, D) + dot(key + D, rope_query, P));
+        }
+        softmax(x, len);
+        for (int64_t c = 0; c < V; c += 64) { /* 64 columns of the output at a time, in registers */
+            const int nv = V - c < 64 ? (int)(V - c) / 8 : 8;
+            __m256 acc[8];
+            for (int v = 0; v < nv; v++) acc[v] = _mm256_setzero_ps();
+            for (int64_t s = 0; s < len; s++) {
+                const float *value = row_at(values, table, bs, H * V, s) + h * V + c;
+                __m256 pr = _mm256_set1_ps(x[s]);
+                for (int v = 0; v < nv; v++) acc[v] = _mm256_fmadd_ps(pr, _mm256_loadu_ps(value + 8 * v), acc[v]);
+            }
+            for (int v = 0; v < nv; v++) _mm256_storeu_ps(out + h * V + c + 8 * v, acc[v]);
+        }
+    }
+}
+
+int mha_decode(const float *q_nope, const float *q_pe, const float *kv, const float *norm, const float *rot,
+               const int64_t *slots, const float *wkv_b, float *keys, float *values, const int64_t *block_table,
+               const int64_t *lengths, float *out, int64_t R, int64_t H, int64_t D, int64_t P, int64_t V, int64_t C,
+               int64_t nb, int64_t bs, int64_t q_rs, int64_t q_hs, int64_t p_rs, int64_t p_hs, float scale, float eps,
+               int threads) {
+    const int64_t S = nb * bs, K = D + P, per_row = H * (S + P);
+    if (V % 8) return -1;
+    for (int64_t r = 0; r < R; r++)
+        if (lengths[r] < 1 || lengths[r] > S) return -1;
+    const int whole_rows = R >= threads;
+    float *scratch = malloc(sizeof(float) * (per_row * (whole_rows ? threads : 1) + C + H * (D + V)));
+    if (!scratch) return -2;
+    float *latent = scratch + per_row * (whole_rows ? threads : 1), *up = latent + C;
+    for (int64_t r = 0; kv && r < R; r++) { /* the new entries: normalised latent up to each head, rotated rope key */
+        rms_norm(kv + r * (C + P), norm, latent, 1, C, C, eps);
+#pragma omp parallel num_threads(threads)
+        matmul_rows(latent, wkv_b, up, 1, H * (D + V), C);
+        float *key = keys + slots[r] * H * K, *value = values + slots[r] * H * V;
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t i = 0; i < D; i++) key[h * K + i] = up[h * (D + V) + i];
+            for (int64_t i = 0; i < V; i++) value[h * V + i] = up[h * (D + V) + D + i];
+        }
+        rope(kv + r * (C + P) + C, rot + r * P, key + D, 1, 1, P / 2, 0, 0);
+        for (int64_t h = 1; h < H; h++)
+            for (int64_t i = 0; i < P; i++) key[h * K + D + i] = key[D + i];
+    }
+#define ROW(r, tid, nt, buf)                                                                                           \
+    mha_row(q_nope + (r) * q_rs, q_pe + (r) * p_rs, q_hs, p_hs, kv ? rot + (r) * P : NULL, keys, values,               \
+            block_table + (r) * nb, lengths[r], out + (r) * H * V, H, D, P, V, S, bs, scale, buf, buf + H * S, tid, nt)
+    if (whole_rows) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t r = 0; r < R; r++) ROW(r, 0, 1, scratch + per_row * omp_get_thread_num());
     } else
         for (int64_t r = 0; r < R; r++) {
 #pragma omp parallel num_threads(threads)

@@ -84,6 +84,8 @@ def library() -> ctypes.CDLL | None:
     lib.small_matmul.restype = ctypes.c_int
     lib.mla_decode.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 12 + [ctypes.c_float] * 2 + [ctypes.c_int]
     lib.mla_decode.restype = ctypes.c_int
+    lib.mha_decode.argtypes = lib.mla_decode.argtypes
+    lib.mha_decode.restype = ctypes.c_int
     lib.swiglu.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.swiglu.restype = ctypes.c_int
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float]
@@ -267,4 +269,46 @@ def mla_decode(
         *(None if t is None else t.data_ptr() for t in pointers), *shape, scale, eps, torch.get_num_threads()
     )
     assert status == 0, f"mla_decode: lengths {lengths.tolist()} outside 1 .. {nb * bs}, or out of memory"
+    return out
+
+
+def mha_decode(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    wkv_b: torch.Tensor | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    new: NewEntries | None = None,
+) -> torch.Tensor | None:
+    """Multi-head attention of one new token per row over the pool in place (MLA's naive form): the query's parts
+    q_nope [R, H, D] and q_pe [R, H, P] (each head's last dimension contiguous; q_pe rotated unless `new` is given),
+    the pool's keys [blocks, bs, H, D + P] and values [blocks, bs, H, V], row r over its positions
+    0 .. lengths[r] - 1 in block_table [R, nb]; the output [R, H, V]. With `new`, the rows' new entries are stored
+    first (the latent normalised and taken to keys and values by wkv_b [H, D + V, C], needed only here, the rope key
+    rotated) and q_pe
+    rotated here. None where the kernel does not apply (not fp32 on the CPU, V not a multiple of 8, switched off, not
+    built)."""
+    fits = values.shape[-1] % 8 == 0 and keys.is_contiguous() and values.is_contiguous()
+    fits = fits and block_table.dtype == lengths.dtype == torch.int64 and q_nope.stride(-1) == q_pe.stride(-1) == 1
+    if new is not None:
+        fits = fits and new.kv.is_contiguous() and new.rotations.is_contiguous() and new.slots.dtype == torch.int64
+        fits = fits and new.rotations.dtype == torch.complex64 and wkv_b is not None and wkv_b.is_contiguous()
+    operands = (q_nope, q_pe, keys, values, *(() if new is None else (wkv_b, new.kv, new.norm_weight)))
+    lib = usable(*operands) if fits else None
+    if lib is None:
+        return None
+    (rows, heads, nope), rope_dim, (nb, bs) = q_nope.shape, q_pe.shape[-1], (block_table.shape[1], keys.shape[1])
+    v_dim, latent_dim = values.shape[-1], 0 if new is None else wkv_b.shape[-1]
+    out = q_nope.new_empty(rows, heads, v_dim)
+    stored = (None,) * 5 if new is None else (new.kv, new.norm_weight, new.rotations, new.slots.contiguous(), wkv_b)
+    pointers = (q_nope, q_pe, *stored, keys, values, block_table.contiguous(), lengths.contiguous(), out)
+    shape = (rows, heads, nope, rope_dim, v_dim, latent_dim, nb, bs, *q_nope.stride()[:2], *q_pe.stride()[:2])
+    eps = 0.0 if new is None else new.eps
+    status = lib.mha_decode(
+        *(None if t is None else t.data_ptr() for t in pointers), *shape, scale, eps, torch.get_num_threads()
+    )
+    assert status == 0, f"mha_decode: lengths {lengths.tolist()} outside 1 .. {nb * bs}, or out of memory"
     return out
