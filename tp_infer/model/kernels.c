@@ -546,35 +546,37 @@ int mla_decode(const float *q_nope, const float *q_pe, const float *kv, const fl
  *   out [R, H, V]
  *
  * Per row and head: softmax(scale q . keys) . values, every step of it on one thread: the heads are shared out
- * between the threads, or, with at least as many rows as threads, whole rows. 0, -1 for a length out of range or
+ * between the threads, or, with at least as many rows as threads, whole rows. Positions are walked in order, a
+ * thread's heads together, so that the cache streams in. 0, -1 for a length out of range or
  * V not a multiple of 8, -2 out of memory. */
 static void mha_row(const float *qn, const float *qpe, int64_t q_hs, int64_t p_hs, const float *rot,
                     const float *keys, const float *values, const int64_t *table, int64_t len, float *out, int64_t H,
                     int64_t D, int64_t P, int64_t V, int64_t S, int64_t bs, float scale, float *sc, float *qp, int tid,
                     int nt) {
-    const int64_t K = D + P;
-    for (int64_t h = H * tid / nt; h < H * (tid + 1) / nt; h++) {
-        float *x = sc + h * S;
-        const float *rope_query = qpe + h * p_hs;
-        if (rot) {
+    const int64_t K = D + P, first = H * tid / nt, last = H * (tid + 1) / nt;
+    for (int64_t h = first; h < last; h++) { /* the rope query, rotated here if rot */
+        if (rot)
             rope(qpe + h * p_hs, rot, qp + h * P, 1, 1, P / 2, 0, 0);
-            rope_query = qp + h * P;
-        }
-        for (int64_t s = 0; s < len; s++) {
-            const float *key = row_at(keys, table, bs, H * K, s) + h * K;
-            x[s] = scale * (dot(key, qn + h * q_hs, D) + dot(key + D, rope_query, P));
-        }
-        softmax(x, len);
-        for (int64_t c = 0; c < V; c += 64) { /* 64 columns of the output at a time, in registers */
-            const int nv = V - c < 64 ? (int)(V - c) / 8 : 8;
-            __m256 acc[8];
-            for (int v = 0; v < nv; v++) acc[v] = _mm256_setzero_ps();
-            for (int64_t s = 0; s < len; s++) {
-                const float *value = row_at(values, table, bs, H * V, s) + h * V + c;
-                __m256 pr = _mm256_set1_ps(x[s]);
-                for (int v = 0; v < nv; v++) acc[v] = _mm256_fmadd_ps(pr, _mm256_loadu_ps(value + 8 * v), acc[v]);
+        else
+            for (int64_t i = 0; i < P; i++) qp[h * P + i] = qpe[h * p_hs + i];
+        for (int64_t i = 0; i < V; i++) out[h * V + i] = 0.f;
+    }
+    /* position by position, this thread's heads together: their keys (and below their values) lie side by side, so
+     * the cache streams in order */
+    for (int64_t s = 0; s < len; s++) {
+        const float *key = row_at(keys, table, bs, H * K, s);
+        for (int64_t h = first; h < last; h++)
+            sc[h * S + s] = scale * (dot(key + h * K, qn + h * q_hs, D) + dot(key + h * K + D, qp + h * P, P));
+    }
+    for (int64_t h = first; h < last; h++) softmax(sc + h * S, len);
+    for (int64_t s = 0; s < len; s++) {
+        const float *value = row_at(values, table, bs, H * V, s);
+        for (int64_t h = first; h < last; h++) {
+            __m256 pr = _mm256_set1_ps(sc[h * S + s]);
+            for (int64_t c = 0; c < V; c += 8) {
+                float *o = out + h * V + c;
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(pr, _mm256_loadu_ps(value + h * V + c), _mm256_loadu_ps(o)));
             }
-            for (int v = 0; v < nv; v++) _mm256_storeu_ps(out + h * V + c + 8 * v, acc[v]);
         }
     }
 }
