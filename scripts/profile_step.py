@@ -51,6 +51,7 @@ POOL_BLOCKS = 1024  # 16k tokens: the decode session and every prefill stay cach
 KINDS = (
     "attention (MLA)",
     "MoE routed experts",
+    "MoE experts, compiled (shared + routed)",
     "MoE gate",
     "MoE dispatch/combine",
     "shared expert",
@@ -110,6 +111,9 @@ def module_ranges(model: Transformer, engine: Engine):
     mods = labels(model)
     for m, name in mods.items():
         m.forward = wrap(m.forward, name)
+    moes = [m for m in mods if isinstance(m, MoE)]
+    for m in moes:  # decode's few rows: the shared and routed experts in one compiled call
+        m.compiled = wrap(m.compiled, "MoE experts, compiled (shared + routed)")
     original_build = runner_module.build_batch
     runner_module.build_batch = wrap(original_build, "build_batch")
     engine.schedule = wrap(engine.schedule, "engine.schedule")
@@ -121,6 +125,8 @@ def module_ranges(model: Transformer, engine: Engine):
     finally:
         for m in [*mods, model]:
             del m.forward
+        for m in moes:
+            del m.compiled
         del engine.schedule, engine.postprocess
         runner_module.build_batch = original_build
 
@@ -133,7 +139,7 @@ def breakdown(prof) -> dict:
     forward = total.get("model forward", 0.0)
     kinds = {k: total.get(k, 0.0) for k in KINDS if k not in ("MoE dispatch/combine", "other")}
     kinds["MoE dispatch/combine"] = total.get("MoE", 0.0) - sum(
-        kinds[k] for k in ("MoE routed experts", "MoE gate", "shared expert")
+        kinds[k] for k in ("MoE routed experts", "MoE experts, compiled (shared + routed)", "MoE gate", "shared expert")
     )
     kinds["other"] = forward - sum(kinds.values())  # the rest of the forward (rope tables, residual adds, ...)
     kinds = {k: kinds[k] for k in KINDS}

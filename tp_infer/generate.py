@@ -146,8 +146,8 @@ ENGINE_OPTIONS = [
         "--cpu-kernels/--no-cpu-kernels",
         default=True,
         show_default=True,
-        help="On the CPU in fp32, decode's small products and latent attention run in tp_infer's compiled kernels "
-        "(built with the system's C compiler on first use); off: PyTorch's alone.",
+        help="On the CPU in fp32, decode's layers (products, SwiGLU, norms, rope, MoE, attention) run in tp_infer's "
+        "compiled kernels (built with the system's C compiler on first use); off: PyTorch's alone.",
     ),
     click.option(
         "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
