@@ -323,6 +323,19 @@ static void softmax(float *x, int64_t n) {
     for (int64_t t = s; t < n; t++) x[t] *= 1.f / sum;
 }
 
+/* The rows of a decode kernel over `threads` threads, ROW(r, tid, nt, buf) doing row r as thread tid of nt: with at
+ * least as many rows as threads (whole), each thread takes whole rows alone, in per_row floats of scratch of its
+ * own; else all threads work on each row in turn, sharing the scratch. */
+#define SHARE_ROWS(R, whole, scratch, per_row)                                                                          \
+    if (whole) {                                                                                                       \
+        _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1)")                                         \
+        for (int64_t r = 0; r < (R); r++) ROW(r, 0, 1, (scratch) + (per_row) * omp_get_thread_num());                  \
+    } else                                                                                                             \
+        for (int64_t r = 0; r < (R); r++) {                                                                            \
+            _Pragma("omp parallel num_threads(threads)")                                                               \
+            ROW(r, omp_get_thread_num(), omp_get_num_threads(), (scratch));                                            \
+        }
+
 /* MLA's decode in the absorbed form, one new token per row, over the paged cache in place:
  *
  *   q_nope [R, H, D], q_pe [R, H, P]          the new tokens' queries: row r, head h at r * q_rs + h * q_hs
@@ -516,17 +529,7 @@ int mla_decode(const float *q_nope, const float *q_pe, const float *kv, const fl
     decode_row(q_nope + (r) * q_rs, q_pe + (r) * p_rs, q_hs, p_hs, kv ? rot + (r) * P : NULL, wkv_b, latent, pe,       \
                block_table + (r) * nb, lengths[r], out + (r) * H * V, H, D, V, C, P, S, bs, scale, buf,                \
                buf + H * C, buf + H * (C + P), buf + H * (C + P + S), tid, nt)
-    if (whole_rows) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int64_t r = 0; r < R; r++) {
-            float *buf = scratch + per_row * omp_get_thread_num();
-            ROW(r, 0, 1, buf);
-        }
-    } else
-        for (int64_t r = 0; r < R; r++) {
-#pragma omp parallel num_threads(threads)
-            ROW(r, omp_get_thread_num(), omp_get_num_threads(), scratch);
-        }
+    SHARE_ROWS(R, whole_rows, scratch, per_row);
 #undef ROW
     free(scratch);
     return 0;
@@ -610,14 +613,7 @@ int mha_decode(const float *q_nope, const float *q_pe, const float *kv, const fl
 #define ROW(r, tid, nt, buf)                                                                                           \
     mha_row(q_nope + (r) * q_rs, q_pe + (r) * p_rs, q_hs, p_hs, kv ? rot + (r) * P : NULL, keys, values,               \
             block_table + (r) * nb, lengths[r], out + (r) * H * V, H, D, P, V, S, bs, scale, buf, buf + H * S, tid, nt)
-    if (whole_rows) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int64_t r = 0; r < R; r++) ROW(r, 0, 1, scratch + per_row * omp_get_thread_num());
-    } else
-        for (int64_t r = 0; r < R; r++) {
-#pragma omp parallel num_threads(threads)
-            ROW(r, omp_get_thread_num(), omp_get_num_threads(), scratch);
-        }
+    SHARE_ROWS(R, whole_rows, scratch, per_row);
 #undef ROW
     free(scratch);
     return 0;
