@@ -20,7 +20,7 @@ def switched_on():
     kernels.set_enabled(True)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 12, 13, 16, 23, 24])  # past MAX_ROWS: in two calls
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 12, 13, 16, 23, 24])  # past 12: in two halves
 @pytest.mark.parametrize(("n", "k"), [(64, 32), (33, 77), (5, 8), (130, 3)])
 def test_small_matmul_matches_linear(rows, n, k):
     generator = torch.Generator().manual_seed(rows * 1000 + n + k)
@@ -30,7 +30,7 @@ def test_small_matmul_matches_linear(rows, n, k):
 
 def test_linear_hands_over_to_pytorch(switched_on):
     w = torch.randn(16, 32)
-    x = torch.randn(kernels.SPLIT_ROWS + 1, 32)
+    x = torch.randn(kernels.MAX_ROWS + 1, 32)
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))  # more rows than the kernel takes
     assert torch.equal(kernels.linear(x[:2].bfloat16(), w.bfloat16()), F.linear(x[:2].bfloat16(), w.bfloat16()))
     strided = w.t().contiguous().t()

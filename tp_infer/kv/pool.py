@@ -72,6 +72,11 @@ class LayerCache:
     ):
         self.tensors = [CacheTensor(num_blocks, block_size, shape, dtype, device, pin) for shape in shapes]
 
+    @property
+    def data(self) -> list[torch.Tensor]:
+        """Each quantity's values [num_blocks, block_size, *shape], for kernels that use the pool in place."""
+        return [tensor.data for tensor in self.tensors]
+
     def write(self, slots: torch.Tensor, *values: torch.Tensor) -> None:
         """Store one step's new entries, values[i] [N, *shapes[i]], at flat slots [N]."""
         for tensor, value in zip(self.tensors, values, strict=True):

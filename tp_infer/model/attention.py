@@ -90,19 +90,20 @@ class MLA(nn.Module):
         """A step of decode rows alone in one compiled call that also stores the new entries (normalised, rotated;
         naive: taken to keys and values) and rotates the queries; None where the kernel does not apply, before
         anything is stored."""
-        group, pools = batch.groups[0], [tensor.data for tensor in cache.tensors]
+        group = batch.groups[0]
         new = kernels.NewEntries(kv, self.kv_norm.weight, self.kv_norm.eps, rotations, batch.slots)
         attend = kernels.mla_decode if self.attn_impl == "absorb" else kernels.mha_decode
-        return attend(q_nope, q_pe, wkv_b, *pools, group.block_table, group.lengths, self.softmax_scale, new)
+        return attend(q_nope, q_pe, wkv_b, *cache.data, group.block_table, group.lengths, self.softmax_scale, new)
 
     def naive_group(self, query: torch.Tensor, cache: LayerCache, group: AttentionGroup) -> torch.Tensor:
         """Attention of one group's queries over its rows' per-head keys and values (decode rows in the compiled
         kernel where it applies, reading the pool in place)."""
         if group.width == 1:
-            pools = [tensor.data for tensor in cache.tensors]
             rows = query[group.start : group.end]
             q_nope, q_pe = rows[..., : self.nope_dim], rows[..., self.nope_dim :]
-            out = kernels.mha_decode(q_nope, q_pe, None, *pools, group.block_table, group.lengths, self.softmax_scale)
+            out = kernels.mha_decode(
+                q_nope, q_pe, None, *cache.data, group.block_table, group.lengths, self.softmax_scale
+            )
             if out is not None:
                 return out
         k, v = cache.read(group.block_table, query.dtype, group.first_block)
@@ -114,9 +115,8 @@ class MLA(nn.Module):
         """Attention of one group's queries in the absorbed form (latent space; decode rows in the compiled kernel
         where it applies), or, when it costs fewer FLOPs, by expanding the cached latent to per-head keys and values."""
         if group.width == 1:  # the kernel reads the pool's blocks in place: nothing gathered
-            pools = [tensor.data for tensor in cache.tensors]
             queries = (q_nope[group.start : group.end], q_pe[group.start : group.end])
-            out = kernels.mla_decode(*queries, wkv_b, *pools, group.block_table, group.lengths, self.softmax_scale)
+            out = kernels.mla_decode(*queries, wkv_b, *cache.data, group.block_table, group.lengths, self.softmax_scale)
             if out is not None:
                 return out
         w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]

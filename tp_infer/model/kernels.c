@@ -118,6 +118,26 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+/* softmax of x [n] in place, 8 at a time */
+static void softmax(float *x, int64_t n) {
+    int64_t s = 0;
+    __m256 vmx = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
+    for (; s + 8 <= n; s += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + s));
+    float mx = max8(vmx), sum;
+    for (int64_t t = s; t < n; t++) mx = x[t] > mx ? x[t] : mx;
+    vmx = _mm256_set1_ps(mx);
+    for (s = 0; s + 8 <= n; s += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), vmx));
+        _mm256_storeu_ps(x + s, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    sum = sum8(vsum);
+    for (int64_t t = s; t < n; t++) sum += (x[t] = expf(x[t] - mx));
+    __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
+    for (int64_t t = s; t < n; t++) x[t] *= 1.f / sum;
+}
+
 /* SwiGLU of m rows inside a parallel region, y = (silu(x w1^T) * x w3^T) w2^T, through scratch g and h [m, inter];
  * every thread returns once y is complete.
  *
@@ -180,12 +200,8 @@ int route(const float *x, const float *gate, const float *bias, float *weights, 
         float *score = logits + t * E;
         if (sigmoid)
             for (int64_t e = 0; e < E; e++) score[e] = 1.f / (1.f + expf(-score[e]));
-        else {
-            float mx = score[0], sum = 0.f;
-            for (int64_t e = 1; e < E; e++) mx = score[e] > mx ? score[e] : mx;
-            for (int64_t e = 0; e < E; e++) sum += (score[e] = expf(score[e] - mx));
-            for (int64_t e = 0; e < E; e++) score[e] /= sum;
-        }
+        else
+            softmax(score, E);
         for (int64_t e = 0; e < E; e++) choice[e] = bias ? score[e] + bias[e] : score[e];
         if (groups > 1) {
             for (int64_t i = 0; i < E; i++) taken[i] = 0;
@@ -301,26 +317,6 @@ void rope(const float *x, const float *rot, float *y, int64_t m, int64_t nh, int
                 o[2 * k] = a * c - b * s, o[2 * k + 1] = a * s + b * c;
             }
         }
-}
-
-/* softmax of x [n] in place, 8 at a time */
-static void softmax(float *x, int64_t n) {
-    int64_t s = 0;
-    __m256 vmx = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
-    for (; s + 8 <= n; s += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + s));
-    float mx = max8(vmx), sum;
-    for (int64_t t = s; t < n; t++) mx = x[t] > mx ? x[t] : mx;
-    vmx = _mm256_set1_ps(mx);
-    for (s = 0; s + 8 <= n; s += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), vmx));
-        _mm256_storeu_ps(x + s, e);
-        vsum = _mm256_add_ps(vsum, e);
-    }
-    sum = sum8(vsum);
-    for (int64_t t = s; t < n; t++) sum += (x[t] = expf(x[t] - mx));
-    __m256 inv = _mm256_set1_ps(1.f / sum);
-    for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
-    for (int64_t t = s; t < n; t++) x[t] *= 1.f / sum;
 }
 
 /* The rows of a decode kernel over `threads` threads, ROW(r, tid, nt, buf) doing row r as thread tid of nt: with at

@@ -28,12 +28,11 @@ import torch.nn.functional as F
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]
-# rows up to which one small_matmul beats MKL, which is blocked for arithmetic (measured: 2-3x to 8 rows, 1.7x at
-# 12, even at 16)
-MAX_ROWS = 12
-# rows up to which two calls, each reading the weight, still beat MKL (measured at the bench model's shapes, weights
-# cold: 1.1-2.2x at 13-16 rows, 0.8-1.6x at 24, the vocabulary head 1.6-2.2x throughout); more go to F.linear
-SPLIT_ROWS = 2 * MAX_ROWS
+# rows up to which the row kernels beat PyTorch and take the work. The products beat MKL, which is blocked for
+# arithmetic, 2-3x to 8 rows and 1.7x at 12; past kernels.c's 12 they run in two halves, each reading the weight,
+# which still wins at the bench model's shapes with the weights cold (1.1-2.2x at 13-16 rows, 0.8-1.6x at 24, the
+# vocabulary head 1.6-2.2x throughout); more go to PyTorch
+MAX_ROWS = 24
 
 _enabled = True
 
@@ -109,13 +108,13 @@ def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 
 
 def few_rows(x: torch.Tensor) -> bool:
-    """Whether x is [M, K] with 1 to SPLIT_ROWS rows: what the row kernels take."""
-    return x.dim() == 2 and 0 < x.shape[0] <= SPLIT_ROWS
+    """Whether x is [M, K] with 1 to MAX_ROWS rows: what the row kernels take."""
+    return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times weight [N, K] transposed: the compiled product for 1 to SPLIT_ROWS fp32 rows on the CPU (in
-    two halves past MAX_ROWS), else F.linear."""
+    """x [M, K] times weight [N, K] transposed: the compiled product for 1 to MAX_ROWS fp32 rows on the CPU (in
+    two halves past 12), else F.linear."""
     lib = usable(x, weight) if few_rows(x) and weight.is_contiguous() else None
     if lib is None:
         return F.linear(x, weight)
@@ -126,7 +125,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
-    """(silu(x w1^T) * x w3^T) w2^T for x [M, dim] with 1 to SPLIT_ROWS fp32 rows on the CPU, in one compiled call
+    """(silu(x w1^T) * x w3^T) w2^T for x [M, dim] with 1 to MAX_ROWS fp32 rows on the CPU, in one compiled call
     instead of five ops; None elsewhere (the caller runs PyTorch's)."""
     fits = few_rows(x) and all(w.is_contiguous() for w in (w1, w3, w2))
     lib = usable(x, w1, w3, w2) if fits else None
@@ -142,7 +141,7 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm of x [M, N] (rows may be strided) for 1 to SPLIT_ROWS fp32 rows on the CPU, compiled: a few
+    """RMSNorm of x [M, N] (rows may be strided) for 1 to MAX_ROWS fp32 rows on the CPU, compiled: a few
     microseconds where PyTorch's composite takes tens; None elsewhere."""
     lib = usable(x, weight) if few_rows(x) and x.stride(-1) == 1 else None
     if lib is None:
@@ -163,7 +162,7 @@ def route(
     norm: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """MoE routing of x [M, dim] by gate [E, dim] (Gate.forward's rules) for 1 to SPLIT_ROWS fp32 rows on the CPU, in
+    """MoE routing of x [M, dim] by gate [E, dim] (Gate.forward's rules) for 1 to MAX_ROWS fp32 rows on the CPU, in
     one call: the weights [M, topk] and expert indices [M, topk]; None elsewhere."""
     operands = (x, gate) if bias is None else (x, gate, bias)
     lib = usable(*operands) if few_rows(x) and all(t.is_contiguous() for t in operands) else None
@@ -184,7 +183,7 @@ def moe(
     experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor | None:
-    """This rank's mixture of experts for x [M, dim], 1 to SPLIT_ROWS fp32 rows on the CPU, in one call: the shared
+    """This rank's mixture of experts for x [M, dim], 1 to MAX_ROWS fp32 rows on the CPU, in one call: the shared
     expert's (w1, w3, w2) on every token, plus each of `experts` (id -> weights: the local experts some token chose)
     on the tokens routed to it, times their weight, expert by expert in ascending order as MoE adds them; None
     elsewhere."""
@@ -208,8 +207,8 @@ def moe(
 
 def rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor | None:
     """x [M, H, D] or [M, D] (last dimension contiguous) rotated pairwise by rotations [M, D / 2] complex64, for 1 to
-    SPLIT_ROWS fp32 rows on the CPU: one call where PyTorch's complex product takes five; None elsewhere."""
-    fits = few_rows(x.flatten(1)) and x.stride(-1) == 1 and rotations.dtype == torch.complex64
+    MAX_ROWS fp32 rows on the CPU: one call where PyTorch's complex product takes five; None elsewhere."""
+    fits = x.dim() in (2, 3) and 0 < x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and rotations.dtype == torch.complex64
     lib = usable(x) if fits and rotations.is_cpu and rotations.is_contiguous() else None
     if lib is None:
         return None
@@ -232,6 +231,12 @@ class NewEntries:
     rotations: torch.Tensor
     slots: torch.Tensor
 
+    def fits(self) -> bool:
+        """Whether the kernels can read these as they lie (their dtypes are checked with the other operands')."""
+        rotations = self.rotations
+        contiguous = self.kv.is_contiguous() and rotations.is_contiguous()
+        return contiguous and rotations.dtype == torch.complex64 and self.slots.dtype == torch.int64
+
 
 def mla_decode(
     q_nope: torch.Tensor,
@@ -252,9 +257,7 @@ def mla_decode(
     not built): the caller computes it with PyTorch."""
     fits = latent.shape[-1] % 16 == 0 and all(t.is_contiguous() for t in (wkv_b, latent, pe))
     fits = fits and block_table.dtype == lengths.dtype == torch.int64 and q_nope.stride(-1) == q_pe.stride(-1) == 1
-    if new is not None:
-        fits = fits and new.kv.is_contiguous() and new.rotations.is_contiguous() and new.slots.dtype == torch.int64
-        fits = fits and new.rotations.dtype == torch.complex64
+    fits = fits and (new is None or new.fits())
     lib = usable(q_nope, q_pe, wkv_b, latent, pe, *(() if new is None else (new.kv, new.norm_weight))) if fits else None
     if lib is None:
         return None
@@ -288,14 +291,11 @@ def mha_decode(
     the pool's keys [blocks, bs, H, D + P] and values [blocks, bs, H, V], row r over its positions
     0 .. lengths[r] - 1 in block_table [R, nb]; the output [R, H, V]. With `new`, the rows' new entries are stored
     first (the latent normalised and taken to keys and values by wkv_b [H, D + V, C], needed only here, the rope key
-    rotated) and q_pe
-    rotated here. None where the kernel does not apply (not fp32 on the CPU, V not a multiple of 8, switched off, not
-    built)."""
+    rotated) and q_pe rotated here. None where the kernel does not apply (not fp32 on the CPU, V not a multiple of 8,
+    switched off, not built)."""
     fits = values.shape[-1] % 8 == 0 and keys.is_contiguous() and values.is_contiguous()
     fits = fits and block_table.dtype == lengths.dtype == torch.int64 and q_nope.stride(-1) == q_pe.stride(-1) == 1
-    if new is not None:
-        fits = fits and new.kv.is_contiguous() and new.rotations.is_contiguous() and new.slots.dtype == torch.int64
-        fits = fits and new.rotations.dtype == torch.complex64 and wkv_b is not None and wkv_b.is_contiguous()
+    fits = fits and (new is None or (new.fits() and wkv_b is not None and wkv_b.is_contiguous()))
     operands = (q_nope, q_pe, keys, values, *(() if new is None else (wkv_b, new.kv, new.norm_weight)))
     lib = usable(*operands) if fits else None
     if lib is None:
