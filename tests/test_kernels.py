@@ -72,9 +72,13 @@ def test_rope_matches_the_complex_product(shape):
         torch.rand(shape[0], shape[-1] // 2, generator=generator) + 0.5,
         torch.randn(shape[0], shape[-1] // 2, generator=generator),
     )
+    assert torch.allclose(kernels.rope(x, rotations), rotated(x, rotations), atol=1e-6, rtol=1e-5)
+
+
+def rotated(x, rotations):
+    """x [N, H, D] or [N, D] rotated by rotations [N, D / 2] through PyTorch's complex product."""
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
-    expected = torch.view_as_real(pairs * (rotations.unsqueeze(1) if x.dim() == 3 else rotations)).flatten(-2)
-    assert torch.allclose(kernels.rope(x, rotations), expected, atol=1e-6, rtol=1e-5)
+    return torch.view_as_real(pairs * (rotations[:, None] if x.dim() == 3 else rotations)).flatten(-2)
 
 
 def reference_decode(q_nope, q_pe, wkv_b, latent, pe, block_table, lengths, scale):
@@ -203,14 +207,10 @@ def test_mla_decode_stores_the_new_entries_first():
     new = kernels.NewEntries(kv, norm_weight, 1e-6, rotations, slots)
     out = kernels.mla_decode(q_nope, q_pe, wkv_b, *pools, block_table, lengths, 0.3, new)
 
-    def rotated(x):
-        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
-        return torch.view_as_real(pairs * (rotations[:, None] if x.dim() == 3 else rotations)).flatten(-2)
-
     latent.view(-1, latent_dim)[slots] = F.rms_norm(kv[:, :latent_dim], (latent_dim,), norm_weight, 1e-6)
-    pe.view(-1, rope_dim)[slots] = rotated(kv[:, latent_dim:])
+    pe.view(-1, rope_dim)[slots] = rotated(kv[:, latent_dim:], rotations)
     assert torch.allclose(pools[0], latent, atol=1e-6) and torch.allclose(pools[1], pe, atol=1e-6)
-    expected = reference_decode(q_nope, rotated(q_pe), wkv_b, latent, pe, block_table, lengths, 0.3)
+    expected = reference_decode(q_nope, rotated(q_pe, rotations), wkv_b, latent, pe, block_table, lengths, 0.3)
     assert out is not None and torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -266,17 +266,13 @@ def test_mha_decode_stores_the_new_entries_first():
     new = kernels.NewEntries(kv, norm_weight, 1e-6, rotations, slots)
     out = kernels.mha_decode(q[..., :nope], q[..., nope:], wkv_b, *pools, block_table, lengths, 0.3, new)
 
-    def rotated(x):
-        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
-        return torch.view_as_real(pairs * (rotations[:, None] if x.dim() == 3 else rotations)).flatten(-2)
-
     latent = F.rms_norm(kv[:, :latent_dim], (latent_dim,), norm_weight, 1e-6)
     k_nope, v = torch.einsum("nc,hdc->nhd", latent, wkv_b).split([nope, v_dim], dim=-1)
-    k_pe = rotated(kv[:, latent_dim:]).unsqueeze(1).expand(-1, heads, -1)
+    k_pe = rotated(kv[:, latent_dim:], rotations).unsqueeze(1).expand(-1, heads, -1)
     keys.view(-1, heads, nope + rope_dim)[slots] = torch.cat([k_nope, k_pe], dim=-1)
     values.view(-1, heads, v_dim)[slots] = v
     assert torch.allclose(pools[0], keys, atol=1e-5) and torch.allclose(pools[1], values, atol=1e-5)
-    query = torch.cat([q[..., :nope], rotated(q[..., nope:])], dim=-1)
+    query = torch.cat([q[..., :nope], rotated(q[..., nope:], rotations)], dim=-1)
     expected = reference_mha(query, keys, values, block_table, lengths, 0.3)
     assert out is not None and torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
 
