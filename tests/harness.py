@@ -9,6 +9,19 @@ from collections.abc import Callable
 
 import torch
 
+# TP_INFER_TEST_DEVICE=cuda runs the suite's world-size-1 work on the GPU (harness jobs and the command lines that
+# take device_option); larger worlds stay on gloo and the CPU, which needs no GPU per rank
+TEST_DEVICE = os.environ.get("TP_INFER_TEST_DEVICE", "cpu")
+
+
+def device_for(world_size: int) -> str:
+    return TEST_DEVICE if world_size == 1 else "cpu"
+
+
+def device_option(world_size: int) -> list[str]:
+    """The command line's --device for a job of world_size ranks."""
+    return ["--device", device_for(world_size)]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,7 +37,7 @@ def _rank_main(target: Callable, rank: int, world_size: int, port: int, args: tu
     from tp_infer.distributed import init_distributed
 
     try:
-        ctx = init_distributed("cpu")
+        ctx = init_distributed(device_for(world_size))
         buffer = io.BytesIO()  # tensors travel as bytes: shared-memory handles die with the process
         torch.save(target(ctx, *args), buffer)
         results.put((rank, "ok", buffer.getvalue()))
@@ -36,7 +49,8 @@ def _rank_main(target: Callable, rank: int, world_size: int, port: int, args: tu
 
 
 def run_ranks(world_size: int, target: Callable, *args, timeout: float = 300) -> list:
-    """target(ctx, *args) on every rank; returns the results by rank, or raises with the failing ranks' errors.
+    """target(ctx, *args) on every rank; returns the results by rank (tensors on the CPU), or raises with the failing
+    ranks' errors.
     Fails (rather than hangs) if any rank is still running after `timeout` seconds."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -59,7 +73,7 @@ def run_ranks(world_size: int, target: Callable, *args, timeout: float = 300) ->
     errors = {r: v for r, (s, v) in outcomes.items() if s == "error"}
     if errors:
         raise RankError(errors)
-    return [torch.load(io.BytesIO(outcomes[r][1])) for r in range(world_size)]
+    return [torch.load(io.BytesIO(outcomes[r][1]), map_location="cpu") for r in range(world_size)]
 
 
 class RankError(RuntimeError):

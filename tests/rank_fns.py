@@ -38,7 +38,7 @@ def forward(runner, rows, all_logits=False):
         all_logits=all_logits,
     )
     batch = build_batch(plan, BLOCK, runner.ctx.device)
-    return runner.model(plan.tokens, batch, runner.pool.layers, all_logits=all_logits)
+    return runner.model(plan.tokens.to(runner.ctx.device), batch, runner.pool.layers, all_logits=all_logits)
 
 
 def logits_suite(ctx, ckpt_dir):
@@ -97,7 +97,7 @@ def long_prefill_suite(ctx, ckpt_dir):
             "chunks": torch.cat(
                 [forward(runner, [(1, a, LONG_PROMPT[a:b])], all_logits=True) for a, b in ((0, 40), (40, n))]
             ),
-            "scattered": runner.model(plan.tokens, batch, runner.pool.layers, all_logits=True),
+            "scattered": runner.model(plan.tokens.to(runner.ctx.device), batch, runner.pool.layers, all_logits=True),
             "first_blocks": [g.first_block for g in batch.groups],
         }
     return out

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import free_port
+from harness import device_option, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-OPTIONS = ["--device", "cpu", "--dtype", "fp32", "--max-seq-len", "256", "--max-batch-size", "3"]
+OPTIONS = ["--dtype", "fp32", "--max-seq-len", "256", "--max-batch-size", "3"]
 MAX_NEW = 6
 WORDS = ["Hello there,", "how are you today?", "My name is Ada", "and I live in Paris.", "The code is 4821."]
 
@@ -86,6 +86,7 @@ EXPECTED_ERRORS = {
 
 def command(world_size: int, ckpt: Path, input_file: Path, output_file: Path, *extra: str) -> list[str]:
     cli = ["-m", "tp_infer.generate", "--ckpt-path", str(ckpt), *OPTIONS, *extra, "--max-new-tokens", str(MAX_NEW)]
+    cli += device_option(world_size)
     cli += ["--input-file", str(input_file), "--output-file", str(output_file)]
     if world_size == 1:
         return [sys.executable, *cli]

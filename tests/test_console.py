@@ -8,17 +8,20 @@ import sys
 import threading
 import time
 
-OPTIONS = ["--device", "cpu", "--dtype", "fp32", "--max-seq-len", "256", "--max-new-tokens", "8"]
+from harness import device_option
+
+OPTIONS = ["--dtype", "fp32", "--max-seq-len", "256", "--max-new-tokens", "8"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ONE_RANK = [sys.executable, "-m", "tp_infer.generate"]  # world size 1 needs no torchrun
 
 
 def console(ckpt, lines: list[str], world_size: int = 2, extra=(), timeout: float = 180) -> subprocess.CompletedProcess:
     if world_size == 1:
-        launcher = [sys.executable, "-m", "tp_infer.generate"]
+        launcher = ONE_RANK
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"]
         launcher += ["-m", "tp_infer.generate"]
-    cmd = [*launcher, "--ckpt-path", str(ckpt), "--interactive", *OPTIONS, *extra]
+    cmd = [*launcher, "--ckpt-path", str(ckpt), "--interactive", *OPTIONS, *device_option(world_size), *extra]
     return subprocess.run(
         cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=timeout, env=ENV, check=False
     )
@@ -87,7 +90,7 @@ def test_console_bad_input_gets_a_message_and_the_prompt_back(chat_ckpt, tmp_pat
 
 
 def test_console_invalid_utf8_is_ignored(chat_ckpt):
-    cmd = [sys.executable, "-m", "tp_infer.generate", "--ckpt-path", str(chat_ckpt), "--interactive", *OPTIONS]
+    cmd = [*ONE_RANK, "--ckpt-path", str(chat_ckpt), "--interactive", *OPTIONS, *device_option(1)]
     run = subprocess.run(
         cmd, input=b"\xff\xfe bad\nHello there\n", capture_output=True, timeout=120, env=ENV, check=False
     )
@@ -98,7 +101,7 @@ def test_console_invalid_utf8_is_ignored(chat_ckpt):
 
 def test_ctrl_c_stops_the_reply_and_keeps_it(chat_ckpt, tmp_path):
     saved = tmp_path / "after.json"
-    cmd = [sys.executable, "-m", "tp_infer.generate", "--ckpt-path", str(chat_ckpt), "--interactive", *OPTIONS]
+    cmd = [*ONE_RANK, "--ckpt-path", str(chat_ckpt), "--interactive", *OPTIONS, *device_option(1)]
     cmd += ["--max-new-tokens", "200", "--ignore-eos"]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV, text=True

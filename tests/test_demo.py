@@ -62,6 +62,7 @@ def test_fp8_cache_greedy_continuations_agree(demo_ckpt):
     """Over 200+ greedy tokens of held-out conversations, an fp8 cache picks the same tokens as a bf16 cache
     at least 95% of the time (fp32 compute, so that only the cache's storage differs)."""
     import torch
+    from harness import device_for
 
     from tp_infer.chat import Conversation
     from tp_infer.checkpoint import load_model
@@ -80,8 +81,9 @@ def test_fp8_cache_greedy_continuations_agree(demo_ckpt):
         args = load_config(
             demo_ckpt / "config.json", dtype="bf16", kv_cache_dtype=kv, max_seq_len=1024, max_batch_size=2
         )
-        model = load_model(args, demo_ckpt, TensorParallel(), torch.device("cpu"))
-        engine = Engine(ModelRunner(model, DistContext(0, 1, torch.device("cpu")), 2 * 1024 // 16))
+        device = torch.device(device_for(1))
+        model = load_model(args, demo_ckpt, TensorParallel(), device)
+        engine = Engine(ModelRunner(model, DistContext(0, 1, device), 2 * 1024 // 16))
         tokens = []
         for i, c in enumerate(held_out_conversations(3, seed=99)):
             chat = Conversation.start(engine, tokenizer, f"c{i}", c["system"])

@@ -5,7 +5,7 @@ import engine_drivers as drv
 import pytest
 import rank_fns
 import torch
-from harness import run_ranks
+from harness import device_for, run_ranks
 from test_engine import EIGHT_TURNS
 
 from tp_infer.config import load_config
@@ -32,7 +32,7 @@ def test_formula_on_the_published_671B_config():
 
 
 def logits(ckpt, **options) -> torch.Tensor:
-    runner = rank_fns.load(DistContext(0, 1, torch.device("cpu")), ckpt, slots=1, max_seq_len=64, **options)
+    runner = rank_fns.load(DistContext(0, 1, torch.device(device_for(1))), ckpt, slots=1, max_seq_len=64, **options)
     return rank_fns.forward(runner, [(0, 0, rank_fns.PROMPT)], all_logits=True)
 
 

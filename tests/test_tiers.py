@@ -14,7 +14,7 @@ from pathlib import Path
 import engine_drivers as drv
 import pytest
 import rank_fns
-from harness import run_ranks
+from harness import device_option, run_ranks
 from processes import ENV, REPO, torchrun
 from test_console import console
 
@@ -52,8 +52,7 @@ def test_host_tier_restores_evicted_conversations(converted, world_size, impl):
 
 # ---- the disk tier, through the batch job's command line -------------------------------------------------------
 
-OPTIONS = ["--device", "cpu", "--dtype", "fp32", "--max-seq-len", "256", "--max-batch-size", "3", "--max-new-tokens"]
-OPTIONS += ["8"]
+OPTIONS = ["--dtype", "fp32", "--max-seq-len", "256", "--max-batch-size", "3", "--max-new-tokens", "8"]
 SHARED = token_lists(31, [32])[0]  # a prefix two of the conversations share
 PROMPTS = [SHARED + p for p in token_lists(32, [13, 26])] + token_lists(33, [21])
 NEW = token_lists(34, [5, 7, 3])
@@ -62,7 +61,7 @@ NEW = token_lists(34, [5, 7, 3])
 def batch_job(world_size: int, ckpt, root: Path, name: str, lines: list[dict], *extra: str, **popen) -> tuple:
     """Run one batch job over `lines`; returns its records by id and its stderr."""
     (root / f"{name}.in").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    cli = ["--ckpt-path", str(ckpt), *OPTIONS, "--input-file", str(root / f"{name}.in")]
+    cli = ["--ckpt-path", str(ckpt), *OPTIONS, *device_option(world_size), "--input-file", str(root / f"{name}.in")]
     cli += ["--output-file", str(root / f"{name}.out"), *extra]
     cmd = [sys.executable, "-m", "tp_infer.generate", *cli] if world_size == 1 else torchrun(world_size, *cli)
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180, **popen)
