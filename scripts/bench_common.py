@@ -1,7 +1,8 @@
 """What the benchmarks share: random weights for their models, ours or transformers' (scaled as
 tests/checkpoints.py's, so that activations and logits stay O(1) and routing matters), the closing line that
-says how loaded the machine was, and the command-line options they have in common (one place for each: the same name,
-type and default everywhere, the help text where a script says more)."""
+says how loaded the machine was, the wait for a GPU's queued work before a clock is read, and the command-line options
+they have in common (one place for each: the same name, type and default everywhere, the help text where a script says
+more)."""
 
 import functools
 import json
@@ -14,6 +15,8 @@ from typing import Any
 
 import click
 import torch
+
+from tp_infer.distributed import resolve_device
 
 BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_bench.json"
 OptionDecorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -48,6 +51,19 @@ def runtime_line(runtime_s: float, load_at_start: float) -> tuple[str, dict]:
     return line, load
 
 
+def python_path(*folders: Path) -> str:
+    """A child process's PYTHONPATH: folders first, then whatever this process was given (where the packages of a
+    machine without the venv may lie)."""
+    given = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([*map(str, folders), *([given] if given else [])])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU (nothing to wait for on the CPU), so that a clock read next counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def report(results: dict, printers: dict[str, Callable[[dict], None]], started: float, load_at_start: float, out):
     """Print each section measured (results[name] by printers[name]) and the closing line; --out gets the JSON."""
     for name, show in printers.items():
@@ -70,6 +86,25 @@ def config_option(
 def dtype_option(help: str = "Compute.") -> OptionDecorator:
     """--dtype: fp32 by default, as bf16 matmuls are slow on CPU."""
     return click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help=help)
+
+
+def device_option(help: str = "Where the model runs: the CPU or one GPU (world size 1).") -> OptionDecorator:
+    """--device: cpu or cuda, handed to main as a torch.device; cuda on a machine without one fails at once."""
+
+    def resolve(ctx: click.Context, param: click.Parameter, value: str) -> torch.device:
+        try:
+            return resolve_device(value)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+
+    return click.option(
+        "--device",
+        default="cpu",
+        show_default=True,
+        type=click.Choice(["cpu", "cuda"]),
+        callback=resolve,
+        help=help,
+    )
 
 
 def out_option(help: str = "Write every figure as JSON.") -> OptionDecorator:
@@ -108,7 +143,8 @@ def reply_tokens_option(default: int, help: str, fewest: int = 2) -> OptionDecor
 
 
 def sections_options(sections: Sequence[str]) -> OptionDecorator:
-    """What a benchmark of sections opens with: --config --dtype --out --only (one section) --threads --seed."""
+    """What a benchmark of sections opens with: --config --dtype --device --out --only (one section) --threads
+    --seed."""
     only = click.option("--only", type=click.Choice(sections), help="Run one measurement.")
-    options = (config_option(), dtype_option(), out_option(), only, threads_option(), seed_option())
+    options = (config_option(), dtype_option(), device_option(), out_option(), only, threads_option(), seed_option())
     return lambda f: functools.reduce(lambda g, option: option(g), reversed(options), f)

@@ -2,15 +2,17 @@
 the same conversation through Hugging Face transformers on the same weights.
 
 python scripts/bench_multiturn.py [--config configs/config_bench.json] [--turns 24] [--new-tokens-min 30]
-    [--new-tokens-max 70] [--reply-tokens 32] [--dtype fp32] [--attn-impl absorb] [--seed 0] [--out FILE.json]
-    [--work-dir DIR] [--threads N] [--skip-transformers]
+    [--new-tokens-max 70] [--reply-tokens 32] [--dtype fp32] [--device cpu|cuda] [--attn-impl absorb] [--seed 0]
+    [--out FILE.json] [--work-dir DIR] [--threads N] [--skip-transformers]
 
 Each turn is a user message of random token ids followed by a greedy reply of --reply-tokens tokens (eos ignored);
 the reply stays in the history. The default is shaped like a chat: short user messages (30-70 tokens), the history
 growing by each reply, about 1,900 tokens of it by the last turn. Reuse on prefills only the new user tokens; reuse
 off re-prefills the whole conversation every turn, as DeepSeek's reference does. transformers times every turn's
 first token and decodes the last turn's reply; its history takes our replies, which are its own greedy replies in
-fp32 (checked: first tokens of every turn, the whole last reply). Progress goes to stderr, the tables to stdout.
+fp32 (checked: first tokens of every turn, the whole last reply). Both engines run on --device (the CPU by default,
+or one GPU); every time is taken after the token it stops at was read back to the host. Progress goes to stderr, the
+tables to stdout.
 """
 
 import json
@@ -27,6 +29,7 @@ import torch
 import transformers
 from bench_common import (
     config_option,
+    device_option,
     dtype_option,
     fill_random,
     out_option,
@@ -100,9 +103,9 @@ def check_same_architecture(ours: ModelArgs, converted: ModelArgs) -> None:
         raise click.ClickException(f"the Hugging Face config does not reproduce the benchmark config: {differ}")
 
 
-def build_runner(args: ModelArgs, hf_model: HFModel, work_dir: Path) -> ModelRunner:
-    """save_pretrained, convert to one shard, load at world size 1 in this process."""
-    return load_runner(args, convert_hf(hf_model, work_dir))
+def build_runner(args: ModelArgs, hf_model: HFModel, work_dir: Path, device: torch.device) -> ModelRunner:
+    """save_pretrained, convert to one shard, load at world size 1 on device in this process."""
+    return load_runner(args, convert_hf(hf_model, work_dir), device)
 
 
 def convert_hf(hf_model: HFModel, work_dir: Path) -> Path:
@@ -113,12 +116,13 @@ def convert_hf(hf_model: HFModel, work_dir: Path) -> Path:
     return ckpt_dir
 
 
-def load_runner(args: ModelArgs, ckpt_dir: Path) -> ModelRunner:
-    """A converted one-shard checkpoint loaded at world size 1 in this process, with the runtime options of args."""
+def load_runner(args: ModelArgs, ckpt_dir: Path, device: torch.device) -> ModelRunner:
+    """A converted one-shard checkpoint loaded at world size 1 on device in this process, with the runtime options of
+    args."""
     runtime = {"dtype": args.dtype, "attn_impl": args.attn_impl, "max_seq_len": args.max_seq_len, "max_batch_size": 1}
     converted = load_config(ckpt_dir / "config.json", **runtime)
     check_same_architecture(args, converted)
-    ctx = init_distributed("cpu")
+    ctx = init_distributed(device.type)
     model = load_model(converted, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device)
     return ModelRunner(model, ctx, num_blocks=converted.max_seq_len // 16, block_size=16)
 
@@ -175,7 +179,8 @@ def run_ours(
 
 # ---- transformers ----------------------------------------------------------------------------------------------------
 class TokenClock(BaseStreamer):
-    """Notes when generate() hands over tokens: first the prompt, then each new token."""
+    """Notes when generate() hands over tokens: first the prompt, then each new token (copied to the host first, so
+    on a GPU each time follows its token's computation)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -192,14 +197,15 @@ def run_hf_generate(model: HFModel, users: list[list[int]], replies: list[list[i
     """model.generate on the whole conversation every turn (no cache kept between turns). Earlier turns generate
     one token, for the time to first token; the history then takes our reply (the same greedy reply in fp32), and
     the last turn generates the whole reply, for the decode rate."""
-    model.generate(torch.tensor([users[0][:16]]), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+    warm_up = torch.tensor([users[0][:16]], device=model.device)
+    model.generate(warm_up, max_new_tokens=2, do_sample=False, pad_token_id=0)
     history, timings = [], []
     for i, (user, ours) in enumerate(zip(users, replies, strict=True), 1):
         history += user
         clock = TokenClock()
         start = time.perf_counter()
         out = model.generate(
-            torch.tensor([history]),
+            torch.tensor([history], device=model.device),
             max_new_tokens=len(ours) if i == len(users) else 1,
             do_sample=False,
             pad_token_id=0,
@@ -222,8 +228,8 @@ def run_hf_cached(model: HFModel, users: list[list[int]], replies: list[list[int
     and then feed the rest of our reply in one forward; the last turn decodes the whole reply token by token."""
 
     def step(ids: list[int], cache: transformers.DynamicCache) -> int:
-        logits = model(torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits
-        return int(logits[0, -1].argmax())
+        logits = model(torch.tensor([ids], device=model.device), cache=cache, use_cache=True, logits_to_keep=1).logits
+        return int(logits[0, -1].argmax())  # read back: on a GPU, the forward is done when the clock is read
 
     step(users[0][:16], transformers.DynamicCache(config=model.config))  # warm-up
     cache, unfed, timings = transformers.DynamicCache(config=model.config), [], []
@@ -363,6 +369,7 @@ def print_transformers(tf: dict, turns: int, reply_tokens: int) -> None:
     "Weights and compute of both engines for the whole run. In fp32 all runs generate the same replies, so they "
     "time the very same conversation; bf16 rounding parts the engines' greedy replies after a few tokens."
 )
+@device_option("Where both engines run: the CPU or one GPU (world size 1).")
 @click.option(
     "--attn-impl",
     default="absorb",
@@ -385,6 +392,7 @@ def main(
     new_tokens_max: int,
     reply_tokens: int,
     dtype: str,
+    device: torch.device,
     attn_impl: str,
     seed: int,
     out: str | None,
@@ -407,7 +415,7 @@ def main(
     log(f"building a random DeepSeek-V3 model ({config_path}, {dtype}) and converting it")
     hf_model = random_hf_model(args, DTYPES[dtype], seed)
     with tempfile.TemporaryDirectory() as tmp:
-        runner = build_runner(args, hf_model, Path(work_dir or tmp))
+        runner = build_runner(args, hf_model, Path(work_dir or tmp), device)
     log("tp_infer, reuse on, then reuse off")
     on = run_ours(runner, users, reply_tokens, reuse=True)
     off = run_ours(runner, users, reply_tokens, reuse=False)
@@ -415,6 +423,7 @@ def main(
     summary = {
         "config": config_path,
         "dtype": dtype,
+        "device": str(device),
         "attn_impl": attn_impl,
         "torch_threads": torch.get_num_threads(),
         **ours_summary(users, on, off),
@@ -422,11 +431,12 @@ def main(
     if not skip_transformers:
         log("transformers: generate re-prefilling every turn, then a kept DynamicCache")
         replies = [turn.generated for turn in on]
+        hf_model.to(device)
         generate = run_hf_generate(hf_model, users, replies)
         cached = run_hf_cached(hf_model, users, replies)
         summary["transformers"] = transformers_summary(on, generate, cached, hf_model)
 
-    print(f"\n{turns} turns, {reply_tokens}-token greedy replies, {dtype}, {attn_impl}, {config_path}")
+    print(f"\n{turns} turns, {reply_tokens}-token greedy replies, {dtype}, {attn_impl}, {device}, {config_path}")
     print_table(rows)
     print(
         f"\nttft_speedup_last_turn {summary['ttft_speedup_last_turn']:.2f}x, "

@@ -1,10 +1,11 @@
 """Paged-pool benchmark: what one KV pool shared by every conversation, with a prefix tree over token ids, buys.
 
-    python scripts/bench_pool.py [--config configs/config_bench.json] [--dtype fp32] [--out FILE.json]
-        [--only capacity|shared|decode] [--threads N] [--seed 0] [--slots 8] [--conversation-tokens 1000]
-        [--system-tokens 2000] [--conversations 32] [--long-prompt-tokens 4000]
+    python scripts/bench_pool.py [--config configs/config_bench.json] [--dtype fp32] [--device cpu|cuda]
+        [--out FILE.json] [--only capacity|shared|decode] [--threads N] [--seed 0] [--slots 8]
+        [--conversation-tokens 1000] [--system-tokens 2000] [--conversations 32] [--long-prompt-tokens 4000]
 
-One process, world size 1, a random model of the config (fp32 compute by default: bf16 matmuls are slow on CPU).
+One process, world size 1, a random model of the config (fp32 compute by default: bf16 matmuls are slow on CPU) on
+--device (the CPU by default, or one GPU; every time is taken after the logits reach the host).
 Three measurements, each printed as a small table with its ratio and goal, all figures written to --out:
 
 1. capacity: a pool with the memory of the old default (--slots x the config's max_seq_len tokens, one slot per
@@ -87,18 +88,23 @@ class Prompts:
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------
-def random_model(config: str, dtype: str, seed: int) -> Transformer:
+def random_model(config: str, dtype: str, seed: int, device: torch.device) -> Transformer:
     """A random model of the config, scaled as scripts/bench_kv_cache.py's, with room for the decode section's long
-    prompt (max_seq_len only sizes the rope tables)."""
+    prompt (max_seq_len only sizes the rope tables); filled on the CPU, so the weights are the same on any device."""
     args = load_config(config, dtype=dtype)
     args = args.with_options(max_seq_len=max(args.max_seq_len, DECODE_MAX_SEQ_LEN))
     model = Transformer(args, TensorParallel())
     fill_random(model, seed)
-    return model.eval()
+    return model.to(device).eval()
+
+
+def world_of_one(model: Transformer) -> DistContext:
+    """Rank 0 of 1 on the model's device."""
+    return DistContext(0, 1, model.head.weight.device)
 
 
 def runner_for(model: Transformer, num_blocks: int) -> ModelRunner:
-    return ModelRunner(model, DistContext(0, 1, torch.device("cpu")), num_blocks, BLOCK_SIZE)
+    return ModelRunner(model, world_of_one(model), num_blocks, BLOCK_SIZE)
 
 
 def warm_up(model: Transformer, prompts: Prompts) -> None:
@@ -438,6 +444,7 @@ def print_decode(r: dict) -> None:
 def main(
     config: str,
     dtype: str,
+    device: torch.device,
     out: str | None,
     only: str | None,
     threads: int | None,
@@ -453,11 +460,17 @@ def main(
     if threads:
         torch.set_num_threads(threads)
     config_args = load_config(config, dtype=dtype)
-    log(f"building a random model ({config}, {dtype}, {torch.get_num_threads()} threads)")
-    model = random_model(config, dtype, seed)
+    log(f"building a random model ({config}, {dtype}, {device}, {torch.get_num_threads()} threads)")
+    model = random_model(config, dtype, seed, device)
     prompts = Prompts(seed, model.args.vocab_size)
     warm_up(model, prompts)
-    results: dict = {"config": config, "dtype": dtype, "torch_threads": torch.get_num_threads(), "seed": seed}
+    results: dict = {
+        "config": config,
+        "dtype": dtype,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+    }
     sections = [only] if only else list(SECTIONS)
     if "capacity" in sections:
         results["capacity"] = capacity(model, config_args, prompts, slots, conversation_tokens)

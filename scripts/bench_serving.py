@@ -2,8 +2,8 @@
 
 python scripts/bench_serving.py --users 8,16 --out serving.json --plot serving.png
     [--model bench|demo] [--rounds N] [--turns 8] [--max-new-tokens N] [--system-tokens N] [--user-tokens LO-HI]
-    [--think 1.0] [--arrival S] [--max-batch-size 32] [--max-seq-len N] [--server-threads N] [--ckpt-path CONVERTED]
-    [--seed 0] [--work-dir DIR]
+    [--think 1.0] [--arrival S] [--max-batch-size 32] [--max-seq-len N] [--server-threads N] [--device cpu|cuda]
+    [--ckpt-path CONVERTED] [--seed 0] [--work-dir DIR]
 
 The model (--model; --ckpt-path names an already converted checkpoint instead):
 - bench (the default): random weights in the shape of configs/config_bench.json (DeepSeek-V3-shaped: hidden 1024,
@@ -19,12 +19,12 @@ The model (--model; --ckpt-path names an already converted checkpoint instead):
   and its short chats: one demo_data.py user message per turn, no system prompt (every conversation differs from
   all others from its first message), 16-token replies, three rounds, no arrival spread. Histories stay ~200 tokens,
   which this model re-prefills in next to no time: reuse hardly matters there.
-Two servers are started (`python -m tp_infer.serve`, world size 1, --device cpu --dtype fp32, --ignore-eos and a
-fixed --max-new-tokens, so every reply has the same length; greedy), one with history reuse and one with
-`--no-reuse`, each warmed up with one request. An idle server only waits on its queue, so both stay up and their
-runs interleave: --rounds times, for each N of --users, N users chat with one server, then the same N users (the
-same conversations, arrival and think times) with the other, the order alternating. Each user is a thread with its
-own `openai` client (max_retries=0) holding a --turns-turn conversation (seeded). Every turn sends the whole
+Two servers are started (`python -m tp_infer.serve`, world size 1, --device cpu (or cuda: both on one GPU), --dtype
+fp32, --ignore-eos and a fixed --max-new-tokens, so every reply has the same length; greedy), one with history reuse
+and one with `--no-reuse`, each warmed up with one request. An idle server only waits on its queue, so both stay up
+and their runs interleave: --rounds times, for each N of --users, N users chat with one server, then the same N users
+(the same conversations, arrival and think times) with the other, the order alternating. Each user is a thread with
+its own `openai` client (max_retries=0) holding a --turns-turn conversation (seeded). Every turn sends the whole
 history, as chat apps do, streaming with usage included; a user arrives at a seeded uniform time within --arrival
 seconds, and before each turn, the first one too, thinks for a seeded uniform 0.2-1.0 s times --think. The rounds'
 figures are pooled per configuration.
@@ -72,6 +72,7 @@ from pathlib import Path
 import click
 import httpx
 import openai
+from bench_common import device_option, python_path
 from demo_data import ANIMALS, CITIES, COLOURS, JOBS, NAMES, THINGS, THINGS_LIKED, make_conversation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,7 +237,7 @@ class Server:
         self.command = cmd
         self.log_path = log_dir / f"serve-{'reuse' if reuse else 'no-reuse'}-{self.port}.log"
         self.log = open(self.log_path, "w+")  # noqa: SIM115 (closed in stop)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": python_path(REPO)}
         started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=self.log, start_new_session=True)
         deadline = started + 300
@@ -623,7 +624,7 @@ def user_tokens_range(ctx, param, value: str | None) -> tuple[int, int] | None:
 
 
 def run_child(code: str, *argv: str, what: str) -> None:
-    """Python code in a child process (torch stays out of the process that times the users)."""
+    """Python code in a child process (the model's work stays out of the process that times the users)."""
     done = subprocess.run(
         [sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, env=child_env()
     )
@@ -632,7 +633,7 @@ def run_child(code: str, *argv: str, what: str) -> None:
 
 
 def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "scripts")])}
+    return {**os.environ, "PYTHONPATH": python_path(REPO, REPO / "scripts")}
 
 
 def convert_demo(out: Path) -> None:
@@ -749,6 +750,7 @@ class LoadSampler:
 @click.option(
     "--server-threads", type=click.IntRange(min=1), help="OMP_NUM_THREADS of the server. [model: bench 2, demo 1]"
 )
+@device_option("Where the servers run: the CPU or one GPU, both servers on it (world size 1).")
 @click.option(
     "--ckpt-path",
     type=click.Path(file_okay=False),
@@ -760,7 +762,7 @@ class LoadSampler:
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Keep the converted model and server logs here.")
 def main(
     model, users, rounds, turns, max_new_tokens, system_tokens, user_tokens, think, arrival, max_batch_size,
-    max_seq_len, server_threads, ckpt_path, seed, out, plot_path, work_dir,
+    max_seq_len, server_threads, device, ckpt_path, seed, out, plot_path, work_dir,
 ):  # fmt: skip
     """Simulated chat users against tp_infer's server, history reuse on and off: TTFT, ITL, throughput, cache hits."""
     began = time.monotonic()
@@ -799,7 +801,7 @@ def main(
         scripts = user_scripts(users, rounds, turns, seed, s["system_tokens"], s["user_tokens"], encode)
         shared = shared_prefix(scripts, encode)
         options = [
-            "--device", "cpu", "--dtype", "fp32", "--ignore-eos", "--max-new-tokens", str(max_new_tokens),
+            "--device", device.type, "--dtype", "fp32", "--ignore-eos", "--max-new-tokens", str(max_new_tokens),
             "--max-batch-size", str(max_batch_size), "--max-seq-len", str(max_seq_len),
         ]  # fmt: skip
         pool: dict[tuple[bool, int], dict] = {}
@@ -858,7 +860,7 @@ def main(
     lo, hi = s["user_tokens"]
     print()
     print(
-        f"model {ckpt.resolve().name} ({source}), world size 1, cpu fp32, max batch {max_batch_size}, "
+        f"model {ckpt.resolve().name} ({source}), world size 1, {device.type} fp32, max batch {max_batch_size}, "
         f"max seq len {max_seq_len}, server OMP threads {server_threads}"
     )
     print(
@@ -907,6 +909,7 @@ def main(
                 "max_batch_size": max_batch_size,
                 "max_seq_len": max_seq_len,
                 "server_threads": server_threads,
+                "device": device.type,
                 "seed": seed,
                 "first_turns_shared_tokens": shared,
             },
@@ -930,7 +933,7 @@ def main(
         name = ckpt.resolve().name if ckpt_path else "demo model" if model == "demo" else "random bench model"
         first, last = (mean([r["prompt_tokens_by_turn"][t] for r in runs]) for t in (0, -1))
         title = (
-            f"tp_infer serving, {name}, cpu fp32: mean TTFT per turn\n"
+            f"tp_infer serving, {name}, {device.type} fp32: mean TTFT per turn\n"
             f"(prompts ~{first:.0f} tokens at turn 1, ~{last:.0f} at turn {turns}; {max_new_tokens}-token replies)"
         )
         plot(runs, turns, Path(plot_path), title)

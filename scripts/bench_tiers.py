@@ -1,14 +1,15 @@
 """KV tiers benchmark: what the host-memory and disk tiers under the KV pool buy when conversations come back after
 the pool has evicted them.
 
-    python scripts/bench_tiers.py [--config configs/config_bench.json] [--dtype fp32] [--out FILE.json]
-        [--only restore|bytes|users] [--threads N] [--seed 0] [--history 2000] [--new-tokens 60] [--repeats 3]
-        [--disk-conversations 4] [--disk-tokens 256] [--no-naive] [--users 64] [--turns 8] [--first-tokens 32-48]
-        [--turn-tokens 8-12] [--reply-tokens 8] [--pool-conversations 8] [--work-dir DIR] [--warm-disk] [--quick]
+    python scripts/bench_tiers.py [--config configs/config_bench.json] [--dtype fp32] [--device cpu|cuda]
+        [--out FILE.json] [--only restore|bytes|users] [--threads N] [--seed 0] [--history 2000] [--new-tokens 60]
+        [--repeats 3] [--disk-conversations 4] [--disk-tokens 256] [--no-naive] [--users 64] [--turns 8]
+        [--first-tokens 32-48] [--turn-tokens 8-12] [--reply-tokens 8] [--pool-conversations 8] [--work-dir DIR]
+        [--warm-disk] [--quick]
 
-The model is bench_pool.py's: a random model of the config (fp32 compute by default), world size 1 in this process,
-except in section 2. Three measurements, each printed as a small table with its ratios and goals, all figures
-written to --out:
+The model is bench_pool.py's: a random model of the config (fp32 compute by default), world size 1 in this process
+on --device (the CPU by default, or one GPU), except in section 2. Three measurements, each printed as a small table
+with its ratios and goals, all figures written to --out:
 
 1. restore: a conversation of --history tokens (prompt and a 16-token greedy reply; rounded up to whole blocks) is
    evicted from a pool that holds one such conversation by two others like it coming back, then returns with
@@ -24,11 +25,12 @@ written to --out:
    kv_lora_rank + qk_rope_head_dim elements per layer at the cache dtype (kv_bytes_per_token(args, 1)), plus each
    file's header (reported apart), not that times the world size. Measured on section 1's files (world size 1, in
    this process) and on a batch job at world size 2 in real processes (`python -m torch.distributed.run --standalone
-   --nproc-per-node 2 -m tp_infer.generate ... --kv-disk-path DIR --device cpu`, gloo), --disk-conversations
-   prompts whose prompt and 8 generated tokens make --disk-tokens tokens (whole blocks). Its checkpoint is written
-   for world size 2 from a random model of the same config (each rank's shard filled with bench_common.fill_random:
-   other weights than section 1's, the same cache shapes; the weights do not change a byte count). Then the same
-   job in naive mode (each rank writes its own heads; --no-naive skips it) for comparison.
+   --nproc-per-node 2 -m tp_infer.generate ... --kv-disk-path DIR --device cpu`, gloo; cuda and nccl instead when
+   --device cuda finds two GPUs or more), --disk-conversations prompts whose prompt and 8 generated tokens make
+   --disk-tokens tokens (whole blocks). Its checkpoint is written for world size 2 from a random model of the
+   same config (each rank's shard filled with bench_common.fill_random: other weights than section 1's, the same
+   cache shapes; the weights do not change a byte count). Then the same job in naive mode (each rank writes its own
+   heads; --no-naive skips it) for comparison.
 3. users: --users conversations of --turns turns each (a first message of --first-tokens tokens, then --turn-tokens
    per message, --reply-tokens greedy tokens each reply, eos ignored), in round robin: every conversation's turn t
    is submitted, the engine runs them (max_batch_size at once), then turn t + 1. The pool holds --pool-conversations
@@ -59,17 +61,17 @@ import safetensors.torch
 import torch
 from bench_common import (
     fill_random,
+    python_path,
     reply_tokens_option,
     report,
     sections_options,
     turns_option,
     work_dir_option,
 )
-from bench_pool import BLOCK_SIZE, Prompts, random_model, warm_up
+from bench_pool import BLOCK_SIZE, Prompts, random_model, warm_up, world_of_one
 
 from tp_infer.checkpoint import shard_name
 from tp_infer.config import load_config
-from tp_infer.distributed import DistContext
 from tp_infer.engine.engine import Engine
 from tp_infer.engine.request import Turn
 from tp_infer.engine.runner import ModelRunner
@@ -103,16 +105,12 @@ def blocks_for(tokens: int) -> int:
     return -(-tokens // BLOCK_SIZE)
 
 
-def cpu() -> DistContext:
-    return DistContext(0, 1, torch.device("cpu"))
-
-
 def greedy(tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=tokens, ignore_eos=True)
 
 
 def tierless(model: Transformer, num_blocks: int) -> Engine:
-    return Engine(ModelRunner(model, cpu(), num_blocks, BLOCK_SIZE))
+    return Engine(ModelRunner(model, world_of_one(model), num_blocks, BLOCK_SIZE))
 
 
 def tiered(
@@ -121,7 +119,7 @@ def tiered(
     """An engine whose pool of num_blocks has a host tier of host_blocks under it, and with disk_dir a disk tier
     (the files found there already are indexed, as a new job would)."""
     files = DiskFiles(disk_dir, made_by, 0, shared=model.args.attn_impl == "absorb") if disk_dir else None
-    runner = ModelRunner(model, cpu(), num_blocks, BLOCK_SIZE, host_blocks, files)
+    runner = ModelRunner(model, world_of_one(model), num_blocks, BLOCK_SIZE, host_blocks, files)
     tiers = make_tiers(made_by, host_blocks, DISK_CAPACITY, files.scan() if files else None)
     return Engine(runner, manager=BlockManager(num_blocks, BLOCK_SIZE, tiers))
 
@@ -346,18 +344,19 @@ def write_checkpoint(config: str, seed: int, world_size: int, out: Path) -> None
         del model, tensors
 
 
-def batch_job(ckpt: Path, work: Path, name: str, prompts: list[list[int]], dtype: str, impl: str) -> dict:
-    """The batch job at world size 2 under torchrun, with a disk tier: its records, files and time."""
+def batch_job(ckpt: Path, work: Path, name: str, prompts: list[list[int]], dtype: str, impl: str, device: str) -> dict:
+    """The batch job at world size 2 under torchrun on device (cpu or cuda), with a disk tier: its records, files and
+    time."""
     folder = work / f"kv-{name}"
     (work / f"{name}.in").write_text(
         "".join(json.dumps({"id": i, "prompt_token_ids": p}) + "\n" for i, p in enumerate(prompts))
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["-m", "tp_infer.generate", "--ckpt-path", str(ckpt), "--input-file", str(work / f"{name}.in")]
-    cmd += ["--output-file", str(work / f"{name}.out"), "--kv-disk-path", str(folder), "--device", "cpu"]
+    cmd += ["--output-file", str(work / f"{name}.out"), "--kv-disk-path", str(folder), "--device", device]
     cmd += ["--dtype", dtype, "--attn-impl", impl, "--max-new-tokens", str(JOB_REPLY), "--ignore-eos"]
     cmd += ["--max-seq-len", str(JOB_MAX_SEQ_LEN), "--max-batch-size", str(JOB_BATCH)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path(REPO)}
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - started
@@ -367,6 +366,7 @@ def batch_job(ckpt: Path, work: Path, name: str, prompts: list[list[int]], dtype
     saved = [line for line in done.stderr.splitlines() if "blocks saved for later jobs" in line]
     return {
         "command": " ".join(cmd),
+        "device": device,
         "run_s": seconds,
         "turns": [r["turns"][0] for r in sorted(records, key=lambda r: r["id"])],
         "errors": [r["error"] for r in records if r["error"]],
@@ -376,7 +376,15 @@ def batch_job(ckpt: Path, work: Path, name: str, prompts: list[list[int]], dtype
 
 
 def disk_bytes(
-    config: str, dtype: str, seed: int, conversations: int, tokens: int, naive: bool, work: Path, ws1: dict | None
+    config: str,
+    dtype: str,
+    device: torch.device,
+    seed: int,
+    conversations: int,
+    tokens: int,
+    naive: bool,
+    work: Path,
+    ws1: dict | None,
 ) -> dict:
     tokens = max(blocks_for(tokens), blocks_for(JOB_REPLY + 1)) * BLOCK_SIZE
     args = load_config(config, dtype=dtype, attn_impl="absorb")
@@ -390,10 +398,14 @@ def disk_bytes(
     prompts = Prompts(seed + 1, args.vocab_size)
     lines = [prompts(tokens - JOB_REPLY) for _ in range(conversations)]
     cached = conversations * tokens  # prompt and reply, the last token too: whole blocks, no prefix shared
+    job_device = device.type if torch.cuda.device_count() >= 2 else "cpu"  # a GPU per rank, or the CPU
     jobs = {}
     for impl in ("absorb", "naive") if naive else ("absorb",):
-        log(f"  world size 2, {impl}: {conversations} prompts of {tokens - JOB_REPLY} tokens + {JOB_REPLY} generated")
-        jobs[impl] = batch_job(ckpt, work, f"job-{impl}", lines, dtype, impl)
+        log(
+            f"  world size 2 on {job_device}, {impl}: {conversations} prompts of {tokens - JOB_REPLY} tokens + "
+            f"{JOB_REPLY} generated"
+        )
+        jobs[impl] = batch_job(ckpt, work, f"job-{impl}", lines, dtype, impl, job_device)
         f = jobs[impl]["files"]
         log(f"  {impl}: {f['files']} files, {f['bytes']} bytes in {jobs[impl]['run_s']:.0f} s")
     for job in jobs.values():
@@ -447,8 +459,9 @@ def print_bytes(r: dict) -> None:
     formula = {"absorb": r["kv_bytes_per_token_ws1"], "naive": r["naive_formula_per_token_all_ranks"]}
     for impl, job in r["jobs"].items():
         f = job["files"]
+        backend = "nccl" if job["device"] == "cuda" else "gloo"
         print(
-            f"| {impl}, world size 2 (torchrun, gloo) | {f['files']} ({f['rank_files']} per-rank) "
+            f"| {impl}, world size 2 (torchrun, {backend}) | {f['files']} ({f['rank_files']} per-rank) "
             f"| {job['payload_per_token']:.0f} | {job['header_bytes_per_file']:.0f} | {job['bytes_per_token']:.0f} "
             f"| {formula[impl]} |"
         )
@@ -630,7 +643,16 @@ QUICK = {
 )
 @work_dir_option("For the files (default: a temporary folder).")
 @click.option("--quick", is_flag=True, help="Small sizes everywhere (a test of the script: about 1 minute).")
-def main(config: str, dtype: str, out: str | None, only: str | None, threads: int | None, seed: int, **sizes) -> None:
+def main(
+    config: str,
+    dtype: str,
+    device: torch.device,
+    out: str | None,
+    only: str | None,
+    threads: int | None,
+    seed: int,
+    **sizes,
+) -> None:
     """Restore time, bytes on disk per token and many users of the KV tiers."""
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     work_dir, quick = sizes.pop("work_dir"), sizes.pop("quick")
@@ -640,15 +662,21 @@ def main(config: str, dtype: str, out: str | None, only: str | None, threads: in
     if threads:
         torch.set_num_threads(threads)
     sections = [only] if only else list(SECTIONS)
-    results: dict = {"config": config, "dtype": dtype, "torch_threads": torch.get_num_threads(), "seed": seed}
+    results: dict = {
+        "config": config,
+        "dtype": dtype,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+    }
     results["sizes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()}
     results["quick"] = quick
     work = Path(tempfile.mkdtemp(prefix="bench_tiers-", dir=work_dir))
     try:
         model = prompts = None
         if "restore" in sections or "users" in sections:
-            log(f"building a random model ({config}, {dtype}, {torch.get_num_threads()} threads)")
-            model = random_model(config, dtype, seed)
+            log(f"building a random model ({config}, {dtype}, {device}, {torch.get_num_threads()} threads)")
+            model = random_model(config, dtype, seed, device)
             prompts = Prompts(seed, model.args.vocab_size)
             warm_up(model, prompts)
         if "restore" in sections:
@@ -658,7 +686,7 @@ def main(config: str, dtype: str, out: str | None, only: str | None, threads: in
         if "bytes" in sections:
             ws1 = results["restore"]["disk_files"] if "restore" in results else None
             results["bytes"] = disk_bytes(
-                config, dtype, seed, sizes["disk_conversations"], sizes["disk_tokens"], naive, work, ws1
+                config, dtype, device, seed, sizes["disk_conversations"], sizes["disk_tokens"], naive, work, ws1
             )
         if "users" in sections:
             results["users"] = many_users(

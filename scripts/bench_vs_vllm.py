@@ -3,18 +3,18 @@ through tp_infer and through vLLM in two configurations, timed side by side in o
 
 OMP_NUM_THREADS=2 python scripts/bench_vs_vllm.py [--vllm-python /path/to/venv/bin/python] [--out FILE.json]
     [--config configs/config_vs_vllm.json] [--rounds 3] [--turns 8] [--first-tokens 1000] [--new-tokens 60]
-    [--reply-tokens 32] [--threads 2] [--seed 0] [--work-dir DIR]
+    [--reply-tokens 32] [--threads 2] [--seed 0] [--work-dir DIR] [--device cpu|cuda]
 
 Turn 1 is --first-tokens random token ids, each later turn --new-tokens more; every turn ends with a greedy reply of
 --reply-tokens tokens (eos ignored) that stays in the history. tp_infer (TP 1) runs it through one Engine session
-with history reuse, in both attention forms: absorb (the default: the latent and rope key cached, attention in
-latent space) and naive (per-head keys and values cached), with max_num_batched_tokens 4096 as vLLM has here.
-vLLM has no sessions: each turn sends the whole history, once with MLA (vLLM turns chunked prefill and prefix
-caching off for MLA on a CPU without AMX; the benchmark asks for it off explicitly) and once with VLLM_MLA_DISABLE=1
-(per-head keys and values, as our naive form) and prefix caching on in 128-token blocks. Each engine warms up on a
-prompt as long as turn 1 sharing no prefix with the conversation. Every engine is fed the same history: the user
-turns and tp_infer's (absorb) replies; the generated ids are compared turn by turn (fp32 greedy on the same
-weights: they should agree).
+with history reuse, in both attention forms: absorb (the default: the latent and rope key cached, attention in latent
+space) and naive (per-head keys and values cached), with max_num_batched_tokens 4096 as vLLM has here, on --device
+(the CPU by default; with cuda one GPU, while vLLM stays on the CPU). vLLM has no sessions: each turn sends the whole
+history, once with MLA (vLLM turns chunked prefill and prefix caching off for MLA on a CPU without AMX; the benchmark
+asks for it off explicitly) and once with VLLM_MLA_DISABLE=1 (per-head keys and values, as our naive form) and prefix
+caching on in 128-token blocks. Each engine warms up on a prompt as long as turn 1 sharing no prefix with the
+conversation. Every engine is fed the same history: the user turns and tp_infer's (absorb) replies; the generated ids
+are compared turn by turn (fp32 greedy on the same weights: they should agree).
 
 Time to first token: tp_infer from the turn's submission to its first token (TurnStats.ttft_s); vLLM its
 RequestStateStats.first_token_latency, from the request's arrival to the first token's output. Decode: the mean
@@ -47,6 +47,7 @@ import click
 import torch
 from bench_common import (
     config_option,
+    device_option,
     out_option,
     reply_tokens_option,
     report,
@@ -272,6 +273,7 @@ def print_comparison(c: dict) -> None:
 @click.option("--new-tokens", default=60, show_default=True, type=click.IntRange(min=1), help="Each later turn's.")
 @reply_tokens_option(32, "Greedy reply (eos ignored).")
 @threads_option(2, "Threads of each engine.")
+@device_option("Where tp_infer runs: the CPU or one GPU (world size 1); vLLM stays on the CPU.")
 @seed_option("Weights and user messages.")
 @out_option()
 @work_dir_option("Keep the checkpoints and vLLM's logs here (default: a temporary folder).")
@@ -284,6 +286,7 @@ def main(
     new_tokens: int,
     reply_tokens: int,
     threads: int,
+    device: torch.device,
     seed: int,
     out: str | None,
     work_dir: str | None,
@@ -316,7 +319,7 @@ def main(
             for name in names[k % len(names) :] + names[: k % len(names)]:
                 log(f"round {k + 1}/{rounds}: {name}")
                 if name in OURS_CONFIGS:
-                    runner = load_runner(args.with_options(attn_impl=OURS_CONFIGS[name][1]), ckpt_dir)
+                    runner = load_runner(args.with_options(attn_impl=OURS_CONFIGS[name][1]), ckpt_dir, device)
                     run = run_ours(runner, users, reply_tokens, True, MAX_NUM_BATCHED_TOKENS, first_tokens)
                     turns_run = ours_turns(run)
                     del runner, run
@@ -344,6 +347,7 @@ def main(
             "new_tokens": new_tokens,
             "reply_tokens": reply_tokens,
             "threads": threads,
+            "device": str(device),
             "seed": seed,
             "vllm_python": vllm_python,
             "vllm_env": VLLM_ENV,
@@ -353,8 +357,8 @@ def main(
     if vllm_python:
         results["comparison"] = compare(engines)
     print(
-        f"\n{turns} turns, {reply_tokens}-token greedy replies, fp32, {threads} threads, {config_path}; "
-        f"medians of {rounds} interleaved round{'s' * (rounds > 1)}"
+        f"\n{turns} turns, {reply_tokens}-token greedy replies, fp32, {threads} threads, tp_infer on {device}, "
+        f"{config_path}; medians of {rounds} interleaved round{'s' * (rounds > 1)}"
     )
     report(
         results,

@@ -1,11 +1,12 @@
 """Where a step's time goes: decode at batch 1 and a cold prefill on the benchmarks' random tiny DeepSeek-V3 model.
 
     OMP_NUM_THREADS=2 python scripts/profile_step.py [--config configs/config_bench.json] [--dtype fp32]
-        [--threads 2] [--seed 0] [--history 1000] [--decode-steps 50] [--prefill-tokens 1000] [--prefill-repeats 3]
-        [--profile-steps 10] [--out FILE.json]
+        [--device cpu|cuda] [--threads 2] [--seed 0] [--history 1000] [--decode-steps 50] [--prefill-tokens 1000]
+        [--prefill-repeats 3] [--profile-steps 10] [--out FILE.json]
 
-One process, world size 1, the model of scripts/bench_pool.py's random_model (fp32 by default). Three measurements,
-each printed as a small markdown table, all figures written to --out:
+One process, world size 1, the model of scripts/bench_pool.py's random_model (fp32 by default) on --device (the CPU
+by default, or one GPU: every timer then waits for the GPU's queued work before it reads the clock). Three
+measurements, each printed as a small markdown table, all figures written to --out:
 
 1. decode: one session with --history tokens of history generating greedy tokens, alone in the engine. Medians over
    --decode-steps steps (after warm-up) of the whole Engine.step, and, on steps alternating with those, of its
@@ -13,9 +14,10 @@ each printed as a small markdown table, all figures written to --out:
    build_batch alone and the model call alone (on a batch built beforehand). Bookkeeping = schedule + postprocess
    (whole step - runner.forward is printed as a check: medians of different steps, it can come out negative).
 2. prefill: --prefill-tokens random tokens with nothing cached, in one chunk, timed the same way (median of
-   --prefill-repeats after one unmeasured); then one more under torch.profiler (CPU, record_shapes=False) with each
-   module's forward wrapped in record_function, for a breakdown by module kind and the top-10 aten ops by self CPU
-   time. --profile-steps decode steps are profiled the same way.
+   --prefill-repeats after one unmeasured); then one more under torch.profiler (CPU, and CUDA on a GPU;
+   record_shapes=False) with each module's forward wrapped in record_function, for a breakdown by module kind and the
+   top-10 aten ops by self CPU time (on a GPU: by the time of the kernels each launched; the engine's ranges stay in
+   CPU time). --profile-steps decode steps are profiled the same way.
 3. flops: the prefill's FLOPs counted from the config (projections, MLA in its expanded form, scores and values over
    the causal (query, key) pairs the kernel computes, the routed experts' top-k per token plus the shared expert,
    the dense MLP, the gate, the head on the last token) over the measured times, against torch.matmul of [N, dim] x
@@ -33,8 +35,18 @@ from contextlib import contextmanager
 
 import click
 import torch
-from bench_common import config_option, dtype_option, out_option, report, seed_option, threads_option
+from bench_common import (
+    config_option,
+    device_option,
+    dtype_option,
+    out_option,
+    report,
+    seed_option,
+    synchronize,
+    threads_option,
+)
 from bench_pool import BLOCK_SIZE, Prompts, random_model, runner_for
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tp_infer.engine.runner as runner_module
@@ -71,9 +83,12 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
-def timed(fn: Callable, *args):
+def timed(device: torch.device, fn: Callable, *args):
+    """fn(*args) and its seconds, the GPU's work included: its queue is waited for before each clock read."""
+    synchronize(device)
     t = time.perf_counter()
     out = fn(*args)
+    synchronize(device)
     return out, time.perf_counter() - t
 
 
@@ -131,10 +146,15 @@ def module_ranges(model: Transformer, engine: Engine):
         runner_module.build_batch = original_build
 
 
-def breakdown(prof) -> dict:
-    """Inclusive CPU ms per range label, the module kinds made exclusive, and the top-10 aten ops by self CPU."""
-    events = prof.key_averages()
-    total = {e.key: e.cpu_time_total / 1e3 for e in events}
+def breakdown(prof, on_gpu: bool) -> dict:
+    """Inclusive ms per range label, the module kinds made exclusive, and the top-10 aten ops by self time: CPU time,
+    or on a GPU the time of the kernels each range or op launched (the engine's ranges stay in CPU time)."""
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]  # the ranges as the host ran them
+    total_of, self_of = (
+        ("device_time_total", "self_device_time_total") if on_gpu else ("cpu_time_total", "self_cpu_time_total")
+    )
+    cpu = {e.key: e.cpu_time_total / 1e3 for e in events}
+    total = {e.key: getattr(e, total_of) / 1e3 for e in events}
     calls = {e.key: e.count for e in events}
     forward = total.get("model forward", 0.0)
     kinds = {k: total.get(k, 0.0) for k in KINDS if k not in ("MoE dispatch/combine", "other")}
@@ -143,23 +163,26 @@ def breakdown(prof) -> dict:
     )
     kinds["other"] = forward - sum(kinds.values())  # the rest of the forward (rope tables, residual adds, ...)
     kinds = {k: kinds[k] for k in KINDS}
-    aten = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
-    self_total = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / 1e3
+    aten = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -getattr(e, self_of))
+    self_total = sum(getattr(e, self_of) for e in events if e.key.startswith("aten::")) / 1e3
     return {
+        "time": "GPU kernels" if on_gpu else "CPU",
         "model_forward_ms": forward,
-        "engine_ms": {k: total.get(k, 0.0) for k in ("engine.schedule", "build_batch", "engine.postprocess")},
+        "engine_ms": {k: cpu.get(k, 0.0) for k in ("engine.schedule", "build_batch", "engine.postprocess")},
         "kinds_ms": kinds,
         "kind_calls": {k: calls.get(k, 0) for k in [*KINDS, "MoE"]},
         "aten_self_ms_total": self_total,
         "aten_ops_calls_total": sum(e.count for e in events if e.key.startswith("aten::")),
-        "top_aten": [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in aten[:10]],
+        "top_aten": [{"op": e.key, "calls": e.count, "self_ms": getattr(e, self_of) / 1e3} for e in aten[:10]],
     }
 
 
 def profiled(model: Transformer, engine: Engine, run: Callable[[], None], steps: int) -> dict:
-    with module_ranges(model, engine), profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    on_gpu = engine.runner.ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    with module_ranges(model, engine), profile(activities=activities, record_shapes=False) as prof:
         run()
-    r = breakdown(prof)
+    r = breakdown(prof, on_gpu)
     r["steps"] = steps
     return r
 
@@ -167,6 +190,7 @@ def profiled(model: Transformer, engine: Engine, run: Callable[[], None], steps:
 # ---- 1. decode -------------------------------------------------------------------------------------------------------
 def decode(model: Transformer, engine: Engine, prompts: Prompts, history: int, steps: int, profile_steps: int) -> dict:
     runner = engine.runner
+    device = runner.ctx.device
     needed = DECODE_WARMUP + 2 * steps + profile_steps
     turn = engine.submit(
         Session("decode"), prompts(history), None, SamplingParams(max_new_tokens=needed + 2, ignore_eos=True)
@@ -180,15 +204,15 @@ def decode(model: Transformer, engine: Engine, prompts: Prompts, history: int, s
     whole: list[float] = []
     parts: dict[str, list[float]] = {k: [] for k in ("schedule", "forward", "postprocess", "build_batch", "model")}
     for _ in range(steps):
-        whole.append(timed(engine.step)[1])
-        step, t_sched = timed(engine.schedule)
+        whole.append(timed(device, engine.step)[1])
+        step, t_sched = timed(device, engine.schedule)
         assert len(step.rows) == 1 and step.rows[0][1] == 1, "the decode session must be alone, one token a step"
         plan = step.plan
-        batch, t_build = timed(runner_module.build_batch, plan, runner.pool.block_size, runner.ctx.device)
+        batch, t_build = timed(device, runner_module.build_batch, plan, runner.pool.block_size, device)
         # the model alone on the same plan (it writes the same cache entries the real forward writes next)
-        _, t_model = timed(model, plan.tokens, batch, runner.pool.layers, False, False)
-        logits, t_fwd = timed(runner.forward, plan)
-        _, t_post = timed(engine.postprocess, step, logits)
+        _, t_model = timed(device, model, plan.tokens.to(device), batch, runner.pool.layers, False, False)
+        logits, t_fwd = timed(device, runner.forward, plan)
+        _, t_post = timed(device, engine.postprocess, step, logits)
         for k, v in zip(parts, (t_sched, t_fwd, t_post, t_build, t_model), strict=True):
             parts[k].append(v)
     log(f"decode: {profile_steps} steps under the profiler")
@@ -232,7 +256,8 @@ def print_step_table(title: str, r: dict) -> None:
 
 def print_profile(title: str, prof: dict) -> None:
     fwd, n = prof["model_forward_ms"], prof["steps"]
-    print(f"\n{title}: {n} step(s) under torch.profiler, model forward {fwd / n:.2f} ms/step (profiled)")
+    clock = "" if prof["time"] == "CPU" else f", {prof['time']}' time"
+    print(f"\n{title}: {n} step(s) under torch.profiler, model forward {fwd / n:.2f} ms/step (profiled{clock})")
     print("| module kind | ms/step | share of forward | ranges/step |")
     print("|---|---|---|---|")
     for k, v in prof["kinds_ms"].items():
@@ -245,7 +270,7 @@ def print_profile(title: str, prof: dict) -> None:
         f"engine ranges (ms/step): schedule {e['engine.schedule'] / n:.2f}, build_batch {e['build_batch'] / n:.2f}, "
         f"postprocess {e['engine.postprocess'] / n:.2f}; aten ops/step {prof['aten_ops_calls_total'] / n:.0f}"
     )
-    print("| top aten op (self CPU) | calls/step | self ms/step | share of aten self |")
+    print(f"| top aten op (self {prof['time']}) | calls/step | self ms/step | share of aten self |")
     print("|---|---|---|---|")
     for op in prof["top_aten"]:
         print(
@@ -264,18 +289,19 @@ def print_decode(r: dict) -> None:
 # ---- 2. prefill ------------------------------------------------------------------------------------------------------
 def prefill(model: Transformer, engine: Engine, prompts: Prompts, tokens: int, repeats: int) -> dict:
     runner = engine.runner
+    device = runner.ctx.device
     sampling = SamplingParams(max_new_tokens=1, ignore_eos=True)
     parts: dict[str, list[float]] = {k: [] for k in ("step", "schedule", "forward", "postprocess", "build_batch")}
     for r in range(repeats + 1):
         log(f"prefill {r + 1}/{repeats + 1} ({tokens} tokens{', unmeasured' if r == 0 else ''})")
         turn = engine.submit(Session(f"prefill-{r}"), prompts(tokens), None, sampling)
         t0 = time.perf_counter()
-        step, t_sched = timed(engine.schedule)
+        step, t_sched = timed(device, engine.schedule)
         assert len(step.rows) == 1 and step.rows[0][1] == tokens, "the prefill must be one cold chunk"
-        logits, t_fwd = timed(runner.forward, step.plan)
-        _, t_post = timed(engine.postprocess, step, logits)
+        logits, t_fwd = timed(device, runner.forward, step.plan)
+        _, t_post = timed(device, engine.postprocess, step, logits)
         t_step = time.perf_counter() - t0
-        _, t_build = timed(runner_module.build_batch, step.plan, runner.pool.block_size, runner.ctx.device)
+        _, t_build = timed(device, runner_module.build_batch, step.plan, runner.pool.block_size, device)
         engine.run([turn])
         if r:
             for k, v in zip(parts, (t_step, t_sched, t_fwd, t_post, t_build), strict=True):
@@ -333,7 +359,7 @@ def prefill_flops(args, n: int, block_size: int) -> dict[str, float]:
     }
 
 
-def matmul_reference(n: int, args, repeats: int = 5) -> list[dict]:
+def matmul_reference(n: int, args, device: torch.device, repeats: int = 5) -> list[dict]:
     """torch.matmul GFLOP/s of the prefill's shapes: [n, dim] x [dim, inter], and an expert's share of the tokens."""
     per_expert = n * args.n_activated_experts // args.n_routed_experts
     shapes = [
@@ -344,14 +370,14 @@ def matmul_reference(n: int, args, repeats: int = 5) -> list[dict]:
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     out = []
     for m, k, nn in shapes:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, nn, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, nn, dtype=dtype, device=device)
         torch.matmul(a, b)
-        t = min(timed(torch.matmul, a, b)[1] for _ in range(repeats))
+        t = min(timed(device, torch.matmul, a, b)[1] for _ in range(repeats))
         out.append({"shape": f"[{m}, {k}] x [{k}, {nn}]", "s": t, "gflops": 2 * m * k * nn / t / 1e9})
     return out
 
 
-def flops(model: Transformer, pre: dict) -> dict:
+def flops(model: Transformer, pre: dict, device: torch.device) -> dict:
     args, n = model.args, pre["tokens"]
     counted = prefill_flops(args, n, BLOCK_SIZE)
     kinds = pre["profile"]["kinds_ms"]
@@ -360,7 +386,7 @@ def flops(model: Transformer, pre: dict) -> dict:
         t = kinds.get(name, 0.0) / 1e3 if not name.startswith(" ") else None
         parts.append({"part": name, "gflop": f / 1e9, "s": t, "gflops": f / t / 1e9 if t else None})
     total = sum(f for name, f in counted.items() if not name.startswith(" "))
-    ref = matmul_reference(n, args)
+    ref = matmul_reference(n, args, device)
     achieved = total / pre["parts_s"]["model"] / 1e9
     return {
         "parts": parts,
@@ -398,6 +424,7 @@ def print_flops(r: dict) -> None:
 @click.command()
 @config_option()
 @dtype_option()
+@device_option()
 @threads_option(2, "torch threads.")
 @seed_option()
 @click.option("--history", default=1000, show_default=True, type=click.IntRange(min=1), help="Decode: history.")
@@ -409,6 +436,7 @@ def print_flops(r: dict) -> None:
 def main(
     config: str,
     dtype: str,
+    device: torch.device,
     threads: int,
     seed: int,
     history: int,
@@ -421,14 +449,20 @@ def main(
     """Decode-step and prefill time, split by engine part and by module, and the prefill's GFLOP/s."""
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     torch.set_num_threads(threads)
-    log(f"building a random model ({config}, {dtype}, {torch.get_num_threads()} threads)")
-    model = random_model(config, dtype, seed)
+    log(f"building a random model ({config}, {dtype}, {device}, {torch.get_num_threads()} threads)")
+    model = random_model(config, dtype, seed, device)
     prompts = Prompts(seed, model.args.vocab_size)
     engine = Engine(runner_for(model, POOL_BLOCKS), max_num_batched_tokens=max(prefill_tokens, history, 512))
-    results: dict = {"config": config, "dtype": dtype, "torch_threads": torch.get_num_threads(), "seed": seed}
+    results: dict = {
+        "config": config,
+        "dtype": dtype,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+    }
     results["decode"] = decode(model, engine, prompts, history, decode_steps, profile_steps)
     results["prefill"] = prefill(model, engine, prompts, prefill_tokens, prefill_repeats)
-    results["flops"] = flops(model, results["prefill"])
+    results["flops"] = flops(model, results["prefill"], device)
     report(
         results, {"decode": print_decode, "prefill": print_prefill, "flops": print_flops}, started, load_at_start, out
     )
