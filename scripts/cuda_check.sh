@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The CUDA check at world size 1, for a machine with a GPU: the demo conversation on the GPU (fp32 and bf16), the
+# suite with its world-size-1 work on the GPU (TP_INFER_TEST_DEVICE=cuda; larger worlds stay on gloo and the CPU),
+# then the benchmarks with --device cuda. Every step gets a deadline inside TOTAL seconds; one that fails or runs out
+# of time does not stop the next. Logs, JSON and plots go to OUT_DIR; stdout gets one line per step, each step's
+# closing lines and the suite's summary.
+# Usage: bash scripts/cuda_check.sh OUT_DIR [TOTAL seconds, default 540] [pytest workers, default 12]
+# ONLY="suite bench_serving" runs only the steps named (demo-fp32 demo-bf16 suite profile_step bench_vs_vllm
+# bench_multiturn bench_serving bench_pool bench_tiers bench_kv_cache).
+# Runs $PYTHON (default python3) with this checkout importable; it needs the test and bench extras' packages.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${1:?usage: bash scripts/cuda_check.sh OUT_DIR [TOTAL] [WORKERS]}")
+total=${2:-540}
+workers=${3:-12}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+deadline=$((SECONDS + total))
+
+# step NAME SECONDS COMMAND...: run with at most SECONDS (and no later than the deadline), log to OUT_DIR/NAME.log
+step() {
+	local name=$1 cap=$2 left=$((deadline - SECONDS)) start=$SECONDS rc
+	shift 2
+	[[ -z ${ONLY:-} || " $ONLY " == *" $name "* ]] || return 0
+	((left < cap)) && cap=$left
+	if ((cap < 10)); then
+		echo "== $name: skipped, no time left"
+		return
+	fi
+	timeout -k 5 "$cap" "$@" >"$out/$name.log" 2>&1
+	rc=$?
+	echo "== $name: exit $rc in $((SECONDS - start)) s (limit $cap s)"
+	tail -n "${TAIL:-12}" "$out/$name.log"
+}
+
+{
+	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+	"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+	nproc
+} >"$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+# the demo's conversation on the GPU: its answers name what earlier turns said
+demo=$out/demo-mp1
+"$py" scripts/convert.py --hf-ckpt-path demo/model --save-path "$demo" --model-parallel 1 >"$out/convert.log" 2>&1
+for dtype in fp32 bf16; do
+	printf '%s\n' "My name is Alice." "I live in Lisbon." "The code for door is 4821." "What is my name?" \
+		"Where do I live?" "What is the code for door?" "/stats" >"$out/demo.in"
+	TAIL=40 step "demo-$dtype" 90 "$py" -m tp_infer.generate --ckpt-path "$demo" --interactive --device cuda \
+		--dtype "$dtype" --max-new-tokens 32 --system "You are a helpful assistant." <"$out/demo.in"
+done
+
+# -v names each test as it ends, so a run cut short by its limit still says which failed
+TAIL=60 TP_INFER_TEST_DEVICE=cuda step suite 300 "$py" -m pytest -v -p no:cacheprovider -n "$workers" \
+	--dist loadfile -rfE --tb=short --durations=10 tests
+
+bench=(--device cuda)
+step profile_step 60 "$py" scripts/profile_step.py "${bench[@]}" --out "$out/profile.json"
+step bench_vs_vllm 60 "$py" scripts/bench_vs_vllm.py "${bench[@]}" --out "$out/vs_vllm.json"
+TAIL=25 step bench_multiturn 120 "$py" scripts/bench_multiturn.py "${bench[@]}" --out "$out/multiturn.json"
+TAIL=40 step bench_serving 150 "$py" scripts/bench_serving.py "${bench[@]}" --users 16 --out "$out/serving.json" \
+	--plot "$out/serving.png"
+step bench_pool 90 "$py" scripts/bench_pool.py "${bench[@]}" --out "$out/pool.json"
+step bench_tiers 120 "$py" scripts/bench_tiers.py "${bench[@]}" --out "$out/tiers.json"
+step bench_kv_cache 60 "$py" scripts/bench_kv_cache.py "${bench[@]}"
