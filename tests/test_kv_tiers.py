@@ -3,13 +3,17 @@ block keys chained over whole prefixes, and the block manager's transfers betwee
 small data model stands in for the ranks: it runs every transfer in order as ModelRunner.transfer does, then the
 block copies, then the forward's writes, so that each test can check what every block, slot and file really holds."""
 
+import itertools
 import random
 from collections import Counter
 
 import pytest
+import torch
 from test_kv_tree import path_tokens
 
+from tp_infer.engine.runner import copies_together
 from tp_infer.kv.manager import BlockManager
+from tp_infer.kv.pool import KVPool
 from tp_infer.kv.tiers import KEY_BYTES, DiskTier, HostTier, Transfer, block_key, make_tiers, root_key
 
 BS = 4
@@ -806,3 +810,47 @@ def test_flush_saves_a_block_both_in_host_memory_and_the_tree_once():
     m = BlockManager(4, BS, make_tiers(FINGERPRINT, 2, 0, []))  # a disk tier of no blocks keeps nothing
     cache(m, Data(4, 2), [1, 2, 3, 4])
     assert m.flush() == 0 and m.take_transfers() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_moves_of_blocks_run_together_as_one_by_one(dtype):
+    """copies_together joins consecutive DEMOTEs (or PROMOTEs) into one run while its destinations differ, and
+    KVPool.copy_to of each run leaves the pool and the host tier as copying block by block does (FP8 scales too)."""
+    rng = random.Random(11)
+    moves = []
+    while len(moves) < 300:  # stretches of one kind of move, as an eviction or a restore plans them
+        op = rng.choice([DEMOTE, PROMOTE, SAVE_HOST])
+        for _ in range(rng.randint(1, 8)):
+            pool_block, host_block = rng.randrange(6), rng.randrange(5)
+            moves.append([int(op), *((host_block, pool_block) if op == PROMOTE else (pool_block, host_block)), 0, 0])
+
+    def pools() -> dict[str, KVPool]:
+        torch.manual_seed(0)
+        out = {}
+        for name, blocks in (("pool", 6), ("host", 5)):
+            out[name] = KVPool(2, blocks, BS, [(8,), (3,)], dtype, torch.device("cpu"))
+            for part in out[name].named.values():
+                part.copy_(torch.randn(part.shape).to(part.dtype))
+        return out
+
+    expected = pools()
+    for op, a, b, _, _ in moves:
+        source, target = {DEMOTE: ("pool", "host"), PROMOTE: ("host", "pool")}.get(Transfer(op), (None, None))
+        if source:
+            for name, part in expected[source].named.items():
+                expected[target].named[name][b] = part[a]
+    runs = copies_together(moves)
+    assert sum(len(sources) for _, sources, _, _ in runs) == len(moves)
+    assert any(len(sources) > 1 for op, sources, _, _ in runs if op == DEMOTE)
+    assert any(len(sources) > 1 for op, sources, _, _ in runs if op == PROMOTE)
+    ops = [op for op, _, _, _ in runs]
+    assert any(op == after != SAVE_HOST for op, after in itertools.pairwise(ops)), "no run split at a repeated block"
+    together = pools()
+    for op, sources, destinations, _ in runs:
+        assert len(set(destinations)) == len(destinations)
+        if op in (DEMOTE, PROMOTE):
+            source, target = ("pool", "host") if op == DEMOTE else ("host", "pool")
+            together[source].copy_to(together[target], sources, destinations)
+    for name in ("pool", "host"):
+        for part, want in zip(together[name].named.values(), expected[name].named.values(), strict=True):
+            assert torch.equal(part.view(torch.uint8), want.view(torch.uint8))

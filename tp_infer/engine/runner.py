@@ -102,6 +102,24 @@ def build_batch(plan: StepPlan, block_size: int, device: torch.device) -> Forwar
     return ForwardBatch(positions=positions, slots=slots, groups=groups, last=first + num_new - 1)
 
 
+def copies_together(moves: list[list[int]]) -> list[tuple[Transfer, list[int], list[int], bytes]]:
+    """Tier transfers [op, a, b, key as two ints] in order as (op, [a...], [b...], key), consecutive moves of blocks
+    the same way (DEMOTE or PROMOTE) joined into one while their destinations differ, which gives what copying them
+    one by one gives: a run's sources and destinations lie in different pools."""
+    out: list[tuple[Transfer, list[int], list[int], bytes]] = []
+    written: set[int] = set()  # the destinations of the last run
+    for op, a, b, k0, k1 in moves:
+        op = Transfer(op)
+        if op in (Transfer.DEMOTE, Transfer.PROMOTE) and out and out[-1][0] == op and b not in written:
+            out[-1][1].append(a)
+            out[-1][2].append(b)
+        else:
+            out.append((op, [a], [b], ints_to_key(k0, k1)))
+            written.clear()
+        written.add(b)
+    return out
+
+
 def consecutive_from(blocks: list[int]) -> int | None:
     """The first block of a run of consecutive blocks (as a conversation allocated at once holds them), else None."""
     return blocks[0] if blocks == list(range(blocks[0], blocks[0] + len(blocks))) else None
@@ -199,14 +217,14 @@ class ModelRunner:
             stream.wait_stream(torch.cuda.current_stream(self.ctx.device))
         loaded = []
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for op, a, b, k0, k1 in moves:
-                op, key = Transfer(op), ints_to_key(k0, k1)
+            for op, sources, destinations, key in copies_together(moves):
+                a, b = sources[0], destinations[0]
                 if op in (Transfer.SAVE_HOST, Transfer.SAVE_POOL, Transfer.LOAD) and stream is not None:
                     stream.synchronize()  # the host memory read or written below must be settled
                 if op == Transfer.DEMOTE:
-                    self.pool.copy_to(self.host, a, b)
+                    self.pool.copy_to(self.host, sources, destinations)
                 elif op == Transfer.PROMOTE:
-                    self.host.copy_to(self.pool, a, b)
+                    self.host.copy_to(self.pool, sources, destinations)
                 elif op == Transfer.SAVE_HOST:
                     self.disk.save(key, self.host.block(a))
                 elif op == Transfer.SAVE_POOL:
