@@ -2,8 +2,9 @@
 
 python scripts/bench_serving.py --users 8,16 --out serving.json --plot serving.png
     [--model bench|demo] [--rounds N] [--turns 8] [--max-new-tokens N] [--system-tokens N] [--user-tokens LO-HI]
-    [--think 1.0] [--arrival S] [--max-batch-size 32] [--max-seq-len N] [--server-threads N] [--device cpu|cuda]
-    [--ckpt-path CONVERTED] [--seed 0] [--work-dir DIR]
+    [--think 1.0] [--arrival S] [--max-batch-size 32] [--max-num-batched-tokens 512] [--max-seq-len N]
+    [--server-threads N] [--device cpu|cuda] [--attn-impl absorb|naive] [--ckpt-path CONVERTED] [--seed 0]
+    [--work-dir DIR]
 
 The model (--model; --ckpt-path names an already converted checkpoint instead):
 - bench (the default): random weights in the shape of configs/config_bench.json (DeepSeek-V3-shaped: hidden 1024,
@@ -746,11 +747,22 @@ class LoadSampler:
     "[model: bench 10, demo 0]",
 )
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Server's.")
+@click.option(
+    "--max-num-batched-tokens", default=512, show_default=True, type=click.IntRange(min=1), help="Server's step budget."
+)
 @click.option("--max-seq-len", type=click.IntRange(min=1), help="Server's. [model: bench 2048, demo 1024]")
 @click.option(
     "--server-threads", type=click.IntRange(min=1), help="OMP_NUM_THREADS of the server. [model: bench 2, demo 1]"
 )
 @device_option("Where the servers run: the CPU or one GPU, both servers on it (world size 1).")
+@click.option(
+    "--attn-impl",
+    default="absorb",
+    show_default=True,
+    type=click.Choice(["absorb", "naive"]),
+    help="The servers' MLA form: the latent cache, or per-head keys and values (an extend over a long history "
+    "costs fewer FLOPs).",
+)
 @click.option(
     "--ckpt-path",
     type=click.Path(file_okay=False),
@@ -762,7 +774,7 @@ class LoadSampler:
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Keep the converted model and server logs here.")
 def main(
     model, users, rounds, turns, max_new_tokens, system_tokens, user_tokens, think, arrival, max_batch_size,
-    max_seq_len, server_threads, device, ckpt_path, seed, out, plot_path, work_dir,
+    max_num_batched_tokens, max_seq_len, server_threads, device, attn_impl, ckpt_path, seed, out, plot_path, work_dir,
 ):  # fmt: skip
     """Simulated chat users against tp_infer's server, history reuse on and off: TTFT, ITL, throughput, cache hits."""
     began = time.monotonic()
@@ -801,8 +813,10 @@ def main(
         scripts = user_scripts(users, rounds, turns, seed, s["system_tokens"], s["user_tokens"], encode)
         shared = shared_prefix(scripts, encode)
         options = [
-            "--device", device.type, "--dtype", "fp32", "--ignore-eos", "--max-new-tokens", str(max_new_tokens),
-            "--max-batch-size", str(max_batch_size), "--max-seq-len", str(max_seq_len),
+            "--device", device.type, "--dtype", "fp32", "--attn-impl", attn_impl, "--ignore-eos",
+            "--max-new-tokens", str(max_new_tokens),
+            "--max-batch-size", str(max_batch_size), "--max-num-batched-tokens", str(max_num_batched_tokens),
+            "--max-seq-len", str(max_seq_len),
         ]  # fmt: skip
         pool: dict[tuple[bool, int], dict] = {}
         live: dict[bool, Server] = {}
@@ -860,8 +874,9 @@ def main(
     lo, hi = s["user_tokens"]
     print()
     print(
-        f"model {ckpt.resolve().name} ({source}), world size 1, {device.type} fp32, max batch {max_batch_size}, "
-        f"max seq len {max_seq_len}, server OMP threads {server_threads}"
+        f"model {ckpt.resolve().name} ({source}), world size 1, {device.type} fp32, {attn_impl} MLA, max batch "
+        f"{max_batch_size}, step budget {max_num_batched_tokens} tokens, max seq len {max_seq_len}, server OMP "
+        f"threads {server_threads}"
     )
     print(
         f"{rounds} round{'s' if rounds > 1 else ''} of {turns}-turn conversations: "
@@ -907,9 +922,11 @@ def main(
                 "arrival_s": s["arrival"],
                 "think_s": [THINK_RANGE[0] * think, THINK_RANGE[1] * think],
                 "max_batch_size": max_batch_size,
+                "max_num_batched_tokens": max_num_batched_tokens,
                 "max_seq_len": max_seq_len,
                 "server_threads": server_threads,
                 "device": device.type,
+                "attn_impl": attn_impl,
                 "seed": seed,
                 "first_turns_shared_tokens": shared,
             },
