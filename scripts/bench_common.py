@@ -51,6 +51,17 @@ def runtime_line(runtime_s: float, load_at_start: float) -> tuple[str, dict]:
     return line, load
 
 
+def run_settings(config: str, dtype: str, device: torch.device, seed: int) -> dict:
+    """What a benchmark's results open with: the model's config and dtype, where it ran, torch's threads, the seed."""
+    return {
+        "config": config,
+        "dtype": dtype,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+    }
+
+
 def python_path(*folders: Path) -> str:
     """A child process's PYTHONPATH: folders first, then whatever this process was given (where the packages of a
     machine without the venv may lie)."""

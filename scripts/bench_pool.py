@@ -36,7 +36,7 @@ from collections.abc import Iterator
 
 import click
 import torch
-from bench_common import fill_random, report, sections_options
+from bench_common import fill_random, report, run_settings, sections_options
 
 from tp_infer.config import ModelArgs, load_config
 from tp_infer.distributed import DistContext
@@ -464,13 +464,7 @@ def main(
     model = random_model(config, dtype, seed, device)
     prompts = Prompts(seed, model.args.vocab_size)
     warm_up(model, prompts)
-    results: dict = {
-        "config": config,
-        "dtype": dtype,
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "seed": seed,
-    }
+    results = run_settings(config, dtype, device, seed)
     sections = [only] if only else list(SECTIONS)
     if "capacity" in sections:
         results["capacity"] = capacity(model, config_args, prompts, slots, conversation_tokens)

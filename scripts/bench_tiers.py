@@ -64,6 +64,7 @@ from bench_common import (
     python_path,
     reply_tokens_option,
     report,
+    run_settings,
     sections_options,
     turns_option,
     work_dir_option,
@@ -662,13 +663,7 @@ def main(
     if threads:
         torch.set_num_threads(threads)
     sections = [only] if only else list(SECTIONS)
-    results: dict = {
-        "config": config,
-        "dtype": dtype,
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "seed": seed,
-    }
+    results = run_settings(config, dtype, device, seed)
     results["sizes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()}
     results["quick"] = quick
     work = Path(tempfile.mkdtemp(prefix="bench_tiers-", dir=work_dir))

@@ -41,6 +41,7 @@ from bench_common import (
     dtype_option,
     out_option,
     report,
+    run_settings,
     seed_option,
     synchronize,
     threads_option,
@@ -453,13 +454,7 @@ def main(
     model = random_model(config, dtype, seed, device)
     prompts = Prompts(seed, model.args.vocab_size)
     engine = Engine(runner_for(model, POOL_BLOCKS), max_num_batched_tokens=max(prefill_tokens, history, 512))
-    results: dict = {
-        "config": config,
-        "dtype": dtype,
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "seed": seed,
-    }
+    results = run_settings(config, dtype, device, seed)
     results["decode"] = decode(model, engine, prompts, history, decode_steps, profile_steps)
     results["prefill"] = prefill(model, engine, prompts, prefill_tokens, prefill_repeats)
     results["flops"] = flops(model, results["prefill"], device)
