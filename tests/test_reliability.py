@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from processes import ENV, LIMIT, REPO, assert_gone, kill_all, rank_pids, run_job, torchrun
+
+from tp_infer.distributed import resolve_device
 
 OPTIONS = ["--device", "cpu", "--dtype", "fp32", "--max-seq-len", "256", "--max-new-tokens", "6"]
 
@@ -58,6 +61,9 @@ def bad_ckpts(chat_ckpt, tmp_path_factory):
     return out
 
 
+GPUS = torch.cuda.device_count()
+# what two ranks with --device cuda are told on a machine without a GPU for each (CI's has none, a lent one has one)
+NO_GPU_EACH = "no CUDA device is available" if GPUS == 0 else f"2 ranks on this node but {GPUS} GPU (one each)"
 SETUP_CASES = {
     # name: (checkpoint (a bad_ckpts key, or None for the good one), extra arguments, expected message)
     "folder missing": ("/no/such/ckpt", [], "--ckpt-path /no/such/ckpt: no such folder"),
@@ -72,7 +78,7 @@ SETUP_CASES = {
     "output file cannot be written": (None, ["--output-file", "/no/such/dir/out.jsonl"], "cannot be written"),
     "input file missing": (None, ["--input-file", "/no/such/in.jsonl"], "--input-file /no/such/in.jsonl: no such file"),
     "console without tokenizer": ("no_tokenizer", ["--interactive"], "tokenizer.json is missing"),
-    "cuda without a GPU": (None, ["--device", "cuda"], "--device cuda: no CUDA device is available"),
+    "cuda without a GPU per rank": (None, ["--device", "cuda"], f"--device cuda: {NO_GPU_EACH}"),
     "neither console nor batch": (None, ["--no-mode"], "give either --interactive or both"),
 }
 
@@ -80,6 +86,8 @@ SETUP_CASES = {
 @pytest.mark.parametrize("case", SETUP_CASES)
 def test_bad_setup_is_refused_on_every_rank(case, chat_ckpt, bad_ckpts, tmp_path):
     ckpt, extra, message = SETUP_CASES[case]
+    if "--device" in extra and GPUS >= 2:
+        pytest.skip(f"this machine has a GPU for each of the two ranks ({GPUS})")
     path = str(chat_ckpt if ckpt is None else bad_ckpts.get(ckpt, ckpt))
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "prompt_token_ids": [0, 5, 6]}) + "\n")
     mode = {"--input-file": str(tmp_path / "in.jsonl"), "--output-file": str(tmp_path / "out.jsonl")}
@@ -99,6 +107,21 @@ def test_bad_setup_is_refused_on_every_rank(case, chat_ckpt, bad_ckpts, tmp_path
     assert len(lines) == 1, err  # rank 0 alone says it, once
     assert message in lines[0]
     assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_text() == ""
+
+
+def test_cuda_takes_a_gpu_per_rank_of_the_node(monkeypatch):
+    """NCCL cannot put two ranks on one GPU: a node with fewer GPUs than ranks is refused on each of its ranks alike
+    (the local world size, not the local rank, decides), where it used to hand two ranks the same GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda") == resolve_device("auto", 0, 1) == torch.device("cuda", 0)
+    for device in ("cuda", "auto"):
+        for local_rank in (0, 1):
+            with pytest.raises(ValueError, match=rf"^--device {device}: 2 ranks on this node but 1 GPU \(one each\)"):
+                resolve_device(device, local_rank, 2)
+    assert resolve_device("cpu", 1, 2) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_device("cuda", 3, 4) == torch.device("cuda", 3)
 
 
 # ---- bad input: answered, and the job goes on -----------------------------------------------------------------

@@ -23,15 +23,22 @@ class DistContext:
         return self.rank == 0
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA when present; `cuda` without a GPU is refused with one line."""
+def resolve_device(device: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """`auto` picks CUDA when present; `cuda` without a GPU, or with fewer GPUs than this node's ranks (NCCL takes
+    one GPU per rank), is refused with one line, the same on every rank of the node."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device {device!r}: must be auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     if device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    gpus = torch.cuda.device_count()
+    if local_world_size > gpus:
+        raise ValueError(
+            f"--device {device}: {local_world_size} ranks on this node but {gpus} GPU{'s' if gpus > 1 else ''} "
+            "(one each): start fewer ranks per node, or use --device cpu"
+        )
+    return torch.device("cuda", local_rank)
 
 
 # rank 0's plans and start-up agreement travel on their own gloo group with no practical deadline: a follower may
@@ -49,7 +56,7 @@ def init_distributed(device: str = "auto", collective_timeout_s: float = 20.0) -
     _collective_timeout_s = collective_timeout_s
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
