@@ -89,7 +89,7 @@ class LayerCache:
 
 class KVPool:
     """num_blocks blocks of block_size tokens for every layer, on this rank's device (or in host memory for the host
-    tier: pinned when the device is a GPU, so that copies can run asynchronously)."""
+    tier: pinned when the device is a GPU, so that copies to the GPU can run asynchronously)."""
 
     def __init__(
         self,
@@ -125,7 +125,14 @@ class KVPool:
         there = torch.tensor(destinations, device=other.layers[0].tensors[0].data.device)
         for name, part in self.named.items():
             target = other.named[name]
-            target[there] = part.index_select(0, here).to(target.device)  # index_copy_ has no FP8 on the CPU
+            if part.is_pinned():  # the host tier's: gathered into pinned memory too, so its copy to the GPU is async
+                staged = torch.empty(len(sources), *part.shape[1:], dtype=part.dtype, pin_memory=True)
+                gathered = torch.index_select(part, 0, here, out=staged)
+            else:
+                gathered = part.index_select(0, here)
+            # a copy to the host waits for the GPU, as the scatter there reads it next (index_put: index_copy_ has no
+            # FP8 on the CPU)
+            target[there] = gathered.to(target.device, non_blocking=target.is_cuda)
 
     @property
     def nbytes(self) -> int:
