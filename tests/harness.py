@@ -50,8 +50,7 @@ def _rank_main(target: Callable, rank: int, world_size: int, port: int, args: tu
 
 def run_ranks(world_size: int, target: Callable, *args, timeout: float = 300) -> list:
     """target(ctx, *args) on every rank; returns the results by rank (tensors on the CPU), or raises with the failing
-    ranks' errors.
-    Fails (rather than hangs) if any rank is still running after `timeout` seconds."""
+    ranks' errors. Fails (rather than hangs) if any rank is still running after `timeout` seconds."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
