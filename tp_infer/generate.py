@@ -147,7 +147,8 @@ ENGINE_OPTIONS = [
         default=True,
         show_default=True,
         help="On the CPU in fp32, decode's layers (products, SwiGLU, norms, rope, MoE, attention) run in tp_infer's "
-        "compiled kernels (built with the system's C compiler on first use); off: PyTorch's alone.",
+        "compiled kernels (built with the system's C compiler on first use), and wider products and prefill "
+        "attention in oneDNN's products; off: PyTorch's usual paths alone.",
     ),
     click.option(
         "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."

@@ -14,6 +14,9 @@ from tp_infer.model.rope import apply_rope
 # new tokens per row from which padding v for the CPU's fused kernel beats SDPA's unfused path: from 32 it won at
 # every MLA shape measured here (1.1-1.6x, 1.4x at 1,000 tokens); a decode-sized row pays more for the copy
 PAD_V_FROM = 32
+# queries per product in chunked_attention: at 1,000 new tokens 256 beat 128 and 1,000 (13 ms a layer against 17
+# and 16 at the bench model's shapes): a chunk's scores stay in cache, and the keys past its last query are skipped
+QUERY_CHUNK = 256
 
 
 class MLA(nn.Module):
@@ -68,7 +71,7 @@ class MLA(nn.Module):
         latent = self.kv_norm(latent)
         k_pe = apply_rope(k_pe, rotations)
         if self.attn_impl == "naive":
-            k_nope, v = torch.einsum("nc,hdc->nhd", latent, wkv_b).split([self.nope_dim, self.v_dim], dim=-1)
+            k_nope, v = self.expand(latent, wkv_b)
             cache.write(batch.slots, torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.local_heads, -1)], -1), v)
             query = torch.cat([q_nope, q_pe], dim=-1)
             outs = [self.naive_group(query, cache, g) for g in batch.groups]
@@ -123,11 +126,12 @@ class MLA(nn.Module):
         q_nope, q_pe = rows_of(q_nope, group), rows_of(q_pe, group)  # [R, T, H, *]
         if self.expanding_is_cheaper(group.width, group.visible.shape[-1]):
             latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, rope]
-            k_nope = torch.einsum("bsc,hdc->bshd", latent, w_k)
+            k_nope, v = self.expand(latent, wkv_b)
             k = torch.cat([k_nope, pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
-            v = torch.einsum("bsc,hdc->bshd", latent, w_v)
             out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, group)
             return out.flatten(0, 1)
+        if kernels.onednn_for(q_nope, wkv_b):
+            return latent_attention(q_nope, q_pe, wkv_b, cache, group, self.softmax_scale)
         # batched products, not einsums (which permute and reshape around each): per head into latent space, per row
         # over its cache; the softmax scale goes on the (smaller) queries; latent and rope key are read where they
         # lie, not joined
@@ -141,13 +145,22 @@ class MLA(nn.Module):
         out = torch.bmm(probs.view(rows, width * heads, -1), latent)  # [R, T*H, C]
         return torch.bmm(out.view(-1, heads, latent_dim).transpose(0, 1), w_v.mT).transpose(0, 1)  # [R*T, H, V]
 
+    def expand(self, latent: torch.Tensor, wkv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head k_nope [..., H, nope] and v [..., H, v] of latents [..., C]: one product with wkv_b [H, nope + v,
+        C]."""
+        kv = kernels.linear(latent.flatten(0, -2), wkv_b.flatten(0, 1))
+        return kv.view(*latent.shape[:-1], self.local_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+
     def multi_head_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: AttentionGroup
     ) -> torch.Tensor:
-        """Fused attention of q [B, T, H, D] over per-head k [B, S, H, D] and v [B, S, H, Dv], as the group's
-        visibility says. The CPU's fused kernel wants v as wide as q and k (otherwise SDPA takes its unfused path),
-        so from PAD_V_FROM new tokens per row, where that pays for the copy, v is zero-padded and the output cut
-        back. Rows that start at position 0 attend by is_causal over their own tokens, with no mask to read."""
+        """Attention of q [B, T, H, D] over per-head k [B, S, H, D] and v [B, S, H, Dv], as the group's visibility
+        says: in oneDNN's products where they apply (chunked_attention), else fused by SDPA. The CPU's fused kernel
+        wants v as wide as q and k (otherwise SDPA takes its unfused path), so from PAD_V_FROM new tokens per row,
+        where that pays for the copy, v is zero-padded and the output cut back. Rows that start at position 0 attend
+        by is_causal over their own tokens, with no mask to read."""
+        if kernels.onednn_for(q, k, v):
+            return chunked_attention(q, k, v, group, self.softmax_scale)
         v_dim, width = v.shape[-1], q.shape[1]
         if v_dim < q.shape[-1] and width >= PAD_V_FROM and q.device.type == "cpu":
             v = F.pad(v, (0, q.shape[-1] - v_dim))
@@ -172,6 +185,70 @@ class MLA(nn.Module):
             new_tokens * kv_len * self.rope_dim
         )
         return expand < absorb
+
+
+def chunked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: AttentionGroup, scale: float
+) -> torch.Tensor:
+    """Attention of q [R, T, H, D] over k [R, S, H, D] and v [R, S, H, Dv] (S covering each row's positions), in
+    plain products per row and head: each QUERY_CHUNK queries' scores over the keys the chunk's last query sees (so
+    most of the causal triangle's hidden half is never computed), the chunk's own columns masked by group.visible,
+    softmax, times the values. On the CPU in fp32 these products run in oneDNN at twice the speed of the MKL
+    products inside SDPA's fused kernel (on AMD processors, where MKL stays with AVX2)."""
+    rows, width, heads, _ = q.shape
+    out = q.new_empty(rows, width, heads, v.shape[-1])
+    for r, length in enumerate(group.lengths.tolist()):
+        first = length - width  # the row's first new position: every key before it is seen by all its queries
+        queries = torch.mul(q[r].transpose(0, 1), scale, out=q.new_empty(heads, width, q.shape[-1]))
+        keys, values = head_major(k[r, :length]), head_major(v[r, :length])
+        for start in range(0, width, QUERY_CHUNK):
+            end = min(start + QUERY_CHUNK, width)
+            seen, hidden = first + end, ~group.visible[r, start:end, first + start : first + end]
+            for h in range(heads):
+                scores = kernels.linear(queries[h, start:end], keys[h, :seen])
+                scores[:, first + start :].masked_fill_(hidden, float("-inf"))
+                out[r, start:end, h] = kernels.linear(scores.softmax(dim=-1), values[h, :seen].t())
+    return out
+
+
+def latent_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    wkv_b: torch.Tensor,
+    cache: LayerCache,
+    group: AttentionGroup,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed attention of q_nope [R, T, H, D] and q_pe [R, T, H, P] (rotated) over each row's cached latent and
+    rope key, with wkv_b [H, D + V, C], in plain products (oneDNN's on the CPU, see chunked_attention): per head
+    into latent space, per row over its positions (scores rows token-major: (t, h)), back out per head; the
+    output [R * T, H, V]."""
+    rows, width, heads, nope = q_nope.shape
+    v_dim = wkv_b.shape[1] - nope
+    out = q_nope.new_empty(rows, width, heads, v_dim)
+    latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, P]
+    for r, length in enumerate(group.lengths.tolist()):
+        first = length - width
+        queries = head_major(q_nope[r])  # [H, T, D]
+        q_latent = q_nope.new_empty(width, heads, latent.shape[-1])
+        for h in range(heads):
+            q_latent[:, h] = kernels.linear(queries[h], wkv_b[h, :nope].t())
+        keys, rope_keys = latent[r, :length], pe[r, :length]
+        scores = kernels.linear(q_latent.view(width * heads, -1), keys)
+        scores += kernels.linear(q_pe[r].reshape(width * heads, -1), rope_keys)
+        scores = scores.mul_(scale).view(width, heads, length)
+        hidden = ~group.visible[r, :, first:length]  # only the new positions are hidden from anyone
+        scores[..., first:].masked_fill_(hidden.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).view(width * heads, length)
+        mixed = head_major(kernels.linear(probs, keys.t()).view(width, heads, -1))  # [H, T, C]
+        for h in range(heads):
+            out[r, :, h] = kernels.linear(mixed[h], wkv_b[h, nope:])
+    return out.flatten(0, 1)
+
+
+def head_major(x: torch.Tensor) -> torch.Tensor:
+    """x [S, H, D] as a contiguous [H, S, D]: each head's rows in one matrix."""
+    return x.transpose(0, 1).contiguous()
 
 
 def rows_of(x: torch.Tensor, group: AttentionGroup) -> torch.Tensor:

@@ -100,6 +100,18 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def onednn_for(*tensors: torch.Tensor) -> bool:
+    """Whether products of these operands go through oneDNN (see linear): switched on, all fp32 on the CPU."""
+    return _enabled and all(t.dtype == torch.float32 and t.is_cpu for t in tensors) and onednn_products()
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x [M, K] times weight [N, K] transposed goes through oneDNN: onednn_for both, the weight contiguous or
+    the transpose of a contiguous matrix (other strides take a path thousands of times slower)."""
+    layout = x.dim() == weight.dim() == 2 and (weight.is_contiguous() or weight.t().is_contiguous())
+    return layout and onednn_for(x, weight)
+
+
 def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The kernels, where they apply to these operands: switched on, all fp32 on the CPU, the library built."""
     if not (_enabled and all(t.dtype == torch.float32 and t.is_cpu for t in tensors)):
@@ -112,11 +124,26 @@ def few_rows(x: torch.Tensor) -> bool:
     return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
 
 
+@functools.cache
+def onednn_products() -> bool:
+    """Whether this PyTorch has oneDNN's product (x86 builds) and it agrees with F.linear on a small case."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    x, weight = torch.linspace(-1, 1, 48).view(3, 16), torch.linspace(1, -1, 80).view(5, 16)
+    try:
+        return torch.allclose(op(x, weight, None, "none", [], ""), F.linear(x, weight), atol=1e-5)
+    except RuntimeError:
+        return False
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] times weight [N, K] transposed: the compiled product for 1 to MAX_ROWS fp32 rows on the CPU (in
-    two halves past 12), else F.linear."""
+    two halves past 12); more rows through oneDNN (see PRODUCTS); else F.linear."""
     lib = usable(x, weight) if few_rows(x) and weight.is_contiguous() else None
     if lib is None:
+        if onednn_applies(x, weight):
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
         return F.linear(x, weight)
     x = x.contiguous()
     y = x.new_empty(x.shape[0], weight.shape[0])
