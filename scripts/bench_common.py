@@ -99,6 +99,13 @@ def dtype_option(help: str = "Compute.") -> OptionDecorator:
     return click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help=help)
 
 
+def attn_impl_option(help: str) -> OptionDecorator:
+    """--attn-impl: tp_infer's MLA form, absorb (the latent cache) by default, or naive (per-head keys and values)."""
+    return click.option(
+        "--attn-impl", default="absorb", show_default=True, type=click.Choice(["absorb", "naive"]), help=help
+    )
+
+
 def device_option(help: str = "Where the model runs: the CPU or one GPU (world size 1).") -> OptionDecorator:
     """--device: cpu or cuda, handed to main as a torch.device; cuda on a machine without one fails at once."""
 

@@ -28,6 +28,7 @@ import click
 import torch
 import transformers
 from bench_common import (
+    attn_impl_option,
     config_option,
     device_option,
     dtype_option,
@@ -370,13 +371,7 @@ def print_transformers(tf: dict, turns: int, reply_tokens: int) -> None:
     "time the very same conversation; bf16 rounding parts the engines' greedy replies after a few tokens."
 )
 @device_option("Where both engines run: the CPU or one GPU (world size 1).")
-@click.option(
-    "--attn-impl",
-    default="absorb",
-    show_default=True,
-    type=click.Choice(["absorb", "naive"]),
-    help="tp_infer's MLA form: absorb caches the latent (DeepSeek's default), naive per-head keys and values.",
-)
+@attn_impl_option("tp_infer's MLA form: absorb caches the latent (DeepSeek's default), naive per-head keys and values.")
 @seed_option("Weights and user messages.")
 @out_option("Write the rows and the summary as JSON.")
 @work_dir_option("Keep the Hugging Face and converted checkpoints here (default: a temporary folder).")

@@ -88,10 +88,10 @@ class Prompts:
 
 
 # ---- model -----------------------------------------------------------------------------------------------------------
-def random_model(config: str, dtype: str, seed: int, device: torch.device) -> Transformer:
+def random_model(config: str, dtype: str, seed: int, device: torch.device, attn_impl: str = "absorb") -> Transformer:
     """A random model of the config, scaled as scripts/bench_kv_cache.py's, with room for the decode section's long
     prompt (max_seq_len only sizes the rope tables); filled on the CPU, so the weights are the same on any device."""
-    args = load_config(config, dtype=dtype)
+    args = load_config(config, dtype=dtype, attn_impl=attn_impl)
     args = args.with_options(max_seq_len=max(args.max_seq_len, DECODE_MAX_SEQ_LEN))
     model = Transformer(args, TensorParallel())
     fill_random(model, seed)

@@ -73,7 +73,7 @@ from pathlib import Path
 import click
 import httpx
 import openai
-from bench_common import device_option, python_path
+from bench_common import attn_impl_option, device_option, python_path
 from demo_data import ANIMALS, CITIES, COLOURS, JOBS, NAMES, THINGS, THINGS_LIKED, make_conversation
 
 REPO = Path(__file__).resolve().parent.parent
@@ -755,13 +755,9 @@ class LoadSampler:
     "--server-threads", type=click.IntRange(min=1), help="OMP_NUM_THREADS of the server. [model: bench 2, demo 1]"
 )
 @device_option("Where the servers run: the CPU or one GPU, both servers on it (world size 1).")
-@click.option(
-    "--attn-impl",
-    default="absorb",
-    show_default=True,
-    type=click.Choice(["absorb", "naive"]),
-    help="The servers' MLA form: the latent cache, or per-head keys and values (an extend over a long history "
-    "costs fewer FLOPs).",
+@attn_impl_option(
+    "The servers' MLA form: the latent cache, or per-head keys and values (an extend over a long history costs fewer "
+    "FLOPs)."
 )
 @click.option(
     "--ckpt-path",

@@ -1,8 +1,8 @@
 """Where a step's time goes: decode at batch 1 and a cold prefill on the benchmarks' random tiny DeepSeek-V3 model.
 
     OMP_NUM_THREADS=2 python scripts/profile_step.py [--config configs/config_bench.json] [--dtype fp32]
-        [--device cpu|cuda] [--threads 2] [--seed 0] [--history 1000] [--decode-steps 50] [--prefill-tokens 1000]
-        [--prefill-repeats 3] [--profile-steps 10] [--out FILE.json]
+        [--device cpu|cuda] [--threads 2] [--attn-impl absorb|naive] [--seed 0] [--history 1000] [--decode-steps 50]
+        [--prefill-tokens 1000] [--prefill-repeats 3] [--profile-steps 10] [--out FILE.json]
 
 One process, world size 1, the model of scripts/bench_pool.py's random_model (fp32 by default) on --device (the CPU
 by default, or one GPU: every timer then waits for the GPU's queued work before it reads the clock). Three
@@ -36,6 +36,7 @@ from contextlib import contextmanager
 import click
 import torch
 from bench_common import (
+    attn_impl_option,
     config_option,
     device_option,
     dtype_option,
@@ -427,6 +428,7 @@ def print_flops(r: dict) -> None:
 @dtype_option()
 @device_option()
 @threads_option(2, "torch threads.")
+@attn_impl_option("MLA form: the latent cache, or per-head keys and values.")
 @seed_option()
 @click.option("--history", default=1000, show_default=True, type=click.IntRange(min=1), help="Decode: history.")
 @click.option("--decode-steps", default=50, show_default=True, type=click.IntRange(min=1), help="Decode: timed steps.")
@@ -439,6 +441,7 @@ def main(
     dtype: str,
     device: torch.device,
     threads: int,
+    attn_impl: str,
     seed: int,
     history: int,
     decode_steps: int,
@@ -450,11 +453,11 @@ def main(
     """Decode-step and prefill time, split by engine part and by module, and the prefill's GFLOP/s."""
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     torch.set_num_threads(threads)
-    log(f"building a random model ({config}, {dtype}, {device}, {torch.get_num_threads()} threads)")
-    model = random_model(config, dtype, seed, device)
+    log(f"building a random model ({config}, {dtype}, {attn_impl}, {device}, {torch.get_num_threads()} threads)")
+    model = random_model(config, dtype, seed, device, attn_impl)
     prompts = Prompts(seed, model.args.vocab_size)
     engine = Engine(runner_for(model, POOL_BLOCKS), max_num_batched_tokens=max(prefill_tokens, history, 512))
-    results = run_settings(config, dtype, device, seed)
+    results = {**run_settings(config, dtype, device, seed), "attn_impl": attn_impl}
     results["decode"] = decode(model, engine, prompts, history, decode_steps, profile_steps)
     results["prefill"] = prefill(model, engine, prompts, prefill_tokens, prefill_repeats)
     results["flops"] = flops(model, results["prefill"], device)
