@@ -66,18 +66,17 @@ class MLA(nn.Module):
             out = self.decode(q_nope, q_pe, kv, wkv_b, batch, cache, rotations)
             if out is not None:
                 return self.wo(out.flatten(1))
-        q_pe = apply_rope(q_pe, rotations)
+        q_pe.copy_(apply_rope(q_pe, rotations))  # in place: q is then the whole query, nothing joined
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
         k_pe = apply_rope(k_pe, rotations)
         if self.attn_impl == "naive":
             k_nope, v = self.expand(latent, wkv_b)
             cache.write(batch.slots, torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.local_heads, -1)], -1), v)
-            query = torch.cat([q_nope, q_pe], dim=-1)
-            outs = [self.naive_group(query, cache, g) for g in batch.groups]
+            outs = [self.naive_group(q, cache, g) for g in batch.groups]
         else:
             cache.write(batch.slots, latent, k_pe)
-            outs = [self.absorb_group(q_nope, q_pe, wkv_b, cache, g) for g in batch.groups]
+            outs = [self.absorb_group(q, wkv_b, cache, g) for g in batch.groups]
         return self.wo((outs[0] if len(outs) == 1 else torch.cat(outs)).flatten(1))
 
     def decode(
@@ -113,10 +112,12 @@ class MLA(nn.Module):
         return self.multi_head_attention(rows_of(query, group), k, v, group).flatten(0, 1)
 
     def absorb_group(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup
+        self, q: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup
     ) -> torch.Tensor:
-        """Attention of one group's queries in the absorbed form (latent space; decode rows in the compiled kernel
-        where it applies), or, when it costs fewer FLOPs, by expanding the cached latent to per-head keys and values."""
+        """Attention of one group's queries (q [N, H, nope + rope], rotated) in the absorbed form (latent space;
+        decode rows in the compiled kernel where it applies), or, when it costs fewer FLOPs, by expanding the cached
+        latent to per-head keys and values."""
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         if group.width == 1:  # the kernel reads the pool's blocks in place: nothing gathered
             queries = (q_nope[group.start : group.end], q_pe[group.start : group.end])
             out = kernels.mla_decode(*queries, wkv_b, *cache.data, group.block_table, group.lengths, self.softmax_scale)
@@ -128,7 +129,7 @@ class MLA(nn.Module):
             latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, rope]
             k_nope, v = self.expand(latent, wkv_b)
             k = torch.cat([k_nope, pe.unsqueeze(2).expand(-1, -1, self.local_heads, -1)], dim=-1)
-            out = self.multi_head_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, group)
+            out = self.multi_head_attention(rows_of(q, group), k, v, group)
             return out.flatten(0, 1)
         if kernels.onednn_for(q_nope, wkv_b):
             return latent_attention(q_nope, q_pe, wkv_b, cache, group, self.softmax_scale)
