@@ -10,11 +10,15 @@ from tp_infer.model import kernels
 from tp_infer.model.layers import ColumnParallelLinear, Linear, RowParallelLinear, TensorParallel
 
 
-def swiglu(x: torch.Tensor, w1: Linear, w2: Linear, w3: Linear) -> torch.Tensor:
+def swiglu(x: torch.Tensor, w1: Linear, w2: Linear, w3: Linear, scale: torch.Tensor | None = None) -> torch.Tensor:
     """w2(silu(w1(x)) * w3(x)) over these layers' slices, not reduced: one compiled call for a few fp32 rows on the
-    CPU (decode), else five ops."""
+    CPU (decode), else five ops. scale [M, 1] (routing weights) multiplies each row's result; in the five ops, its
+    hidden values: the same result, on a tensor inter_dim wide instead of dim."""
     y = kernels.swiglu(x, w1.dense_weight(x.dtype), w3.dense_weight(x.dtype), w2.dense_weight(x.dtype))
-    return y if y is not None else w2(F.silu(w1(x)) * w3(x))
+    if y is not None:
+        return y if scale is None else y.mul_(scale)
+    hidden = F.silu(w1(x)).mul_(w3(x))
+    return w2(hidden if scale is None else hidden.mul_(scale))
 
 
 class MLP(nn.Module):
@@ -41,8 +45,9 @@ class Expert(nn.Module):
         self.w2 = Linear(inter_dim, dim, dtype, fp8)
         self.w3 = Linear(dim, inter_dim, dtype, fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w1, self.w2, self.w3)
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert's output for x [M, dim], each row times its routing weight scale [M, 1] if given."""
+        return swiglu(x, self.w1, self.w2, self.w3, scale)
 
 
 class Gate(nn.Module):
@@ -125,22 +130,20 @@ class MoE(nn.Module):
                     y.add_(self.experts[str(e)](x) * weights[:, choice, None])
             return all_reduce(y, self.world_size).view(shape)
         # the (token, choice) pairs sorted by expert, stably: each local expert runs once on a contiguous run of its
-        # tokens, gathered in one go, and one index_add adds every weighted output (per token in expert order)
+        # tokens, gathered in one go, its routing weights applied inside it, and its outputs added to their tokens
+        # (so each token adds its experts in ascending order)
         choices = indices.flatten()
         counts = torch.bincount(choices, minlength=self.n_routed).tolist()
         local = counts[self.first_expert : self.first_expert + len(self.experts)]
-        if not any(local):
-            return all_reduce(y, self.world_size).view(shape)
         first = sum(counts[: self.first_expert])
         pairs = choices.argsort(stable=True)[first : first + sum(local)]
-        rows = pairs // indices.shape[1]
-        tokens = x.index_select(0, rows)
-        outs, start = [], 0
+        rows, scales = pairs // indices.shape[1], weights.flatten()[pairs, None]
+        tokens, start = x.index_select(0, rows), 0
         for count, expert in zip(local, self.experts.values(), strict=True):
+            end = start + count
             if count:
-                outs.append(expert(tokens[start : start + count]))
-            start += count
-        y.index_add_(0, rows, torch.cat(outs) * weights.flatten()[pairs, None])
+                y.index_add_(0, rows[start:end], expert(tokens[start:end], scales[start:end]))
+            start = end
         return all_reduce(y, self.world_size).view(shape)
 
     def compiled(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
