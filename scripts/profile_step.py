@@ -2,10 +2,10 @@
 
     OMP_NUM_THREADS=2 python scripts/profile_step.py [--config configs/config_bench.json] [--dtype fp32]
         [--device cpu|cuda] [--threads 2] [--attn-impl absorb|naive] [--seed 0] [--history 1000] [--decode-steps 50]
-        [--prefill-tokens 1000] [--prefill-repeats 3] [--profile-steps 10] [--out FILE.json]
+        [--prefill-tokens 1000] [--prefill-repeats 3] [--extend-tokens 60] [--profile-steps 10] [--out FILE.json]
 
 One process, world size 1, the model of scripts/bench_pool.py's random_model (fp32 by default) on --device (the CPU
-by default, or one GPU: every timer then waits for the GPU's queued work before it reads the clock). Three
+by default, or one GPU: every timer then waits for the GPU's queued work before it reads the clock). Four
 measurements, each printed as a small markdown table, all figures written to --out:
 
 1. decode: one session with --history tokens of history generating greedy tokens, alone in the engine. Medians over
@@ -18,10 +18,12 @@ measurements, each printed as a small markdown table, all figures written to --o
    record_shapes=False) with each module's forward wrapped in record_function, for a breakdown by module kind and the
    top-10 aten ops by self CPU time (on a GPU: by the time of the kernels each launched; the engine's ranges stay in
    CPU time). --profile-steps decode steps are profiled the same way.
-3. flops: the prefill's FLOPs counted from the config (projections, MLA in its expanded form, scores and values over
+3. extend: --extend-tokens new tokens appended to one conversation of --history tokens (then grown by each timed
+   turn), as a later turn of a chat computes them, timed and profiled as the prefill.
+4. flops: the prefill's FLOPs counted from the config (projections, MLA in its expanded form, scores and values over
    the causal (query, key) pairs the kernel computes, the routed experts' top-k per token plus the shared expert,
    the dense MLP, the gate, the head on the last token) over the measured times, against torch.matmul of [N, dim] x
-   [dim, inter] shapes timed in the same run.
+   [dim, inter] shapes timed in the same run, and the same products through kernels.linear.
 
 Progress goes to stderr, the tables to stdout.
 """
@@ -55,6 +57,7 @@ import tp_infer.engine.runner as runner_module
 from tp_infer.engine.engine import Engine
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
+from tp_infer.model import kernels
 from tp_infer.model.attention import MLA
 from tp_infer.model.moe import MLP, Expert, Gate, MoE
 from tp_infer.model.transformer import Transformer
@@ -289,17 +292,23 @@ def print_decode(r: dict) -> None:
 
 
 # ---- 2. prefill ------------------------------------------------------------------------------------------------------
-def prefill(model: Transformer, engine: Engine, prompts: Prompts, tokens: int, repeats: int) -> dict:
+def prefill(model: Transformer, engine: Engine, prompts: Prompts, tokens: int, repeats: int, history: int = 0) -> dict:
+    """A step prefilling `tokens` new tokens: with nothing cached, or (history > 0) appended to one conversation of
+    `history` tokens, which then grows by each timed turn."""
     runner = engine.runner
     device = runner.ctx.device
     sampling = SamplingParams(max_new_tokens=1, ignore_eos=True)
     parts: dict[str, list[float]] = {k: [] for k in ("step", "schedule", "forward", "postprocess", "build_batch")}
+    conversation = Session("extend")
+    if history:
+        engine.generate(conversation, prompts(history), sampling)
+    label = f"over a history of {history}" if history else "cold"
     for r in range(repeats + 1):
-        log(f"prefill {r + 1}/{repeats + 1} ({tokens} tokens{', unmeasured' if r == 0 else ''})")
-        turn = engine.submit(Session(f"prefill-{r}"), prompts(tokens), None, sampling)
+        log(f"prefill {r + 1}/{repeats + 1} ({tokens} tokens, {label}{', unmeasured' if r == 0 else ''})")
+        turn = engine.append_turn(conversation if history else Session(f"prefill-{r}"), prompts(tokens), sampling)
         t0 = time.perf_counter()
         step, t_sched = timed(device, engine.schedule)
-        assert len(step.rows) == 1 and step.rows[0][1] == tokens, "the prefill must be one cold chunk"
+        assert len(step.rows) == 1 and step.rows[0][1] == tokens, "the prefill must be one chunk of its new tokens"
         logits, t_fwd = timed(device, runner.forward, step.plan)
         _, t_post = timed(device, engine.postprocess, step, logits)
         t_step = time.perf_counter() - t0
@@ -309,13 +318,14 @@ def prefill(model: Transformer, engine: Engine, prompts: Prompts, tokens: int, r
             for k, v in zip(parts, (t_step, t_sched, t_fwd, t_post, t_build), strict=True):
                 parts[k].append(v)
     log("prefill: one more under the profiler")
-    turn = engine.submit(Session("prefill-profiled"), prompts(tokens), None, sampling)
+    turn = engine.append_turn(conversation if history else Session("prefill-profiled"), prompts(tokens), sampling)
     prof = profiled(model, engine, engine.step, 1)
     engine.run([turn])
     med = {k: statistics.median(v) for k, v in parts.items()}
     step_s = med.pop("step")
     return {
         "tokens": tokens,
+        "history_tokens": history,
         "repeats": repeats,
         "step_s": step_s,
         "parts_s": {**med, "model": med["forward"] - med["build_batch"]},
@@ -330,6 +340,12 @@ def print_prefill(r: dict) -> None:
     print_step_table(f"2. cold prefill of {r['tokens']} tokens, one chunk, median of {r['repeats']}", r)
     print(f"(model call = runner.forward - build_batch alone; prefill rate {r['tokens'] / r['step_s']:.0f} tokens/s)")
     print_profile("prefill profile", r["profile"])
+
+
+def print_extend(r: dict) -> None:
+    title = f"3. extend: {r['tokens']} new tokens on {r['history_tokens']}+ of history, median of {r['repeats']}"
+    print_step_table(title, r)
+    print_profile("extend profile", r["profile"])
 
 
 # ---- 3. flops --------------------------------------------------------------------------------------------------------
@@ -362,7 +378,8 @@ def prefill_flops(args, n: int, block_size: int) -> dict[str, float]:
 
 
 def matmul_reference(n: int, args, device: torch.device, repeats: int = 5) -> list[dict]:
-    """torch.matmul GFLOP/s of the prefill's shapes: [n, dim] x [dim, inter], and an expert's share of the tokens."""
+    """torch.matmul GFLOP/s of the prefill's shapes: [n, dim] x [dim, inter], and an expert's share of the tokens;
+    and of the same products as the model runs them (kernels.linear: oneDNN's on the CPU in fp32)."""
     per_expert = n * args.n_activated_experts // args.n_routed_experts
     shapes = [
         (n, args.dim, args.inter_dim),
@@ -375,7 +392,12 @@ def matmul_reference(n: int, args, device: torch.device, repeats: int = 5) -> li
         a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, nn, dtype=dtype, device=device)
         torch.matmul(a, b)
         t = min(timed(device, torch.matmul, a, b)[1] for _ in range(repeats))
-        out.append({"shape": f"[{m}, {k}] x [{k}, {nn}]", "s": t, "gflops": 2 * m * k * nn / t / 1e9})
+        kernels.linear(a, b.t())
+        ours = min(timed(device, kernels.linear, a, b.t())[1] for _ in range(repeats))
+        flop = 2 * m * k * nn
+        out.append(
+            {"shape": f"[{m}, {k}] x [{k}, {nn}]", "s": t, "gflops": flop / t / 1e9, "linear_gflops": flop / ours / 1e9}
+        )
     return out
 
 
@@ -401,7 +423,7 @@ def flops(model: Transformer, pre: dict, device: torch.device) -> dict:
 
 
 def print_flops(r: dict) -> None:
-    print("\n3. prefill FLOPs (counted from the config) over time (module times from the profiled prefill)")
+    print("\n4. prefill FLOPs (counted from the config) over time (module times from the profiled prefill)")
     print("| part | GFLOP | ms | GFLOP/s |")
     print("|---|---|---|---|")
     for p in r["parts"]:
@@ -412,13 +434,14 @@ def print_flops(r: dict) -> None:
         f"| whole prefill (unprofiled model call) | {r['total_gflop']:.2f} | {r['model_s'] * 1e3:.1f} "
         f"| {r['achieved_gflops']:.1f} |"
     )
-    print("| reference torch.matmul | GFLOP/s |")
-    print("|---|---|")
+    print("| reference product | torch.matmul GFLOP/s | tp_infer's kernels.linear GFLOP/s |")
+    print("|---|---|---|")
     for ref in r["matmul_reference"]:
-        print(f"| {ref['shape']} | {ref['gflops']:.1f} |")
+        print(f"| {ref['shape']} | {ref['gflops']:.1f} | {ref['linear_gflops']:.1f} |")
+    best_linear = max(ref["linear_gflops"] for ref in r["matmul_reference"])
     print(
         f"prefill achieves {r['achieved_gflops']:.1f} GFLOP/s = {r['ratio_to_best_reference']:.1%} of the best "
-        "reference matmul"
+        f"reference torch.matmul, {r['achieved_gflops'] / best_linear:.1%} of the best kernels.linear"
     )
 
 
@@ -434,6 +457,9 @@ def print_flops(r: dict) -> None:
 @click.option("--decode-steps", default=50, show_default=True, type=click.IntRange(min=1), help="Decode: timed steps.")
 @click.option("--prefill-tokens", default=1000, show_default=True, type=click.IntRange(min=2), help="Prefill length.")
 @click.option("--prefill-repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed prefills.")
+@click.option(
+    "--extend-tokens", default=60, show_default=True, type=click.IntRange(min=2), help="Extend: new tokens a turn."
+)
 @click.option("--profile-steps", default=10, show_default=True, type=click.IntRange(min=1), help="Profiled decodes.")
 @out_option()
 def main(
@@ -447,6 +473,7 @@ def main(
     decode_steps: int,
     prefill_tokens: int,
     prefill_repeats: int,
+    extend_tokens: int,
     profile_steps: int,
     out: str | None,
 ) -> None:
@@ -460,10 +487,10 @@ def main(
     results = {**run_settings(config, dtype, device, seed), "attn_impl": attn_impl}
     results["decode"] = decode(model, engine, prompts, history, decode_steps, profile_steps)
     results["prefill"] = prefill(model, engine, prompts, prefill_tokens, prefill_repeats)
+    results["extend"] = prefill(model, engine, prompts, extend_tokens, prefill_repeats, history)
     results["flops"] = flops(model, results["prefill"], device)
-    report(
-        results, {"decode": print_decode, "prefill": print_prefill, "flops": print_flops}, started, load_at_start, out
-    )
+    printers = {"decode": print_decode, "prefill": print_prefill, "extend": print_extend, "flops": print_flops}
+    report(results, printers, started, load_at_start, out)
 
 
 if __name__ == "__main__":
