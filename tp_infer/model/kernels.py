@@ -33,6 +33,12 @@ LIBS = ["-lm"]
 # which still wins at the bench model's shapes with the weights cold (1.1-2.2x at 13-16 rows, 0.8-1.6x at 24, the
 # vocabulary head 1.6-2.2x throughout); more go to PyTorch
 MAX_ROWS = 24
+# past this many rows the products of a weight of ONEDNN_MIN_WEIGHT elements or more go to oneDNN (AVX-512 where the
+# CPU has it; the row kernels are AVX2): with the weights cold, a SwiGLU of 1024 x 512 or 512 x 1408 weights took
+# 0.6-0.8x the row kernel's time at 12-24 rows here (1.1-1.2x at 8); smaller weights stay, where oneDNN's ~35 us a
+# call outweighs its speed (512 x 256: 0.8-1.2x at 12-24 rows)
+ROWS_TO_ONEDNN = 8
+ONEDNN_MIN_WEIGHT = 1 << 19
 
 _enabled = True
 
@@ -124,6 +130,14 @@ def few_rows(x: torch.Tensor) -> bool:
     return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
 
 
+def row_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x times this weight is the row kernels' (few rows, and not a product oneDNN runs faster)."""
+    if not few_rows(x):
+        return False
+    wide = x.shape[0] > ROWS_TO_ONEDNN and weight.numel() >= ONEDNN_MIN_WEIGHT
+    return not (wide and onednn_for(x, weight))
+
+
 @functools.cache
 def onednn_products() -> bool:
     """Whether this PyTorch has oneDNN's product (x86 builds) and it agrees with F.linear on a small case."""
@@ -139,8 +153,8 @@ def onednn_products() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] times weight [N, K] transposed: the compiled product for 1 to MAX_ROWS fp32 rows on the CPU (in
-    two halves past 12); more rows through oneDNN (see PRODUCTS); else F.linear."""
-    lib = usable(x, weight) if few_rows(x) and weight.is_contiguous() else None
+    two halves past 12; see row_product), other fp32 products on the CPU through oneDNN, else F.linear."""
+    lib = usable(x, weight) if row_product(x, weight) and weight.is_contiguous() else None
     if lib is None:
         if onednn_applies(x, weight):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
@@ -152,9 +166,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
-    """(silu(x w1^T) * x w3^T) w2^T for x [M, dim] with 1 to MAX_ROWS fp32 rows on the CPU, in one compiled call
-    instead of five ops; None elsewhere (the caller runs PyTorch's)."""
-    fits = few_rows(x) and all(w.is_contiguous() for w in (w1, w3, w2))
+    """(silu(x w1^T) * x w3^T) w2^T for x [M, dim] with 1 to MAX_ROWS fp32 rows on the CPU (see row_product), in one
+    compiled call instead of five ops; None elsewhere (the caller runs PyTorch's)."""
+    fits = row_product(x, w1) and all(w.is_contiguous() for w in (w1, w3, w2))
     lib = usable(x, w1, w3, w2) if fits else None
     if lib is None:
         return None
