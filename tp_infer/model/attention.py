@@ -123,7 +123,6 @@ class MLA(nn.Module):
             out = kernels.mla_decode(*queries, wkv_b, *cache.data, group.block_table, group.lengths, self.softmax_scale)
             if out is not None:
                 return out
-        w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]
         q_nope, q_pe = rows_of(q_nope, group), rows_of(q_pe, group)  # [R, T, H, *]
         if self.expanding_is_cheaper(group.width, group.visible.shape[-1]):
             latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, rope]
@@ -136,6 +135,7 @@ class MLA(nn.Module):
         # batched products, not einsums (which permute and reshape around each): per head into latent space, per row
         # over its cache; the softmax scale goes on the (smaller) queries; latent and rope key are read where they
         # lie, not joined
+        w_k, w_v = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]
         rows, width, heads, latent_dim = group.rows, group.width, self.local_heads, self.kv_lora_rank
         q_latent = torch.bmm(q_nope.flatten(0, 1).transpose(0, 1), w_k).mul_(self.softmax_scale)  # [H, R*T, C]
         q_latent = q_latent.view(heads, rows, width, latent_dim).permute(1, 2, 0, 3).reshape(rows, -1, latent_dim)
@@ -147,8 +147,8 @@ class MLA(nn.Module):
         return torch.bmm(out.view(-1, heads, latent_dim).transpose(0, 1), w_v.mT).transpose(0, 1)  # [R*T, H, V]
 
     def expand(self, latent: torch.Tensor, wkv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head k_nope [..., H, nope] and v [..., H, v] of latents [..., C]: one product with wkv_b [H, nope + v,
-        C]."""
+        """Per-head k_nope [..., H, nope] and v [..., H, v] of latents [..., C], in one product with wkv_b
+        [H, nope + v, C]."""
         kv = kernels.linear(latent.flatten(0, -2), wkv_b.flatten(0, 1))
         return kv.view(*latent.shape[:-1], self.local_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
 

@@ -332,6 +332,15 @@ void rope(const float *x, const float *rot, float *y, int64_t m, int64_t nh, int
             ROW(r, omp_get_thread_num(), omp_get_num_threads(), (scratch));                                            \
         }
 
+/* positions ahead whose cache rows the attention kernels ask for before reading them: the pool's blocks lie
+ * anywhere, so the hardware's prefetcher loses the stream at every block boundary, and a cold cache was read at
+ * 14 GB/s where a plain stream reads 34 */
+#define PREFETCH_ROWS 16
+
+static inline void prefetch(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+}
+
 /* MLA's decode in the absorbed form, one new token per row, over the paged cache in place:
  *
  *   q_nope [R, H, D], q_pe [R, H, P]          the new tokens' queries: row r, head h at r * q_rs + h * q_hs
@@ -348,17 +357,6 @@ void rope(const float *x, const float *rot, float *y, int64_t m, int64_t nh, int
  * . latent) w_v^T. Each cached latent row is read once for the scores (every head against it while it is in L1) and
  * once more, block by block, for the output, where the threads split the latent dimension between them. With at
  * least as many rows as threads, each thread takes whole rows instead. */
-/* positions ahead whose cache rows the attention kernels ask for before reading them: the pool's blocks lie
- * anywhere, so the hardware's prefetcher loses the stream at every block boundary, and a cold cache was read at
- * 14 GB/s where a plain stream reads 34 */
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 16
-#endif
-
-static inline void prefetch(const float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
-}
-
 static inline const float *row_at(const float *pool, const int64_t *table, int64_t bs, int64_t width, int64_t s) {
     return pool + (table[s / bs] * bs + s % bs) * width;
 }
