@@ -291,7 +291,7 @@ def print_decode(r: dict) -> None:
     print_profile("decode profile", r["profile"])
 
 
-# ---- 2. prefill ------------------------------------------------------------------------------------------------------
+# ---- 2. prefill and 3. extend ----------------------------------------------------------------------------------------
 def prefill(model: Transformer, engine: Engine, prompts: Prompts, tokens: int, repeats: int, history: int = 0) -> dict:
     """A step prefilling `tokens` new tokens: with nothing cached, or (history > 0) appended to one conversation of
     `history` tokens, which then grows by each timed turn."""
@@ -348,7 +348,7 @@ def print_extend(r: dict) -> None:
     print_profile("extend profile", r["profile"])
 
 
-# ---- 3. flops --------------------------------------------------------------------------------------------------------
+# ---- 4. flops --------------------------------------------------------------------------------------------------------
 def prefill_flops(args, n: int, block_size: int) -> dict[str, float]:
     """Multiply-adds x 2 of a cold n-token prefill, by part, as the model computes it (absorb mode expands the
     cached latent of every block; the causal kernel computes each query against the keys up to its own)."""
