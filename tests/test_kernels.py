@@ -20,12 +20,50 @@ def switched_on():
     kernels.set_enabled(True)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 12, 13, 16, 23, 24])  # past 12: in two halves
-@pytest.mark.parametrize(("n", "k"), [(64, 32), (33, 77), (5, 8), (130, 3)])
+# rows: single-row blocks of w up to 4, tiles of 6 (AVX-512) or 4 rows past it; n and k: partial blocks, k's tail
+SHAPES = [(64, 32), (33, 77), (5, 8), (130, 3), (7, 1024)]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 23, 24])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_small_matmul_matches_linear(rows, n, k):
     generator = torch.Generator().manual_seed(rows * 1000 + n + k)
     x, w = torch.randn(rows, k, generator=generator), torch.randn(n, k, generator=generator)
-    assert torch.allclose(kernels.linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert close_to_float64(kernels.linear(x, w), x, w)
+
+
+def close_to_float64(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether y is x w^T to fp32 rounding over the k products of each sum."""
+    return torch.allclose(y.double(), F.linear(x.double(), w.double()), atol=1e-6 * x.shape[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_small_matmul_gives_a_row_the_same_bits_in_any_batch(n, k):
+    """A row's product is summed in one order whatever rows share the call (decode rows batched or alone)."""
+    generator = torch.Generator().manual_seed(n + k)
+    x, w = torch.randn(kernels.MAX_ROWS, k, generator=generator), torch.randn(n, k, generator=generator)
+    whole = kernels.linear(x, w)
+    for rows in (1, 4, 5, 13):
+        assert torch.equal(kernels.linear(x[-rows:], w), whole[-rows:]), rows
+
+
+def test_the_avx2_build_matches_linear(tmp_path, monkeypatch):
+    """Where PyTorch finds no AVX-512 the kernels are built without it (tiles 8 floats wide); checked here on any
+    AVX2 machine by telling the build so."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "-mavx512f" not in kernels.flags()
+    kernels.library.cache_clear()
+    try:
+        generator = torch.Generator().manual_seed(7)
+        for rows, (n, k) in itertools.product([1, 3, 4, 5, 9, 24], SHAPES):
+            x, w = torch.randn(rows, k, generator=generator), torch.randn(n, k, generator=generator)
+            assert close_to_float64(kernels.linear(x, w), x, w), (rows, n, k)
+        x, w1, w3, w2 = torch.randn(13, 20), torch.randn(33, 20), torch.randn(33, 20), torch.randn(20, 33)
+        expected = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+        assert torch.allclose(kernels.swiglu(x, w1, w3, w2), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        kernels.library.cache_clear()
 
 
 def test_linear_hands_over_to_pytorch(switched_on):

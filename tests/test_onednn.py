@@ -105,15 +105,3 @@ def test_latent_attention_matches_float64(rows, width, lengths):
     v = torch.einsum("rsc,hvc->rshv", cached, wkv_b[:, nope:])
     expected = reference(torch.cat([q_nope, q_pe], -1), k, v, group.visible, 0.3)
     assert torch.allclose(out.view(rows, width, heads, v_dim).double(), expected, atol=1e-4)
-
-
-def test_wide_rows_on_a_large_weight_leave_the_row_kernels():
-    """Past ROWS_TO_ONEDNN rows a weight of ONEDNN_MIN_WEIGHT elements or more goes to oneDNN; fewer rows, or a
-    smaller weight, stay with the row kernels."""
-    generator = torch.Generator().manual_seed(2)
-    w = torch.randn(kernels.ONEDNN_MIN_WEIGHT // 512, 512, generator=generator)
-    x = torch.randn(kernels.ROWS_TO_ONEDNN + 1, 512, generator=generator)
-    w2 = w.t().contiguous()
-    assert torch.equal(kernels.linear(x, w), onednn(x, w))
-    assert kernels.swiglu(x, w, w, w2) is None
-    assert not kernels.row_product(x, w) and kernels.row_product(x[:-1], w) and kernels.row_product(x, w[:-1])

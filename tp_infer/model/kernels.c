@@ -2,7 +2,8 @@
  * and OpenMP is then the libgomp torch has loaded (the same soname), so the threads are torch's.
  *
  * small_matmul: y = x w^T for a few rows of x. Each row of w is read once, from memory, for all rows of x, and the
- * rows of w are split over the threads; MKL runs these products on one core at a third of the memory bandwidth.
+ * rows of w are split over the threads; MKL runs these products on one core at a third of the memory bandwidth. With
+ * -mavx512f (kernels.py adds it where the CPU has AVX-512) the products' tiles are 16 floats wide, else 8.
  *
  *   x [m, k] fp32, contiguous, m >= 1             w [n, k] fp32, contiguous      y [m, n] fp32, contiguous
  *
@@ -75,18 +76,88 @@ static inline void row_block(const float *w, const float *x, float *y, int64_t n
     }
 }
 
-/* rows [0, m) of x against rows [r0, r1) of w, MAX_ROWS rows of x at a time (more would not stay in L1 beside a row
- * of w: past it the rows go in two halves, each reading w again); inside a parallel region, which shares the rows of
- * w out, with no barrier at the end */
-#define MAX_ROWS 12
+/* The products' tile: rows [0, MB) of x against rows [0, NB) of w, each output one vector accumulator over k
+ * (then summed across its lanes), so a row's result is the same bits in any tile and any m. Per step of k it loads
+ * NB vectors of w and MB of x for MB * NB FMAs: with AVX-512's 32 registers 6 x 4 (24 accumulators), with AVX2's 16
+ * 4 x 3; the arithmetic, not the loads, then sets the pace. */
+#ifdef __AVX512F__
+typedef __m512 vec;
+#define VLEN 16
+#define TILE_M 6
+#define TILE_N 4
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#else
+typedef __m256 vec;
+#define VLEN 8
+#define TILE_M 4
+#define TILE_N 3
+static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline float vsum(vec a) { return sum8(a); }
+#endif
+
+/* MB rows of x [., k] against NB rows of w [., k] into y (rows n apart); MB and NB constants where inlined. With
+ * `next` (the next rows of w this thread will read, NB of them) it also asks for those, a line of each row a step, so
+ * that memory delivers them while this tile computes. */
+static inline __attribute__((always_inline)) void tile(const float *x, const float *w, float *y, int64_t n,
+                                                      int64_t k, const int MB, const int NB, const float *next) {
+    vec acc[TILE_M][TILE_N];
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NB; j++) acc[i][j] = vzero();
+    int64_t t = 0;
+    for (; t + VLEN <= k; t += VLEN) {
+        vec wv[TILE_N];
+        for (int j = 0; j < NB; j++) wv[j] = vload(w + j * k + t);
+        if (next && t % 16 == 0)  /* a line of 16 floats */
+            for (int j = 0; j < NB; j++) _mm_prefetch((const char *)(next + j * k + t), _MM_HINT_T0);
+        for (int i = 0; i < MB; i++) {
+            const vec xv = vload(x + i * k + t);
+            for (int j = 0; j < NB; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NB; j++) {
+            float r = vsum(acc[i][j]);
+            for (int64_t s = t; s < k; s++) r += x[i * k + s] * w[j * k + s];
+            y[i * n + j] = r;
+        }
+}
+
+/* a tile of up to TILE_M x TILE_N: the sizes made constants, one inlined tile each */
+#define TILE_ROWS(NB)                                                                                                  \
+    switch (mb) {                                                                                                      \
+    case 1: tile(x, w, y, n, k, 1, NB, next); break;                                                                   \
+    case 2: tile(x, w, y, n, k, 2, NB, next); break;                                                                   \
+    case 3: tile(x, w, y, n, k, 3, NB, next); break;                                                                   \
+    case 4: tile(x, w, y, n, k, 4, NB, next); break;                                                                   \
+    case 5: tile(x, w, y, n, k, 5 < TILE_M ? 5 : TILE_M, NB, next); break;                                             \
+    default: tile(x, w, y, n, k, TILE_M, NB, next);                                                                    \
+    }
+static void any_tile(const float *x, const float *w, float *y, int64_t n, int64_t k, int mb, int nb,
+                     const float *next) {
+    if (nb == TILE_N) { TILE_ROWS(TILE_N) }
+    else if (nb == 1) { TILE_ROWS(1) }
+    else if (nb == 2) { TILE_ROWS(2) }
+    else { TILE_ROWS(TILE_N > 3 ? 3 : 1) }
+}
+
+/* y = x w^T for rows [0, m) of x, inside a parallel region that shares out the blocks of rows of w (no barrier at the
+ * end). Each block of w is read from memory once and stays in L1 while every row of x passes it. Up to STREAM_ROWS
+ * rows of x, where memory sets the pace, the blocks are single rows: one stream, which memory delivers faster. */
+#define STREAM_ROWS 4
 static inline void matmul_rows(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k) {
-    const int64_t chunk = m > MAX_ROWS ? (m + 1) / 2 : m;
-    for (int64_t j0 = 0; j0 < m; j0 += chunk) {
-        const int64_t rows = m - j0 < chunk ? m - j0 : chunk;
+    const int64_t per_block = m <= STREAM_ROWS ? 1 : TILE_N, blocks = (n + per_block - 1) / per_block;
 #pragma omp for schedule(static) nowait
-        for (int64_t r = 0; r < n; r++)  /* blocks of 8 rows of x while this row of w stays in L1 */
-            for (int64_t j = j0; j < j0 + rows; j += 8)
-                row_block(w + r * k, x + j * k, y + j * n + r, n, k, j0 + rows - j < 8 ? (int)(j0 + rows - j) : 8);
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t r = b * per_block, nb = n - r < per_block ? n - r : per_block;
+        const float *next = r + per_block < n ? w + (r + per_block) * k : NULL;  /* asked for during the first tile */
+        for (int64_t j = 0; j < m; j += TILE_M)
+            any_tile(x + j * k, w + r * k, y + j * n + r, n, k, m - j < TILE_M ? (int)(m - j) : TILE_M, (int)nb,
+                     j == 0 ? next : NULL);
     }
 }
 

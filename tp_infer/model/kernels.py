@@ -27,18 +27,14 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# added where PyTorch finds AVX-512 (ATEN_CPU_CAPABILITY=avx2 says otherwise): the products' tiles then use its 32
+# registers of 16 floats
+AVX512_FLAGS = ["-mavx512f"]
 LIBS = ["-lm"]
-# rows up to which the row kernels beat PyTorch and take the work. The products beat MKL, which is blocked for
-# arithmetic, 2-3x to 8 rows and 1.7x at 12; past kernels.c's 12 they run in two halves, each reading the weight,
-# which still wins at the bench model's shapes with the weights cold (1.1-2.2x at 13-16 rows, 0.8-1.6x at 24, the
-# vocabulary head 1.6-2.2x throughout); more go to PyTorch
+# rows up to which the row kernels take the work. With the weights cold (as each layer's are at decode), their tiled
+# products against oneDNN's, at the bench model's shapes here (AVX-512): 1.5-2.3x faster at 8 rows, 1.1-2.0x at
+# 16, 0.9-1.6x at 24, even at 48 and 0.8-1.2x at 64; MKL is slower than oneDNN throughout
 MAX_ROWS = 24
-# past this many rows the products of a weight of ONEDNN_MIN_WEIGHT elements or more go to oneDNN (AVX-512 where the
-# CPU has it; the row kernels are AVX2): with the weights cold, a SwiGLU of 1024 x 512 or 512 x 1408 weights took
-# 0.6-0.8x the row kernel's time at 12-24 rows here (1.1-1.2x at 8); smaller weights stay, where oneDNN's ~35 us a
-# call outweighs its speed (512 x 256: 0.8-1.2x at 12-24 rows)
-ROWS_TO_ONEDNN = 8
-ONEDNN_MIN_WEIGHT = 1 << 19
 
 _enabled = True
 
@@ -54,6 +50,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tp_infer"
 
 
+def flags() -> list[str]:
+    """The compiler's flags for this CPU, as PyTorch sees it."""
+    return FLAGS + (AVX512_FLAGS if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
+
+
 def build(compiler: str, path: Path) -> None:
     """Compile kernels.c to path: beside it under a temporary name, then renamed, as ranks and test processes may
     build at the same time."""
@@ -61,7 +62,7 @@ def build(compiler: str, path: Path) -> None:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, str(SOURCE), "-o", partial, *LIBS]
+        command = [compiler, *flags(), str(SOURCE), "-o", partial, *LIBS]
         subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(partial, path)
     finally:
@@ -75,7 +76,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         return None
     source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS, *LIBS, platform.machine()]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source + " ".join([compiler, *flags(), *LIBS, platform.machine()]).encode()).hexdigest()[:16]
     path = cache_dir() / f"kernels-{tag}.so"
     try:
         if not path.exists():
@@ -130,14 +131,6 @@ def few_rows(x: torch.Tensor) -> bool:
     return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
 
 
-def row_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x times this weight is the row kernels' (few rows, and not a product oneDNN runs faster)."""
-    if not few_rows(x):
-        return False
-    wide = x.shape[0] > ROWS_TO_ONEDNN and weight.numel() >= ONEDNN_MIN_WEIGHT
-    return not (wide and onednn_for(x, weight))
-
-
 @functools.cache
 def onednn_products() -> bool:
     """Whether this PyTorch has oneDNN's product (x86 builds) and it agrees with F.linear on a small case."""
@@ -152,9 +145,9 @@ def onednn_products() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times weight [N, K] transposed: the compiled product for 1 to MAX_ROWS fp32 rows on the CPU (in
-    two halves past 12; see row_product), other fp32 products on the CPU through oneDNN, else F.linear."""
-    lib = usable(x, weight) if row_product(x, weight) and weight.is_contiguous() else None
+    """x [M, K] times weight [N, K] transposed: the compiled product for 1 to MAX_ROWS fp32 rows on the CPU, other
+    fp32 products on the CPU through oneDNN, else F.linear."""
+    lib = usable(x, weight) if few_rows(x) and weight.is_contiguous() else None
     if lib is None:
         if onednn_applies(x, weight):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [], "")
@@ -166,9 +159,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
-    """(silu(x w1^T) * x w3^T) w2^T for x [M, dim] with 1 to MAX_ROWS fp32 rows on the CPU (see row_product), in one
-    compiled call instead of five ops; None elsewhere (the caller runs PyTorch's)."""
-    fits = row_product(x, w1) and all(w.is_contiguous() for w in (w1, w3, w2))
+    """(silu(x w1^T) * x w3^T) w2^T for x [M, dim] with 1 to MAX_ROWS fp32 rows on the CPU, in one compiled call
+    instead of five ops; None elsewhere (the caller runs PyTorch's)."""
+    fits = few_rows(x) and all(w.is_contiguous() for w in (w1, w3, w2))
     lib = usable(x, w1, w3, w2) if fits else None
     if lib is None:
         return None
