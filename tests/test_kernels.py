@@ -59,9 +59,15 @@ def test_the_avx2_build_matches_linear(tmp_path, monkeypatch):
         for rows, (n, k) in itertools.product([1, 3, 4, 5, 9, 24], SHAPES):
             x, w = torch.randn(rows, k, generator=generator), torch.randn(n, k, generator=generator)
             assert close_to_float64(kernels.linear(x, w), x, w), (rows, n, k)
+        queries, keys, values = (torch.randn(13, 8, 16),), (torch.randn(40, 8, 16),), torch.randn(40, 8, 24)
+        out = torch.empty(13, 8, 24)
+        assert not kernels.extend_attention(queries, keys, values, out, 0.3)  # 24 is not a multiple of 16
+        values, out = values[..., :16], out[..., :16]
+        assert kernels.extend_attention(queries, keys, values, out, 0.3)
+        assert torch.allclose(out.double(), attention_float64(queries, keys, values, 1, 0.3), atol=1e-5)
         x, w1, w3, w2 = torch.randn(13, 20), torch.randn(33, 20), torch.randn(33, 20), torch.randn(20, 33)
         expected = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-        assert torch.allclose(kernels.swiglu(x, w1, w3, w2), expected, atol=1e-5, rtol=1e-5)
+        assert (kernels.swiglu(x, w1, w3, w2) - expected).abs().max() <= 1e-6 * expected.abs().max()
     finally:
         kernels.library.cache_clear()
 
@@ -80,6 +86,53 @@ def test_linear_hands_over_to_pytorch(switched_on):
 def test_linear_takes_strided_rows():
     x, w = torch.randn(4, 64)[:, ::2], torch.randn(8, 32)
     assert torch.allclose(kernels.linear(x, w), F.linear(x, w), atol=1e-5)
+
+
+def attention_float64(queries, keys, values, heads_per_kv: int, scale: float) -> torch.Tensor:
+    """Causal attention of the last T of S positions in float64: queries (q1, q2?) [T, H, *], keys (k1, k2?)
+    [S, G, *], values [S, G, Dv]; head h reads kv head h // heads_per_kv."""
+    T, S = queries[0].shape[0], keys[0].shape[0]
+    scores = sum(
+        torch.einsum("thd,shd->hts", q.double(), k.double().repeat_interleave(heads_per_kv, 1))
+        for q, k in zip(queries, keys, strict=True)
+    )
+    hidden = torch.arange(S) > (torch.arange(T) + S - T)[:, None]
+    probs = (scores * scale).masked_fill(hidden, float("-inf")).softmax(-1)
+    return torch.einsum("hts,shv->thv", probs, values.double().repeat_interleave(heads_per_kv, 1))
+
+
+# (T new tokens, S positions, H heads, G kv heads, dims of the key's parts, Dv): naive MLA (G = H) in one tile and in
+# several, a lone token, a prefill (S = T); absorbed MLA (G = 1, keys latent + rope key, values the latent); grouped
+EXTEND_CASES = [
+    (7, 40, 4, 4, (32,), 16),
+    (61, 130, 3, 3, (48,), 32),
+    (1, 75, 2, 2, (16,), 16),
+    (50, 50, 2, 2, (32,), 80),
+    (13, 100, 8, 1, (64, 16), 64),
+    (9, 33, 4, 2, (16, 16), 32),
+]
+
+
+@pytest.mark.parametrize(("T", "S", "H", "G", "dims", "v_dim"), EXTEND_CASES)
+def test_extend_attention_matches_float64(T, S, H, G, dims, v_dim):
+    generator = torch.Generator().manual_seed(T * S + H)
+    # strided as the model passes them: a row of a wider stream, the heads of a wider cache entry
+    queries = tuple(torch.randn(T, H, d + 3, generator=generator)[..., 3:] for d in dims)
+    keys = tuple(torch.randn(S, G + 1, d, generator=generator)[:, 1:] for d in dims)
+    values = torch.randn(S, G, v_dim + 16, generator=generator)[..., :v_dim]
+    out = torch.full((T, H, v_dim), float("nan"))
+    assert kernels.extend_attention(queries, keys, values, out, 0.3)
+    assert torch.allclose(out.double(), attention_float64(queries, keys, values, H // G, 0.3), atol=1e-5)
+
+
+def test_extend_attention_refuses_what_it_does_not_cover(switched_on):
+    q, k, v, out = torch.randn(4, 2, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16), torch.empty(4, 2, 16)
+    assert not kernels.extend_attention((q[..., :8],), (k[..., :8],), v, out, 1.0)  # not a multiple of 16
+    assert not kernels.extend_attention((q.bfloat16(),), (k,), v, out, 1.0)
+    assert not kernels.extend_attention((q,), (k[:3],), v[:3], out, 1.0)  # fewer positions than new tokens
+    assert not kernels.extend_attention((q, q), (k,), v, out, 1.0)  # a query part without its keys
+    kernels.set_enabled(False)
+    assert not kernels.extend_attention((q,), (k,), v, out, 1.0)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 13, 24])

@@ -68,21 +68,23 @@ CASES = [(1, 600, [600]), (1, 300, [800]), (3, 1, [5, 40, 17])]
 
 @pytest.mark.parametrize(("rows", "width", "lengths"), CASES)
 @pytest.mark.parametrize("chunk", [attention.QUERY_CHUNK, 100])
-def test_chunked_attention_matches_float64(monkeypatch, rows, width, lengths, chunk):
+@pytest.mark.parametrize(("dim", "v_dim"), [(24, 8), (32, 16)])  # in products; in kernels.extend_attention
+def test_chunked_attention_matches_float64(monkeypatch, rows, width, lengths, chunk, dim, v_dim):
     monkeypatch.setattr(attention, "QUERY_CHUNK", chunk)
     generator = torch.Generator().manual_seed(width + chunk)
     group = group_of(rows, width, lengths)
     keys = group.visible.shape[-1]
-    q = torch.randn(rows, width, 4, 24, generator=generator)
-    k, v = torch.randn(rows, keys, 4, 24, generator=generator), torch.randn(rows, keys, 4, 8, generator=generator)
+    q = torch.randn(rows, width, 4, dim, generator=generator)
+    k, v = torch.randn(rows, keys, 4, dim, generator=generator), torch.randn(rows, keys, 4, v_dim, generator=generator)
     out = chunked_attention(q, k, v, group, 0.2)
     assert torch.allclose(out.double(), reference(q, k, v, group.visible, 0.2), atol=1e-5)
 
 
 @pytest.mark.parametrize(("rows", "width", "lengths"), CASES)
-def test_latent_attention_matches_float64(rows, width, lengths):
+@pytest.mark.parametrize("rope_dim", [8, 16])  # in products; in kernels.extend_attention
+def test_latent_attention_matches_float64(rows, width, lengths, rope_dim):
     generator = torch.Generator().manual_seed(width)
-    heads, nope, v_dim, latent_dim, rope_dim, block_size = 4, 16, 8, 32, 8, 16
+    heads, nope, v_dim, latent_dim, block_size = 4, 16, 8, 32, 16
     group = group_of(rows, width, lengths, block_size)
     blocks = group.block_table.numel()
     cache = LayerCache(blocks, block_size, [(latent_dim,), (rope_dim,)], torch.float32, torch.device("cpu"))

@@ -191,14 +191,17 @@ class MLA(nn.Module):
 def chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: AttentionGroup, scale: float
 ) -> torch.Tensor:
-    """Attention of q [R, T, H, D] over k [R, S, H, D] and v [R, S, H, Dv] (S covering each row's positions), in
-    plain products per row and head: each QUERY_CHUNK queries' scores over the keys the chunk's last query sees (so
-    most of the causal triangle's hidden half is never computed), the chunk's own columns masked by group.visible,
-    softmax, times the values. On the CPU in fp32 these products run in oneDNN at twice the speed of the MKL
-    products inside SDPA's fused kernel (on AMD processors, where MKL stays with AVX2)."""
+    """Attention of q [R, T, H, D] over k [R, S, H, D] and v [R, S, H, Dv] (S covering each row's positions): per
+    row in kernels.extend_attention where it applies (the keys and values read where they lie), else in plain
+    products per row and head: each QUERY_CHUNK queries' scores over the keys the chunk's last query sees (so most of
+    the causal triangle's hidden half is never computed), the chunk's own columns masked by group.visible, softmax,
+    times the values. On the CPU in fp32 these products run in oneDNN at twice the speed of the MKL products inside
+    SDPA's fused kernel (on AMD processors, where MKL stays with AVX2)."""
     rows, width, heads, _ = q.shape
     out = q.new_empty(rows, width, heads, v.shape[-1])
     for r, length in enumerate(group.lengths.tolist()):
+        if kernels.extend_attention((q[r],), (k[r, :length],), v[r, :length], out[r], scale):
+            continue
         first = length - width  # the row's first new position: every key before it is seen by all its queries
         queries = torch.mul(q[r].transpose(0, 1), scale, out=q.new_empty(heads, width, q.shape[-1]))
         keys, values = head_major(k[r, :length]), head_major(v[r, :length])
@@ -222,29 +225,48 @@ def latent_attention(
 ) -> torch.Tensor:
     """Absorbed attention of q_nope [R, T, H, D] and q_pe [R, T, H, P] (rotated) over each row's cached latent and
     rope key, with wkv_b [H, D + V, C], in plain products (oneDNN's on the CPU, see chunked_attention): per head
-    into latent space, per row over its positions (scores rows token-major: (t, h)), back out per head; the
-    output [R * T, H, V]."""
+    into latent space, per row over its positions (in kernels.extend_attention where it applies, else in products
+    with the scores rows token-major: (t, h)), back out per head; the output [R * T, H, V]."""
     rows, width, heads, nope = q_nope.shape
     v_dim = wkv_b.shape[1] - nope
     out = q_nope.new_empty(rows, width, heads, v_dim)
     latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, P]
     for r, length in enumerate(group.lengths.tolist()):
-        first = length - width
         queries = head_major(q_nope[r])  # [H, T, D]
         q_latent = q_nope.new_empty(width, heads, latent.shape[-1])
         for h in range(heads):
             q_latent[:, h] = kernels.linear(queries[h], wkv_b[h, :nope].t())
         keys, rope_keys = latent[r, :length], pe[r, :length]
-        scores = kernels.linear(q_latent.view(width * heads, -1), keys)
-        scores += kernels.linear(q_pe[r].reshape(width * heads, -1), rope_keys)
-        scores = scores.mul_(scale).view(width, heads, length)
-        hidden = ~group.visible[r, :, first:length]  # only the new positions are hidden from anyone
-        scores[..., first:].masked_fill_(hidden.unsqueeze(1), float("-inf"))
-        probs = scores.softmax(dim=-1).view(width * heads, length)
-        mixed = head_major(kernels.linear(probs, keys.t()).view(width, heads, -1))  # [H, T, C]
+        mixed = q_latent.new_empty(width, heads, latent.shape[-1])
+        if not kernels.extend_attention(
+            (q_latent, q_pe[r]), (keys[:, None], rope_keys[:, None]), keys[:, None], mixed, scale
+        ):
+            mixed = products_over_latent(q_latent, q_pe[r], keys, rope_keys, group.visible[r], scale)
+        mixed = head_major(mixed)  # [H, T, C]
         for h in range(heads):
             out[r, :, h] = kernels.linear(mixed[h], wkv_b[h, nope:])
     return out.flatten(0, 1)
+
+
+def products_over_latent(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    keys: torch.Tensor,
+    rope_keys: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One row's absorbed attention in products: q_latent [T, H, C] and q_pe [T, H, P] over keys [S, C] and
+    rope_keys [S, P], visible [T, S]; the mixed latents [T, H, C]."""
+    (width, heads, _), length = q_latent.shape, keys.shape[0]
+    first = length - width
+    scores = kernels.linear(q_latent.view(width * heads, -1), keys)
+    scores += kernels.linear(q_pe.reshape(width * heads, -1), rope_keys)
+    scores = scores.mul_(scale).view(width, heads, length)
+    hidden = ~visible[:, first:length]  # only the new positions are hidden from anyone
+    scores[..., first:].masked_fill_(hidden.unsqueeze(1), float("-inf"))
+    probs = scores.softmax(dim=-1).view(width * heads, length)
+    return kernels.linear(probs, keys.t()).view(width, heads, -1)
 
 
 def head_major(x: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,18 @@ typedef __m512 vec;
 static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
-static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline vec vset1(float a) { return _mm512_set1_ps(a); }
+static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
+/* the sums of a, b, c and d across their lanes, in that order: pairs of lanes, then 128-bit quarters */
+static inline __m128 sums4(vec a, vec b, vec c, vec d) {
+    const __m512d ab = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
+    const __m512d cd = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d)));
+    const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+                                      _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
 #else
 typedef __m256 vec;
 #define VLEN 8
@@ -97,8 +108,29 @@ typedef __m256 vec;
 static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
-static inline float vsum(vec a) { return sum8(a); }
+static inline vec vset1(float a) { return _mm256_set1_ps(a); }
+static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
+static inline __m128 sums4(vec a, vec b, vec c, vec d) {
+    const __m256d ab = _mm256_castps_pd(_mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b)));
+    const __m256d cd = _mm256_castps_pd(_mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d)));
+    const __m256 abcd = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(ab, cd)),
+                                      _mm256_castpd_ps(_mm256_unpackhi_pd(ab, cd)));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
 #endif
+
+/* NB (<= 4) accumulators summed across their lanes into y[0 .. NB): one reduction for up to four */
+static inline __attribute__((always_inline)) void store_sums(const vec *acc, float *y, const int NB) {
+    const vec z = vzero();
+    const __m128 s = sums4(acc[0], NB > 1 ? acc[1] : z, NB > 2 ? acc[2] : z, NB > 3 ? acc[3] : z);
+    if (NB == 4)
+        _mm_storeu_ps(y, s);
+    else {
+        float out[4];
+        _mm_storeu_ps(out, s);
+        for (int j = 0; j < NB; j++) y[j] = out[j];
+    }
+}
 
 /* MB rows of x [., k] against NB rows of w [., k] into y (rows n apart); MB and NB constants where inlined. With
  * `next` (the next rows of w this thread will read, NB of them) it also asks for those, a line of each row a step, so
@@ -119,12 +151,11 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
             for (int j = 0; j < NB; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < MB; i++)
-        for (int j = 0; j < NB; j++) {
-            float r = vsum(acc[i][j]);
-            for (int64_t s = t; s < k; s++) r += x[i * k + s] * w[j * k + s];
-            y[i * n + j] = r;
-        }
+    for (int i = 0; i < MB; i++) {
+        store_sums(acc[i], y + i * n, NB);
+        for (int j = 0; j < NB; j++)
+            for (int64_t s = t; s < k; s++) y[i * n + j] += x[i * k + s] * w[j * k + s];
+    }
 }
 
 /* a tile of up to TILE_M x TILE_N: the sizes made constants, one inlined tile each */
@@ -702,4 +733,223 @@ int mha_decode(const float *q_nope, const float *q_pe, const float *kv, const fl
 #undef ROW
     free(scratch);
     return 0;
+}
+
+/* Attention of one row's T new tokens over its S = first + T positions, causal among the new ones (new token t sees
+ * positions 0 .. first + t), in tiles over the keys and values where they lie:
+ *
+ *   q1 [T, H, D1], q2 [T, H, D2]     token t, head h at t * ts + h * hs (each its own strides); q2 may be absent
+ *   k1 [S, G, D1], k2 [S, G, D2]     position s, kv head g at s * ss + g * hs; k2 with q2
+ *   v [S, G, Dv]                      likewise; out [T, H, Dv] at t * o_ts + h * o_hs
+ *
+ * Query head h reads kv head h / (H / G): naive MLA has G = H (per-head keys k1 and values v), absorbed MLA G = 1
+ * (keys the latent k1 and the rope key k2, values the latent again). D1, D2 and Dv are multiples of VLEN.
+ * The work is shared out in blocks of EXTEND_ROWS query rows of one kv head (token-major: (t, h) for the heads that
+ * read it). A block takes its scores over the keys its last token sees, SCORE tiles of 6 query rows x 4 keys summed
+ * over the dimensions; each row's softmax of scale x scores over the positions it sees; then each row's weighted sum
+ * of the values, in tiles of 6 rows x 4 vectors of values. 0, -1 for dimensions this does not cover, -2 out of
+ * memory. */
+typedef struct {
+    const float *q1, *q2, *k1, *k2, *v;
+    float *out;
+    int64_t q1_ts, q1_hs, q2_ts, q2_hs, k1_ss, k1_hs, k2_ss, k2_hs, v_ss, v_hs, o_ts, o_hs;
+    int64_t T, H, G, D1, D2, Dv, first;
+    float scale;
+} Extend;
+
+#define EXTEND_ROWS 48
+#define EXTEND_KEYS 128
+
+/* n <= VLEN keys (rows ss apart) of D dimensions (a multiple of VLEN) transposed into dst[d * ld + key], keys n and on
+ * zero: VLEN x VLEN blocks turned in registers, pairs of floats, then of pairs, then of 128-bit lanes */
+static void transpose_keys(const float *src, int64_t ss, int64_t n, int64_t D, float *dst, int64_t ld) {
+    for (int64_t d0 = 0; d0 < D; d0 += VLEN) {
+        vec r[VLEN], a[VLEN], b[VLEN];
+        for (int k = 0; k < VLEN; k++) r[k] = k < n ? vload(src + k * ss + d0) : vzero();
+#ifdef __AVX512F__
+        for (int k = 0; k < 16; k += 2) a[k] = _mm512_unpacklo_ps(r[k], r[k + 1]), a[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
+        for (int k = 0; k < 16; k += 4) { /* b[k + m], lane L: dimension 4 L + m of keys k .. k + 3 */
+            const __m512d a0 = _mm512_castps_pd(a[k]), a1 = _mm512_castps_pd(a[k + 1]);
+            const __m512d a2 = _mm512_castps_pd(a[k + 2]), a3 = _mm512_castps_pd(a[k + 3]);
+            b[k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2)), b[k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+            b[k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3)), b[k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+        }
+        for (int m = 0; m < 4; m++) { /* dimension 4 L + m: lane L of b[m], b[4 + m], b[8 + m], b[12 + m] */
+            const vec c0 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0x44), c1 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0xEE);
+            const vec c2 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0x44), c3 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0xEE);
+            vstore(dst + (d0 + m) * ld, _mm512_shuffle_f32x4(c0, c2, 0x88));
+            vstore(dst + (d0 + 4 + m) * ld, _mm512_shuffle_f32x4(c0, c2, 0xDD));
+            vstore(dst + (d0 + 8 + m) * ld, _mm512_shuffle_f32x4(c1, c3, 0x88));
+            vstore(dst + (d0 + 12 + m) * ld, _mm512_shuffle_f32x4(c1, c3, 0xDD));
+        }
+#else
+        for (int k = 0; k < 8; k += 2) a[k] = _mm256_unpacklo_ps(r[k], r[k + 1]), a[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+        for (int k = 0; k < 8; k += 4) {
+            const __m256d a0 = _mm256_castps_pd(a[k]), a1 = _mm256_castps_pd(a[k + 1]);
+            const __m256d a2 = _mm256_castps_pd(a[k + 2]), a3 = _mm256_castps_pd(a[k + 3]);
+            b[k] = _mm256_castpd_ps(_mm256_unpacklo_pd(a0, a2)), b[k + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a0, a2));
+            b[k + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(a1, a3)), b[k + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(a1, a3));
+        }
+        for (int m = 0; m < 4; m++) {
+            vstore(dst + (d0 + m) * ld, _mm256_permute2f128_ps(b[m], b[4 + m], 0x20));
+            vstore(dst + (d0 + 4 + m) * ld, _mm256_permute2f128_ps(b[m], b[4 + m], 0x31));
+        }
+#endif
+    }
+}
+
+/* MB query rows (their vectors at q1[i], q2[i]) against NV vectors of keys transposed (kt [D1 + D2][EXTEND_KEYS]
+ * from the first of them) into sc (rows ld apart): a broadcast of each query's dimension times a vector of keys */
+static inline __attribute__((always_inline)) void scores_tile(const float *const *q1, const float *const *q2,
+                                                            const float *kt, int64_t D1, int64_t D2, float *sc,
+                                                            int64_t ld, const int MB, const int NV) {
+    vec acc[TILE_M][TILE_N];
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NV; j++) acc[i][j] = vzero();
+    for (int64_t d = 0; d < D1 + D2; d++) {
+        vec kv[TILE_N];
+        for (int j = 0; j < NV; j++) kv[j] = vload(kt + d * EXTEND_KEYS + j * VLEN);
+        for (int i = 0; i < MB; i++) {
+            const vec qv = vset1(d < D1 ? q1[i][d] : q2[i][d - D1]);
+            for (int j = 0; j < NV; j++) acc[i][j] = vfma(qv, kv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NV; j++) vstore(sc + i * ld + j * VLEN, acc[i][j]);
+}
+
+/* out rows o[i] (NC vectors from column c) += sum over s in [s0, s1) of p[i * ld + s] v[s] (rows v_ss apart), MB
+ * rows */
+static inline __attribute__((always_inline)) void values_tile(const float *p, int64_t ld, const float *v,
+                                                            int64_t v_ss, int64_t s0, int64_t s1, float *const *o,
+                                                            int64_t c, const int MB, const int NC) {
+    vec acc[TILE_M][TILE_N];
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NC; j++) acc[i][j] = vload(o[i] + c + j * VLEN);
+    for (int64_t s = s0; s < s1; s++) {
+        vec vv[TILE_N];
+        for (int j = 0; j < NC; j++) vv[j] = vload(v + s * v_ss + c + j * VLEN);
+        for (int i = 0; i < MB; i++) {
+            const vec pv = vset1(p[i * ld + s]);
+            for (int j = 0; j < NC; j++) acc[i][j] = vfma(pv, vv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB; i++)
+        for (int j = 0; j < NC; j++) vstore(o[i] + c + j * VLEN, acc[i][j]);
+}
+
+/* the tiles with their sizes made constants (mb <= TILE_M, nb <= TILE_N) */
+#define SIZES(CALL, nb)                                                                                                \
+    switch (nb) {                                                                                                      \
+    case 1: SIZES_M(CALL, 1) break;                                                                                    \
+    case 2: SIZES_M(CALL, 2) break;                                                                                    \
+    case 3: SIZES_M(CALL, 3 < TILE_N ? 3 : TILE_N) break;                                                              \
+    default: SIZES_M(CALL, TILE_N)                                                                                     \
+    }
+#define SIZES_M(CALL, NB)                                                                                              \
+    switch (mb) {                                                                                                      \
+    case 1: CALL(1, NB); break;                                                                                        \
+    case 2: CALL(2, NB); break;                                                                                        \
+    case 3: CALL(3, NB); break;                                                                                        \
+    case 4: CALL(4, NB); break;                                                                                        \
+    case 5: CALL(5 < TILE_M ? 5 : TILE_M, NB); break;                                                                  \
+    default: CALL(TILE_M, NB);                                                                                         \
+    }
+
+static void any_scores_tile(const float *const *q1, const float *const *q2, const float *kt, int64_t D1, int64_t D2,
+                            float *sc, int64_t ld, int mb, int nb) {
+#define CALL(MB, NB) scores_tile(q1, q2, kt, D1, D2, sc, ld, MB, NB)
+    SIZES(CALL, nb)
+#undef CALL
+}
+
+static void any_values_tile(const float *p, int64_t ld, const float *v, int64_t v_ss, int64_t s0, int64_t s1,
+                            float *const *o, int64_t c, int mb, int nb) {
+#define CALL(MB, NB) values_tile(p, ld, v, v_ss, s0, s1, o, c, MB, NB)
+    SIZES(CALL, nb)
+#undef CALL
+}
+
+/* softmax of scale * x [n] in place (scale > 0) */
+static void scaled_softmax(float *x, int64_t n, float scale) {
+    for (int64_t s = 0; s < n; s++) x[s] *= scale;
+    softmax(x, n);
+}
+
+/* floats between rows of extend_attention's scores: the positions, up to a whole vector */
+static inline int64_t scores_stride(const Extend *a) { return (a->first + a->T + VLEN - 1) / VLEN * VLEN; }
+
+/* query rows [j0, j1) of kv head g (row j: token j / per_group, head g * per_group + j % per_group); scratch: sc for
+ * EXTEND_ROWS rows of scores, kt for a chunk of keys transposed, [D1 + D2][EXTEND_KEYS] */
+static void extend_block(const Extend *a, int64_t g, int64_t j0, int64_t j1, float *sc, float *kt) {
+    const int64_t per_group = a->H / a->G, ld = scores_stride(a);
+    const float *q1[EXTEND_ROWS], *q2[EXTEND_ROWS];
+    float *o[EXTEND_ROWS];
+    int64_t seen[EXTEND_ROWS]; /* positions each row sees */
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t t = j / per_group, h = g * per_group + j % per_group, i = j - j0;
+        q1[i] = a->q1 + t * a->q1_ts + h * a->q1_hs;
+        q2[i] = a->q2 ? a->q2 + t * a->q2_ts + h * a->q2_hs : NULL;
+        o[i] = a->out + t * a->o_ts + h * a->o_hs;
+        seen[i] = a->first + t + 1;
+    }
+    const int64_t rows = j1 - j0, D2 = a->q2 ? a->D2 : 0;
+    const float *k1 = a->k1 + g * a->k1_hs, *k2 = a->k2 ? a->k2 + g * a->k2_hs : NULL, *v = a->v + g * a->v_hs;
+    const int64_t len = seen[rows - 1]; /* positions the block's last row sees */
+    for (int64_t s0 = 0; s0 < len; s0 += EXTEND_KEYS) { /* scores, a chunk of keys at a time, transposed into kt */
+        const int64_t chunk = len - s0 < EXTEND_KEYS ? len - s0 : EXTEND_KEYS;
+        for (int64_t s = 0; s < chunk; s += VLEN) {
+            const int64_t n = chunk - s < VLEN ? chunk - s : VLEN;
+            transpose_keys(k1 + (s0 + s) * a->k1_ss, a->k1_ss, n, a->D1, kt + s, EXTEND_KEYS);
+            if (k2) transpose_keys(k2 + (s0 + s) * a->k2_ss, a->k2_ss, n, D2, kt + a->D1 * EXTEND_KEYS + s, EXTEND_KEYS);
+        }
+        for (int64_t i0 = 0; i0 < rows; i0 += TILE_M) {
+            const int mb = rows - i0 < TILE_M ? (int)(rows - i0) : TILE_M;
+            const int64_t s1 = s0 + chunk < seen[i0 + mb - 1] ? s0 + chunk : seen[i0 + mb - 1];
+            for (int64_t s = s0; s < s1; s += TILE_N * VLEN) {
+                const int64_t vectors = (s1 - s + VLEN - 1) / VLEN;
+                const int nv = vectors < TILE_N ? (int)vectors : TILE_N;
+                any_scores_tile(q1 + i0, q2 + i0, kt + (s - s0), a->D1, D2, sc + i0 * ld + s, ld, mb, nv);
+            }
+        }
+    }
+    for (int64_t i = 0; i < rows; i++) { /* softmax over what each row sees, zeros past it to its tile's last row's */
+        const int64_t tile_len = seen[(i / TILE_M) * TILE_M + TILE_M - 1 < rows ? (i / TILE_M) * TILE_M + TILE_M - 1
+                                                                                 : rows - 1];
+        scaled_softmax(sc + i * ld, seen[i], a->scale);
+        for (int64_t s = seen[i]; s < tile_len; s++) sc[i * ld + s] = 0.f;
+        for (int64_t c = 0; c < a->Dv; c++) o[i][c] = 0.f;
+    }
+    for (int64_t s0 = 0; s0 < len; s0 += EXTEND_KEYS) /* values, a chunk at a time likewise */
+        for (int64_t i0 = 0; i0 < rows; i0 += TILE_M) {
+            const int mb = rows - i0 < TILE_M ? (int)(rows - i0) : TILE_M;
+            const int64_t s1 = s0 + EXTEND_KEYS < seen[i0 + mb - 1] ? s0 + EXTEND_KEYS : seen[i0 + mb - 1];
+            for (int64_t c = 0; s0 < s1 && c < a->Dv; c += TILE_N * VLEN) {
+                const int nc = (a->Dv - c) / VLEN < TILE_N ? (int)((a->Dv - c) / VLEN) : TILE_N;
+                any_values_tile(sc + i0 * ld, ld, v, a->v_ss, s0, s1, o + i0, c, mb, nc);
+            }
+        }
+}
+
+int extend_attention(const Extend *a, int threads) {
+    if (a->D1 % VLEN || (a->q2 && a->D2 % VLEN) || a->Dv % VLEN || a->H % a->G) return -1;
+    const int64_t rows = a->T * (a->H / a->G), per_head = (rows + EXTEND_ROWS - 1) / EXTEND_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t dims = a->D1 + (a->q2 ? a->D2 : 0);
+        float *sc = malloc(sizeof(float) * (EXTEND_ROWS * scores_stride(a) + dims * EXTEND_KEYS));
+        if (!sc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < a->G * per_head; b++) {
+            if (!sc) continue;
+            const int64_t g = b / per_head, j0 = (b % per_head) * EXTEND_ROWS;
+            extend_block(a, g, j0, j0 + EXTEND_ROWS < rows ? j0 + EXTEND_ROWS : rows, sc, sc + EXTEND_ROWS * scores_stride(a));
+        }
+        free(sc);
+    }
+    return failed ? -2 : 0;
 }

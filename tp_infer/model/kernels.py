@@ -104,6 +104,8 @@ def library() -> ctypes.CDLL | None:
     lib.moe.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
     lib.moe.argtypes += [ctypes.c_int]
     lib.moe.restype = ctypes.c_int
+    lib.extend_attention.argtypes = [ctypes.POINTER(ExtendArgs), ctypes.c_int]
+    lib.extend_attention.restype = ctypes.c_int
     return lib
 
 
@@ -252,6 +254,61 @@ def rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor | None:
         x.data_ptr(), rotations.data_ptr(), y.data_ptr(), x.shape[0], heads, x.shape[-1] // 2, x.stride(0), head_stride
     )
     return y
+
+
+class ExtendArgs(ctypes.Structure):
+    """extend_attention's operands (kernels.c's Extend): pointers, then strides in floats, then sizes."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("q1", "q2", "k1", "k2", "v", "out")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("q1_ts", "q1_hs", "q2_ts", "q2_hs", "k1_ss", "k1_hs")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("k2_ss", "k2_hs", "v_ss", "v_hs", "o_ts", "o_hs")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("T", "H", "G", "D1", "D2", "Dv", "first")]
+    _fields_ += [("scale", ctypes.c_float)]
+
+
+def extend_attention(
+    queries: tuple[torch.Tensor, ...],
+    keys: tuple[torch.Tensor, ...],
+    values: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+) -> bool:
+    """Attention of one row's T new tokens over its S positions, causal among the new ones (token t sees positions
+    0 .. S - T + t), into out [T, H, Dv]: queries (q1,) or (q1, q2) [T, H, D1 | D2] against keys (k1,) or (k1, k2)
+    [S, G, D1 | D2] (scores summed over both parts), values [S, G, Dv]; head h reads kv head h / (H / G). Every tensor
+    may be strided but its last dimension; dimensions multiples of 16. Computed where they lie, in tiles (kernels.c),
+    and True; False where the kernel does not apply (not fp32 on the CPU, other shapes, switched off, not built)."""
+    tensors = (*queries, *keys, values, out)
+    (T, H, _), (S, G, _) = queries[0].shape, keys[0].shape
+    fits = all(t.dim() == 3 and t.stride(-1) == 1 and t.shape[-1] % 16 == 0 for t in tensors) and len(queries) == len(
+        keys
+    )
+    fits = fits and S >= T and H % G == 0 and values.shape[:2] == (S, G) and out.shape[:2] == (T, H)
+    lib = usable(*tensors) if fits else None
+    if lib is None:
+        return False
+    (q1, *q2), (k1, *k2) = queries, keys
+    q2, k2 = (q2[0], k2[0]) if q2 else (None, None)
+    args = ExtendArgs(
+        *(None if t is None else t.data_ptr() for t in (q1, q2, k1, k2, values, out)),
+        *q1.stride()[:2],
+        *(q2.stride()[:2] if q2 is not None else (0, 0)),
+        *k1.stride()[:2],
+        *(k2.stride()[:2] if k2 is not None else (0, 0)),
+        *values.stride()[:2],
+        *out.stride()[:2],
+        T,
+        H,
+        G,
+        q1.shape[-1],
+        0 if q2 is None else q2.shape[-1],
+        values.shape[-1],
+        S - T,
+        scale,
+    )
+    status = lib.extend_attention(ctypes.byref(args), torch.get_num_threads())
+    assert status == 0, f"extend_attention: out of memory for {T} queries over {S} positions"
+    return True
 
 
 @dataclass
