@@ -195,7 +195,7 @@ def reference_decode(q_nope, q_pe, wkv_b, latent, pe, block_table, lengths, scal
         dict(score_func="softmax", route_norm=True, n_shared_experts=0),
     ],
 )
-@pytest.mark.parametrize("rows", [1, 3, 24])
+@pytest.mark.parametrize("rows", [1, 3, 24, kernels.MOE_MAX_ROWS])  # the last: a short extend's tokens
 def test_route_and_experts_match_pytorch(switched_on, rules, rows):
     sizes = dict(dim=48, moe_inter_dim=24, n_routed_experts=16, n_activated_experts=3, n_shared_experts=1)
     args = ModelArgs(**(sizes | rules))
@@ -205,6 +205,10 @@ def test_route_and_experts_match_pytorch(switched_on, rules, rows):
         parameter.normal_(0, 0.3)
     x = torch.randn(rows, args.dim)
     (weights, indices), y = moe.gate(x), moe(x)
+    assert (
+        moe.compiled(x, weights, indices) is not None
+        and moe.compiled(torch.randn(rows + 100, args.dim), weights, indices) is None
+    )
     kernels.set_enabled(False)
     (expected_weights, expected_indices), expected = moe.gate(x), moe(x)
     assert torch.equal(indices, expected_indices)

@@ -35,6 +35,10 @@ LIBS = ["-lm"]
 # products against oneDNN's, at the bench model's shapes here (AVX-512): 1.5-2.3x faster at 8 rows, 1.1-2.0x at
 # 16, 0.9-1.6x at 24, even at 48 and 0.8-1.2x at 64; MKL is slower than oneDNN throughout
 MAX_ROWS = 24
+# tokens up to which MoE's router and experts run in one compiled call (route, moe): each expert then sees a share of
+# them (a 63-token extend gives the bench model's experts 16 rows on average), and the Python loop over experts, its
+# gathers and scatters, cost more than the shared expert's product loses to oneDNN at these sizes
+MOE_MAX_ROWS = 64
 
 _enabled = True
 
@@ -128,9 +132,9 @@ def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     return library()
 
 
-def few_rows(x: torch.Tensor) -> bool:
-    """Whether x is [M, K] with 1 to MAX_ROWS rows: what the row kernels take."""
-    return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
+def few_rows(x: torch.Tensor, most: int = MAX_ROWS) -> bool:
+    """Whether x is [M, K] with 1 to `most` rows: what the row kernels take."""
+    return x.dim() == 2 and 0 < x.shape[0] <= most
 
 
 @functools.cache
@@ -198,10 +202,10 @@ def route(
     norm: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """MoE routing of x [M, dim] by gate [E, dim] (Gate.forward's rules) for 1 to MAX_ROWS fp32 rows on the CPU, in
+    """MoE routing of x [M, dim] by gate [E, dim] (Gate.forward's rules) for 1 to MOE_MAX_ROWS fp32 rows on the CPU, in
     one call: the weights [M, topk] and expert indices [M, topk]; None elsewhere."""
     operands = (x, gate) if bias is None else (x, gate, bias)
-    lib = usable(*operands) if few_rows(x) and all(t.is_contiguous() for t in operands) else None
+    lib = usable(*operands) if few_rows(x, MOE_MAX_ROWS) and all(t.is_contiguous() for t in operands) else None
     if lib is None:
         return None
     weights, indices = x.new_empty(x.shape[0], topk), torch.empty(x.shape[0], topk, dtype=torch.int64)
@@ -219,13 +223,14 @@ def moe(
     experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor | None:
-    """This rank's mixture of experts for x [M, dim], 1 to MAX_ROWS fp32 rows on the CPU, in one call: the shared
+    """This rank's mixture of experts for x [M, dim], 1 to MOE_MAX_ROWS fp32 rows on the CPU, in one call: the shared
     expert's (w1, w3, w2) on every token, plus each of `experts` (id -> weights: the local experts some token chose)
     on the tokens routed to it, times their weight, expert by expert in ascending order as MoE adds them; None
     elsewhere."""
     ids = sorted(experts)
     matrices = [w for e in ids for w in experts[e]] + list(shared or ())
-    lib = usable(x, weights, *matrices) if few_rows(x) and all(w.is_contiguous() for w in matrices) else None
+    fits = few_rows(x, MOE_MAX_ROWS) and all(w.is_contiguous() for w in matrices)
+    lib = usable(x, weights, *matrices) if fits else None
     if lib is None or indices.dtype != torch.int64:
         return None
     x, weights, indices = x.contiguous(), weights.contiguous(), indices.contiguous()
