@@ -22,7 +22,7 @@ def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
 
 
-@pytest.mark.parametrize("rows", [kernels.MAX_ROWS + 1, 60, 300])
+@pytest.mark.parametrize("rows", [kernels.MAX_ROWS + 1, 100, 300])
 def test_linear_takes_wide_products_to_onednn(rows):
     generator = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 96, generator=generator), torch.randn(40, 96, generator=generator)

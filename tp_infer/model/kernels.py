@@ -1,8 +1,9 @@
-"""Compiled CPU kernels for what PyTorch runs slowly at decode (kernels.c). A decode step is a few rows of
-activations through many small layers, where each PyTorch op costs tens of microseconds of dispatch with the caches
-cold and MKL reads a thin product's weight on one core at a third of the memory bandwidth. So each layer's work is one
-call here: a few rows times a weight matrix; a SwiGLU; an RMSNorm; a rotary embedding; MoE's router and its experts;
-and MLA's decode in the absorbed form over the paged cache in place, storing the step's new entries on the way.
+"""Compiled CPU kernels for what PyTorch runs slowly at decode and in short extends (kernels.c). Such a step is a few
+rows of activations through many small layers, where each PyTorch op costs tens of microseconds of dispatch with the
+caches cold and MKL reads a thin product's weight on one core at a third of the memory bandwidth. So each layer's work
+is one call here: a few rows times a weight matrix; a SwiGLU; an RMSNorm; a rotary embedding; MoE's router and its
+experts; MLA's decode over the paged cache in place, storing the step's new entries on the way; and the attention of
+a row's new tokens over its positions (extend_attention), for prefills too.
 
 Built on first use with the system's C compiler into a per-user cache (about 5 s here, once per source and machine;
 later processes load it in under a millisecond). Where there is no compiler or no AVX2, or when switched off
@@ -31,14 +32,13 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 # registers of 16 floats
 AVX512_FLAGS = ["-mavx512f"]
 LIBS = ["-lm"]
-# rows up to which the row kernels take the work. With the weights cold (as each layer's are at decode), their tiled
-# products against oneDNN's, at the bench model's shapes here (AVX-512): 1.5-2.3x faster at 8 rows, 1.1-2.0x at
-# 16, 0.9-1.6x at 24, even at 48 and 0.8-1.2x at 64; MKL is slower than oneDNN throughout
-MAX_ROWS = 24
-# tokens up to which MoE's router and experts run in one compiled call (route, moe): each expert then sees a share of
-# them (a 63-token extend gives the bench model's experts 16 rows on average), and the Python loop over experts, its
-# gathers and scatters, cost more than the shared expert's product loses to oneDNN at these sizes
-MOE_MAX_ROWS = 64
+# rows up to which the row kernels take the work (products, SwiGLU, norms, rotary embedding, MoE's router and experts
+# in one call). Single products with the weights cold against oneDNN's, at the bench model's shapes here (AVX-512):
+# 1.5-2.3x faster at 8 rows, 1.1-2.0x at 16, 0.9-1.6x at 24, 0.8-1.2x at 64; in the model they win at 64 too, where
+# a short extend's rows change every turn and oneDNN builds a product for each new count: config_bench's 63-token
+# extend took 100 -> 85 ms (naive) and 131 -> 118 ms (absorbed) with 64 here instead of 24, and each expert's share
+# of the tokens goes through the compiled MoE, not a Python loop over experts
+MAX_ROWS = 64
 
 _enabled = True
 
@@ -132,9 +132,9 @@ def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     return library()
 
 
-def few_rows(x: torch.Tensor, most: int = MAX_ROWS) -> bool:
-    """Whether x is [M, K] with 1 to `most` rows: what the row kernels take."""
-    return x.dim() == 2 and 0 < x.shape[0] <= most
+def few_rows(x: torch.Tensor) -> bool:
+    """Whether x is [M, K] with 1 to MAX_ROWS rows: what the row kernels take."""
+    return x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS
 
 
 @functools.cache
@@ -202,10 +202,10 @@ def route(
     norm: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """MoE routing of x [M, dim] by gate [E, dim] (Gate.forward's rules) for 1 to MOE_MAX_ROWS fp32 rows on the CPU, in
+    """MoE routing of x [M, dim] by gate [E, dim] (Gate.forward's rules) for 1 to MAX_ROWS fp32 rows on the CPU, in
     one call: the weights [M, topk] and expert indices [M, topk]; None elsewhere."""
     operands = (x, gate) if bias is None else (x, gate, bias)
-    lib = usable(*operands) if few_rows(x, MOE_MAX_ROWS) and all(t.is_contiguous() for t in operands) else None
+    lib = usable(*operands) if few_rows(x) and all(t.is_contiguous() for t in operands) else None
     if lib is None:
         return None
     weights, indices = x.new_empty(x.shape[0], topk), torch.empty(x.shape[0], topk, dtype=torch.int64)
@@ -223,13 +223,13 @@ def moe(
     experts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor | None:
-    """This rank's mixture of experts for x [M, dim], 1 to MOE_MAX_ROWS fp32 rows on the CPU, in one call: the shared
+    """This rank's mixture of experts for x [M, dim], 1 to MAX_ROWS fp32 rows on the CPU, in one call: the shared
     expert's (w1, w3, w2) on every token, plus each of `experts` (id -> weights: the local experts some token chose)
     on the tokens routed to it, times their weight, expert by expert in ascending order as MoE adds them; None
     elsewhere."""
     ids = sorted(experts)
     matrices = [w for e in ids for w in experts[e]] + list(shared or ())
-    fits = few_rows(x, MOE_MAX_ROWS) and all(w.is_contiguous() for w in matrices)
+    fits = few_rows(x) and all(w.is_contiguous() for w in matrices)
     lib = usable(x, weights, *matrices) if fits else None
     if lib is None or indices.dtype != torch.int64:
         return None

@@ -147,9 +147,9 @@ class MoE(nn.Module):
         return all_reduce(y, self.world_size).view(shape)
 
     def compiled(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
-        """The shared and routed experts in one compiled call for up to MOE_MAX_ROWS fp32 tokens on the CPU (decode,
+        """The shared and routed experts in one compiled call for up to MAX_ROWS fp32 tokens on the CPU (decode,
         short extends; not reduced); None where it does not apply."""
-        if not kernels.few_rows(x, kernels.MOE_MAX_ROWS):
+        if not kernels.few_rows(x):
             return None
         local = range(self.first_expert, self.first_expert + len(self.experts))
         chosen = {e for e in indices.flatten().tolist() if e in local}
