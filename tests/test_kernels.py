@@ -235,6 +235,20 @@ def test_experts_of_one_rank_match_pytorch(switched_on):
     assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_moe_passes_over_experts_no_token_chose():
+    """Experts given with no token routed to them add nothing, and the threads stay in step past them (they once
+    raced: one thread read the next expert's token count and waited at a barrier the other never reached)."""
+    generator = torch.Generator().manual_seed(3)
+    experts = {
+        e: tuple(torch.randn(*shape, generator=generator) for shape in ((8, 16), (8, 16), (16, 8))) for e in range(6)
+    }
+    x, weights = torch.randn(2, 16, generator=generator), torch.rand(2, 1, generator=generator)
+    indices = torch.tensor([[4], [1]])
+    chosen = kernels.moe(x, weights, indices, {e: experts[e] for e in (1, 4)}, None)
+    for _ in range(200):  # experts 0, 2, 3 and 5 have no tokens
+        assert torch.equal(kernels.moe(x, weights, indices, experts, None), chosen)
+
+
 @pytest.mark.parametrize(
     ("heads", "nope", "v_dim", "latent_dim", "rope_dim"),
     [(8, 16, 16, 64, 16), (3, 8, 12, 32, 8), (16, 5, 7, 48, 4), (9, 32, 16, 16, 12)],

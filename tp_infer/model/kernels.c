@@ -372,7 +372,10 @@ int moe(const float *x, const float *weights, const int64_t *indices, const int6
                 tokens[m] = count;
             }
             const int64_t count = tokens[m];
-            if (count == 0) continue;
+            if (count == 0) { /* every thread reads count before any goes on to write the next expert's */
+#pragma omp barrier
+                continue;
+            }
             swiglu_rows(xs, w1s[e], w3s[e], w2s[e], g, h, ys, count, inter, dim);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < dim; i++)
