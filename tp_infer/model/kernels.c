@@ -1,5 +1,5 @@
-/* The CPU kernels of decode, called by kernels.py through ctypes; it builds this file with -O3 -mavx2 -mfma -fopenmp,
- * and OpenMP is then the libgomp torch has loaded (the same soname), so the threads are torch's.
+/* The CPU kernels of decode and short extends, called by kernels.py through ctypes; it builds this file with -O3
+ * -mavx2 -mfma -fopenmp, and OpenMP is then the libgomp torch has loaded (the same soname), so the threads are torch's.
  *
  * small_matmul: y = x w^T for a few rows of x. Each row of w is read once, from memory, for all rows of x, and the
  * rows of w are split over the threads; MKL runs these products on one core at a third of the memory bandwidth. With
@@ -9,7 +9,8 @@
  *
  * swiglu, rms_norm, rope, route, moe: a layer's few rows in one call each, as the PyTorch code they replace computes
  * them (each described above its code).
- * mla_decode: MLA's attention of one new token per row, in the absorbed form, over the paged cache (below). */
+ * mla_decode, mha_decode: MLA's attention of one new token per row, absorbed or per head, over the paged cache.
+ * extend_attention: the attention of one row's new tokens over its positions (prefills and extends), in tiles. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
