@@ -749,8 +749,9 @@ int mha_decode(const float *q_nope, const float *q_pe, const float *kv, const fl
  * Query head h reads kv head h / (H / G): naive MLA has G = H (per-head keys k1 and values v), absorbed MLA G = 1
  * (keys the latent k1 and the rope key k2, values the latent again). D1, D2 and Dv are multiples of VLEN.
  * The work is shared out in blocks of EXTEND_ROWS query rows of one kv head (token-major: (t, h) for the heads that
- * read it). A block takes its scores over the keys its last token sees, SCORE tiles of 6 query rows x 4 keys summed
- * over the dimensions; each row's softmax of scale x scores over the positions it sees; then each row's weighted sum
+ * read it). A block takes its scores over the keys its last token sees, EXTEND_KEYS keys at a time, transposed first
+ * so that a tile of 6 query rows x 4 vectors of keys is a broadcast query dimension times a vector of keys, with no
+ * sums across lanes; each row's softmax of scale x scores over the positions it sees; then each row's weighted sum
  * of the values, in tiles of 6 rows x 4 vectors of values. 0, -1 for dimensions this does not cover, -2 out of
  * memory. */
 typedef struct {

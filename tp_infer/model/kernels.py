@@ -229,8 +229,7 @@ def moe(
     elsewhere."""
     ids = sorted(experts)
     matrices = [w for e in ids for w in experts[e]] + list(shared or ())
-    fits = few_rows(x) and all(w.is_contiguous() for w in matrices)
-    lib = usable(x, weights, *matrices) if fits else None
+    lib = usable(x, weights, *matrices) if few_rows(x) and all(w.is_contiguous() for w in matrices) else None
     if lib is None or indices.dtype != torch.int64:
         return None
     x, weights, indices = x.contiguous(), weights.contiguous(), indices.contiguous()
