@@ -159,22 +159,29 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
     }
 }
 
-/* a tile of up to TILE_M x TILE_N: the sizes made constants, one inlined tile each */
-#define TILE_ROWS(NB)                                                                                                  \
-    switch (mb) {                                                                                                      \
-    case 1: tile(x, w, y, n, k, 1, NB, next); break;                                                                   \
-    case 2: tile(x, w, y, n, k, 2, NB, next); break;                                                                   \
-    case 3: tile(x, w, y, n, k, 3, NB, next); break;                                                                   \
-    case 4: tile(x, w, y, n, k, 4, NB, next); break;                                                                   \
-    case 5: tile(x, w, y, n, k, 5 < TILE_M ? 5 : TILE_M, NB, next); break;                                             \
-    default: tile(x, w, y, n, k, TILE_M, NB, next);                                                                    \
+/* the tiles with their sizes made constants (mb <= TILE_M, nb <= TILE_N) */
+#define SIZES(CALL, nb)                                                                                                \
+    switch (nb) {                                                                                                      \
+    case 1: SIZES_M(CALL, 1) break;                                                                                    \
+    case 2: SIZES_M(CALL, 2) break;                                                                                    \
+    case 3: SIZES_M(CALL, 3 < TILE_N ? 3 : TILE_N) break;                                                              \
+    default: SIZES_M(CALL, TILE_N)                                                                                     \
     }
+#define SIZES_M(CALL, NB)                                                                                              \
+    switch (mb) {                                                                                                      \
+    case 1: CALL(1, NB); break;                                                                                        \
+    case 2: CALL(2, NB); break;                                                                                        \
+    case 3: CALL(3, NB); break;                                                                                        \
+    case 4: CALL(4, NB); break;                                                                                        \
+    case 5: CALL(5 < TILE_M ? 5 : TILE_M, NB); break;                                                                  \
+    default: CALL(TILE_M, NB);                                                                                         \
+    }
+
 static void any_tile(const float *x, const float *w, float *y, int64_t n, int64_t k, int mb, int nb,
                      const float *next) {
-    if (nb == TILE_N) { TILE_ROWS(TILE_N) }
-    else if (nb == 1) { TILE_ROWS(1) }
-    else if (nb == 2) { TILE_ROWS(2) }
-    else { TILE_ROWS(TILE_N > 3 ? 3 : 1) }
+#define CALL(MB, NB) tile(x, w, y, n, k, MB, NB, next)
+    SIZES(CALL, nb)
+#undef CALL
 }
 
 /* y = x w^T for rows [0, m) of x, inside a parallel region that shares out the blocks of rows of w (no barrier at the
@@ -842,24 +849,6 @@ static inline __attribute__((always_inline)) void values_tile(const float *p, in
     for (int i = 0; i < MB; i++)
         for (int j = 0; j < NC; j++) vstore(o[i] + c + j * VLEN, acc[i][j]);
 }
-
-/* the tiles with their sizes made constants (mb <= TILE_M, nb <= TILE_N) */
-#define SIZES(CALL, nb)                                                                                                \
-    switch (nb) {                                                                                                      \
-    case 1: SIZES_M(CALL, 1) break;                                                                                    \
-    case 2: SIZES_M(CALL, 2) break;                                                                                    \
-    case 3: SIZES_M(CALL, 3 < TILE_N ? 3 : TILE_N) break;                                                              \
-    default: SIZES_M(CALL, TILE_N)                                                                                     \
-    }
-#define SIZES_M(CALL, NB)                                                                                              \
-    switch (mb) {                                                                                                      \
-    case 1: CALL(1, NB); break;                                                                                        \
-    case 2: CALL(2, NB); break;                                                                                        \
-    case 3: CALL(3, NB); break;                                                                                        \
-    case 4: CALL(4, NB); break;                                                                                        \
-    case 5: CALL(5 < TILE_M ? 5 : TILE_M, NB); break;                                                                  \
-    default: CALL(TILE_M, NB);                                                                                         \
-    }
 
 static void any_scores_tile(const float *const *q1, const float *const *q2, const float *kt, int64_t D1, int64_t D2,
                             float *sc, int64_t ld, int mb, int nb) {
