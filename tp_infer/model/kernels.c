@@ -134,19 +134,25 @@ static inline __attribute__((always_inline)) void store_sums(const vec *acc, flo
 }
 
 /* MB rows of x [., k] against NB rows of w [., k] into y (rows n apart); MB and NB constants where inlined. With
- * `next` (the next rows of w this thread will read, NB of them) it also asks for those, a line of each row a step, so
- * that memory delivers them while this tile computes. */
+ * `next` (the next rows of w this thread will read, NB of them) it also asks for this tile's share of those, so that
+ * memory delivers them while the block's tiles compute: it is tile `pass` of `passes` over the block, and asks for
+ * lines pass, pass + passes, ... of each row, a line of each row a step (all tiles asking in the first would stall
+ * it on the misses in flight while the others ask for nothing). */
 static inline __attribute__((always_inline)) void tile(const float *x, const float *w, float *y, int64_t n,
-                                                      int64_t k, const int MB, const int NB, const float *next) {
+                                                      int64_t k, const int MB, const int NB, const float *next,
+                                                      int pass, int passes) {
     vec acc[TILE_M][TILE_N];
     for (int i = 0; i < MB; i++)
         for (int j = 0; j < NB; j++) acc[i][j] = vzero();
     int64_t t = 0;
+    int due = next ? pass : -1; /* lines of 16 floats until this tile's next one to ask for */
     for (; t + VLEN <= k; t += VLEN) {
         vec wv[TILE_N];
         for (int j = 0; j < NB; j++) wv[j] = vload(w + j * k + t);
-        if (next && t % 16 == 0)  /* a line of 16 floats */
+        if (t % 16 == 0 && due >= 0 && due-- == 0) {
             for (int j = 0; j < NB; j++) _mm_prefetch((const char *)(next + j * k + t), _MM_HINT_T0);
+            due = passes - 1;
+        }
         for (int i = 0; i < MB; i++) {
             const vec xv = vload(x + i * k + t);
             for (int j = 0; j < NB; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
@@ -178,8 +184,8 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
     }
 
 static void any_tile(const float *x, const float *w, float *y, int64_t n, int64_t k, int mb, int nb,
-                     const float *next) {
-#define CALL(MB, NB) tile(x, w, y, n, k, MB, NB, next)
+                     const float *next, int pass, int passes) {
+#define CALL(MB, NB) tile(x, w, y, n, k, MB, NB, next, pass, passes)
     SIZES(CALL, nb)
 #undef CALL
 }
@@ -193,10 +199,10 @@ static inline void matmul_rows(const float *x, const float *w, float *y, int64_t
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t r = b * per_block, nb = n - r < per_block ? n - r : per_block;
-        const float *next = r + per_block < n ? w + (r + per_block) * k : NULL;  /* asked for during the first tile */
+        const float *next = r + per_block < n ? w + (r + per_block) * k : NULL;
         for (int64_t j = 0; j < m; j += TILE_M)
             any_tile(x + j * k, w + r * k, y + j * n + r, n, k, m - j < TILE_M ? (int)(m - j) : TILE_M, (int)nb,
-                     j == 0 ? next : NULL);
+                     next, (int)(j / TILE_M), (int)((m + TILE_M - 1) / TILE_M));
     }
 }
 
