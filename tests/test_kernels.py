@@ -125,6 +125,25 @@ def test_extend_attention_matches_float64(T, S, H, G, dims, v_dim):
     assert torch.allclose(out.double(), attention_float64(queries, keys, values, H // G, 0.3), atol=1e-5)
 
 
+def test_extend_attention_gives_the_same_bits_however_rows_are_blocked():
+    """The blocks of query rows depend on the thread count (so that the threads share them evenly), but each row's
+    scores, softmax and sum over the values run in the same order in any block."""
+    generator = torch.Generator().manual_seed(5)
+    queries = (torch.randn(40, 8, 32, generator=generator), torch.randn(40, 8, 16, generator=generator))
+    keys = (torch.randn(90, 1, 32, generator=generator), torch.randn(90, 1, 16, generator=generator))
+    values = torch.randn(90, 1, 32, generator=generator)
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):  # 320 rows: 4 blocks of 80 on 1 and 2 threads, 6 of 54 on 3
+            torch.set_num_threads(n)
+            outs.append(torch.empty(40, 8, 32))
+            assert kernels.extend_attention(queries, keys, values, outs[-1], 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.allclose(outs[0].double(), attention_float64(queries, keys, values, 8, 0.3), atol=1e-5)
+
+
 def test_extend_attention_refuses_what_it_does_not_cover(switched_on):
     q, k, v, out = torch.randn(4, 2, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16), torch.empty(4, 2, 16)
     assert not kernels.extend_attention((q[..., :8],), (k[..., :8],), v, out, 1.0)  # not a multiple of 16

@@ -761,10 +761,10 @@ int mha_decode(const float *q_nope, const float *q_pe, const float *kv, const fl
  *
  * Query head h reads kv head h / (H / G): naive MLA has G = H (per-head keys k1 and values v), absorbed MLA G = 1
  * (keys the latent k1 and the rope key k2, values the latent again). D1, D2 and Dv are multiples of VLEN.
- * The work is shared out in blocks of EXTEND_ROWS query rows of one kv head (token-major: (t, h) for the heads that
- * read it). A block takes its scores over the keys its last token sees, EXTEND_KEYS keys at a time, transposed first
- * so that a tile of 6 query rows x 4 vectors of keys is a broadcast query dimension times a vector of keys, with no
- * sums across lanes; each row's softmax of scale x scores over the positions it sees; then each row's weighted sum
+ * The work is shared out in blocks of up to EXTEND_ROWS query rows of one kv head (token-major: (t, h) for the heads
+ * that read it). A block takes its scores over the keys its last token sees, EXTEND_KEYS keys at a time, transposed
+ * first so that a tile of 6 query rows x 4 vectors of keys is a broadcast query dimension times a vector of keys, with
+ * no sums across lanes; each row's softmax of scale x scores over the positions it sees; then each row's weighted sum
  * of the values, in tiles of 6 rows x 4 vectors of values. 0, -1 for dimensions this does not cover, -2 out of
  * memory. */
 typedef struct {
@@ -775,7 +775,7 @@ typedef struct {
     float scale;
 } Extend;
 
-#define EXTEND_ROWS 48
+#define EXTEND_ROWS 96
 #define EXTEND_KEYS 128
 
 /* n <= VLEN keys (rows ss apart) of D dimensions (a multiple of VLEN) transposed into dst[d * ld + key], keys n and on
@@ -931,14 +931,27 @@ static void extend_block(const Extend *a, int64_t g, int64_t j0, int64_t j1, flo
         }
 }
 
+/* Query rows per block of a kv head's `rows`, in whole tiles: as many as fit in EXTEND_ROWS (a block transposes its
+ * keys), unless the blocks of all G heads then fall to the threads unevenly (one's share over 5% above the mean). */
+static int64_t block_rows(int64_t rows, int64_t G, int threads) {
+    int64_t per_head = (rows + EXTEND_ROWS - 1) / EXTEND_ROWS;
+    for (; per_head * TILE_M < rows; per_head++) {
+        const int64_t blocks = G * per_head, rounds = (blocks + threads - 1) / threads;
+        if (rounds * threads * 20 <= blocks * 21) break;
+    }
+    const int64_t block = (rows + per_head - 1) / per_head;
+    return (block + TILE_M - 1) / TILE_M * TILE_M;
+}
+
 int extend_attention(const Extend *a, int threads) {
     if (a->D1 % VLEN || (a->q2 && a->D2 % VLEN) || a->Dv % VLEN || a->H % a->G) return -1;
-    const int64_t rows = a->T * (a->H / a->G), per_head = (rows + EXTEND_ROWS - 1) / EXTEND_ROWS;
+    const int64_t rows = a->T * (a->H / a->G), block = block_rows(rows, a->G, threads);
+    const int64_t per_head = (rows + block - 1) / block;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         const int64_t dims = a->D1 + (a->q2 ? a->D2 : 0);
-        float *sc = malloc(sizeof(float) * (EXTEND_ROWS * scores_stride(a) + dims * EXTEND_KEYS));
+        float *sc = malloc(sizeof(float) * (block * scores_stride(a) + dims * EXTEND_KEYS));
         if (!sc) {
 #pragma omp atomic write
             failed = 1;
@@ -946,8 +959,8 @@ int extend_attention(const Extend *a, int threads) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < a->G * per_head; b++) {
             if (!sc) continue;
-            const int64_t g = b / per_head, j0 = (b % per_head) * EXTEND_ROWS;
-            extend_block(a, g, j0, j0 + EXTEND_ROWS < rows ? j0 + EXTEND_ROWS : rows, sc, sc + EXTEND_ROWS * scores_stride(a));
+            const int64_t g = b / per_head, j0 = (b % per_head) * block;
+            extend_block(a, g, j0, j0 + block < rows ? j0 + block : rows, sc, sc + block * scores_stride(a));
         }
         free(sc);
     }
