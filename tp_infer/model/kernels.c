@@ -234,21 +234,22 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
-/* softmax of x [n] in place, 8 at a time */
-static void softmax(float *x, int64_t n) {
+/* softmax of scale * x [n] in place, 8 at a time (scale > 0: the largest x gives the largest scale * x) */
+static void softmax(float *x, int64_t n, float scale) {
     int64_t s = 0;
     __m256 vmx = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
     for (; s + 8 <= n; s += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + s));
     float mx = max8(vmx), sum;
     for (int64_t t = s; t < n; t++) mx = x[t] > mx ? x[t] : mx;
-    vmx = _mm256_set1_ps(mx);
+    const float shift = -scale * mx;
+    const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(shift);
     for (s = 0; s + 8 <= n; s += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), vmx));
+        __m256 e = exp8(_mm256_fmadd_ps(_mm256_loadu_ps(x + s), vscale, vshift));
         _mm256_storeu_ps(x + s, e);
         vsum = _mm256_add_ps(vsum, e);
     }
     sum = sum8(vsum);
-    for (int64_t t = s; t < n; t++) sum += (x[t] = expf(x[t] - mx));
+    for (int64_t t = s; t < n; t++) sum += (x[t] = expf(fmaf(x[t], scale, shift)));
     __m256 inv = _mm256_set1_ps(1.f / sum);
     for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
     for (int64_t t = s; t < n; t++) x[t] *= 1.f / sum;
@@ -317,7 +318,7 @@ int route(const float *x, const float *gate, const float *bias, float *weights, 
         if (sigmoid)
             for (int64_t e = 0; e < E; e++) score[e] = 1.f / (1.f + expf(-score[e]));
         else
-            softmax(score, E);
+            softmax(score, E, 1.f);
         for (int64_t e = 0; e < E; e++) choice[e] = bias ? score[e] + bias[e] : score[e];
         if (groups > 1) {
             for (int64_t i = 0; i < E; i++) taken[i] = 0;
@@ -594,7 +595,7 @@ static void decode_row(const float *qn, const float *qpe, int64_t q_hs, int64_t 
     SYNC();
     { /* softmax over the row's positions */
         SHARE(H);
-        for (int64_t h = first; h < last; h++) softmax(sc + h * S, len);
+        for (int64_t h = first; h < last; h++) softmax(sc + h * S, len, 1.f);
     }
     SYNC();
     { /* o_latent = probabilities . latent: each thread its share of the 16-column stripes, walking the row's
@@ -702,7 +703,7 @@ static void mha_row(const float *qn, const float *qpe, int64_t q_hs, int64_t p_h
         for (int64_t h = first; h < last; h++)
             sc[h * S + s] = scale * (dot(key + h * K, qn + h * q_hs, D) + dot(key + h * K + D, qp + h * P, P));
     }
-    for (int64_t h = first; h < last; h++) softmax(sc + h * S, len);
+    for (int64_t h = first; h < last; h++) softmax(sc + h * S, len, 1.f);
     for (int64_t s = 0; s < len; s++) {
         const float *value = row_at(values, table, bs, H * V, s);
         if (s + PREFETCH_ROWS < len)
@@ -870,12 +871,6 @@ static void any_values_tile(const float *p, int64_t ld, const float *v, int64_t 
 #undef CALL
 }
 
-/* softmax of scale * x [n] in place (scale > 0) */
-static void scaled_softmax(float *x, int64_t n, float scale) {
-    for (int64_t s = 0; s < n; s++) x[s] *= scale;
-    softmax(x, n);
-}
-
 /* floats between rows of extend_attention's scores: the positions, up to a whole vector */
 static inline int64_t scores_stride(const Extend *a) { return (a->first + a->T + VLEN - 1) / VLEN * VLEN; }
 
@@ -916,7 +911,7 @@ static void extend_block(const Extend *a, int64_t g, int64_t j0, int64_t j1, flo
     for (int64_t i = 0; i < rows; i++) { /* softmax over what each row sees, zeros past it to its tile's last row's */
         const int64_t tile_len = seen[(i / TILE_M) * TILE_M + TILE_M - 1 < rows ? (i / TILE_M) * TILE_M + TILE_M - 1
                                                                                  : rows - 1];
-        scaled_softmax(sc + i * ld, seen[i], a->scale);
+        softmax(sc + i * ld, seen[i], a->scale);
         for (int64_t s = seen[i]; s < tile_len; s++) sc[i * ld + s] = 0.f;
         for (int64_t c = 0; c < a->Dv; c++) o[i][c] = 0.f;
     }
