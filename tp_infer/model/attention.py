@@ -224,18 +224,16 @@ def latent_attention(
     scale: float,
 ) -> torch.Tensor:
     """Absorbed attention of q_nope [R, T, H, D] and q_pe [R, T, H, P] (rotated) over each row's cached latent and
-    rope key, with wkv_b [H, D + V, C], in plain products (oneDNN's on the CPU, see chunked_attention): per head
-    into latent space, per row over its positions (in kernels.extend_attention where it applies, else in products
-    with the scores rows token-major: (t, h)), back out per head; the output [R * T, H, V]."""
+    rope key, with wkv_b [H, D + V, C], in plain products (oneDNN's on the CPU, see chunked_attention): into latent
+    space in one batched product over the heads, per row over its positions (in kernels.extend_attention where it
+    applies, else in products with the scores rows token-major: (t, h)), back out per head; the output
+    [R * T, H, V]."""
     rows, width, heads, nope = q_nope.shape
     v_dim = wkv_b.shape[1] - nope
     out = q_nope.new_empty(rows, width, heads, v_dim)
     latent, pe = cache.read(group.block_table, q_nope.dtype, group.first_block)  # [R, S, C], [R, S, P]
     for r, length in enumerate(group.lengths.tolist()):
-        queries = head_major(q_nope[r])  # [H, T, D]
-        q_latent = q_nope.new_empty(width, heads, latent.shape[-1])
-        for h in range(heads):
-            q_latent[:, h] = kernels.linear(queries[h], wkv_b[h, :nope].t())
+        q_latent = torch.bmm(head_major(q_nope[r]), wkv_b[:, :nope]).transpose(0, 1)  # [T, H, C], heads apart
         keys, rope_keys = latent[r, :length], pe[r, :length]
         mixed = q_latent.new_empty(width, heads, latent.shape[-1])
         if not kernels.extend_attention(
@@ -260,7 +258,7 @@ def products_over_latent(
     rope_keys [S, P], visible [T, S]; the mixed latents [T, H, C]."""
     (width, heads, _), length = q_latent.shape, keys.shape[0]
     first = length - width
-    scores = kernels.linear(q_latent.view(width * heads, -1), keys)
+    scores = kernels.linear(q_latent.reshape(width * heads, -1), keys)
     scores += kernels.linear(q_pe.reshape(width * heads, -1), rope_keys)
     scores = scores.mul_(scale).view(width, heads, length)
     hidden = ~visible[:, first:length]  # only the new positions are hidden from anyone
