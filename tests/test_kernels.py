@@ -20,6 +20,16 @@ def switched_on():
     kernels.set_enabled(True)
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The kernels share rows, blocks and experts among their threads: tested on two, whatever OMP_NUM_THREADS the
+    run sets (tests/run.sh sets 1)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
 # rows: single-row blocks of w up to 4, tiles of 6 (AVX-512) or 4 rows past it; n and k: partial blocks, k's tail
 SHAPES = [(64, 32), (33, 77), (5, 8), (130, 3), (7, 1024)]
 
