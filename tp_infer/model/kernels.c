@@ -393,8 +393,11 @@ int moe(const float *x, const float *weights, const int64_t *indices, const int6
             }
             swiglu_rows(xs, w1s[e], w3s[e], w2s[e], g, h, ys, count, inter, dim);
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < dim; i++)
-                for (int64_t j = 0; j < count; j++) y[tokens[j] * dim + i] += ys[j * dim + i] * wt[j];
+            for (int64_t c0 = 0; c0 < dim; c0 += 64) { /* 64 columns of every token's row at a time, rows in order */
+                const int64_t c1 = c0 + 64 < dim ? c0 + 64 : dim;
+                for (int64_t j = 0; j < count; j++)
+                    for (int64_t i = c0; i < c1; i++) y[tokens[j] * dim + i] += ys[j * dim + i] * wt[j];
+            }
         }
     }
     free(xs), free(tokens);
