@@ -148,6 +148,11 @@ def work_dir_option(help: str) -> OptionDecorator:
     return click.option("--work-dir", type=click.Path(file_okay=False), help=help)
 
 
+def rounds_option(help: str) -> OptionDecorator:
+    """--rounds: interleaved repetitions of what a benchmark compares, whose medians it reports."""
+    return click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help=help)
+
+
 def turns_option(default: int, help: str = "User messages.") -> OptionDecorator:
     """--turns: turns of each conversation."""
     return click.option("--turns", default=default, show_default=True, type=click.IntRange(min=1), help=help)

@@ -3,21 +3,24 @@ the same conversation through Hugging Face transformers on the same weights.
 
 python scripts/bench_multiturn.py [--config configs/config_bench.json] [--turns 24] [--new-tokens-min 30]
     [--new-tokens-max 70] [--reply-tokens 32] [--dtype fp32] [--device cpu|cuda] [--attn-impl absorb] [--seed 0]
-    [--out FILE.json] [--work-dir DIR] [--threads N] [--skip-transformers]
+    [--rounds 3] [--out FILE.json] [--work-dir DIR] [--threads N] [--skip-transformers]
 
 Each turn is a user message of random token ids followed by a greedy reply of --reply-tokens tokens (eos ignored);
 the reply stays in the history. The default is shaped like a chat: short user messages (30-70 tokens), the history
 growing by each reply, about 1,900 tokens of it by the last turn. Reuse on prefills only the new user tokens; reuse
-off re-prefills the whole conversation every turn, as DeepSeek's reference does. transformers times every turn's
-first token and decodes the last turn's reply; its history takes our replies, which are its own greedy replies in
-fp32 (checked: first tokens of every turn, the whole last reply). Both engines run on --device (the CPU by default,
-or one GPU); every time is taken after the token it stops at was read back to the host. Progress goes to stderr, the
-tables to stdout.
+off re-prefills the whole conversation every turn, as DeepSeek's reference does. The conversation runs --rounds
+times, reuse on then off each round; the table shows each time's median over the rounds, and each ratio is the
+median of the rounds' ratios (the last turn's range printed beside it), so that one stalled turn does not decide it.
+transformers times every turn's first token and decodes the last turn's reply; its history takes our replies, which
+are its own greedy replies in fp32 (checked: first tokens of every turn, the whole last reply). Both engines run on
+--device (the CPU by default, or one GPU); every time is taken after the token it stops at was read back to the host.
+Progress goes to stderr, the tables to stdout.
 """
 
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ from bench_common import (
     fill_random,
     out_option,
     reply_tokens_option,
+    rounds_option,
     runtime_line,
     seed_option,
     threads_option,
@@ -252,6 +256,10 @@ def run_hf_cached(model: HFModel, users: list[list[int]], replies: list[list[int
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------
+# the goals of issue 14: the last turn's time to first token with reuse off over on, and decode over transformers'
+# kept cache, each with a margin over the earlier 15 and 3.5 that this machine's noise does not cross
+SPEEDUP_TARGET, DECODE_TARGET = 18, 4.5
+
 COLUMNS = [
     ("turn", "turn", "{:d}"),
     ("history_tokens", "history", "{:d}"),
@@ -264,28 +272,38 @@ COLUMNS = [
 ]
 
 
-def turn_rows(users: list[list[int]], on: list[Turn], off: list[Turn]) -> list[dict]:
-    return [
-        {
-            "turn": i,
-            "history_tokens": a.stats.prompt_tokens - len(user),
-            "new_tokens": len(user),
-            "ttft_reuse_off_s": b.stats.ttft_s,
-            "ttft_reuse_on_s": a.stats.ttft_s,
-            "ttft_off_over_on": b.stats.ttft_s / a.stats.ttft_s,
-            "computed_tokens": a.stats.computed_tokens,
-            "decode_tokens_per_s": a.stats.decode_tokens_per_s,
-        }
-        for i, (user, a, b) in enumerate(zip(users, on, off, strict=True), 1)
-    ]
+def turn_rows(users: list[list[int]], on: list[list[Turn]], off: list[list[Turn]]) -> list[dict]:
+    """A row per turn: medians over the rounds (on[k], off[k]: round k's turns)."""
+    rows = []
+    for i, user in enumerate(users):
+        turn_on, turn_off = [r[i].stats for r in on], [r[i].stats for r in off]
+        ratios = [b.ttft_s / a.ttft_s for a, b in zip(turn_on, turn_off, strict=True)]
+        rows.append(
+            {
+                "turn": i + 1,
+                "history_tokens": turn_on[0].prompt_tokens - len(user),
+                "new_tokens": len(user),
+                "ttft_reuse_off_s": statistics.median(s.ttft_s for s in turn_off),
+                "ttft_reuse_on_s": statistics.median(s.ttft_s for s in turn_on),
+                "ttft_off_over_on": statistics.median(ratios),
+                "computed_tokens": turn_on[0].computed_tokens,
+                "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s for s in turn_on),
+            }
+        )
+    return rows
 
 
-def ours_summary(users: list[list[int]], on: list[Turn], off: list[Turn]) -> dict[str, float | int]:
-    """computed_over_new counts the user tokens as new: they are what the cache cannot hold."""
+def ours_summary(users: list[list[int]], on: list[list[Turn]], off: list[list[Turn]]) -> dict:
+    """computed_over_new counts the user tokens as new: they are what the cache cannot hold. A turn's replies count
+    as identical when every round's, reuse on and off, is round 1's with reuse on."""
+    by_round = [b[-1].stats.ttft_s / a[-1].stats.ttft_s for a, b in zip(on, off, strict=True)]
     return {
-        "ttft_speedup_last_turn": off[-1].stats.ttft_s / on[-1].stats.ttft_s,
-        "computed_over_new": sum(t.stats.computed_tokens for t in on) / sum(map(len, users)),
-        "replies_same_reuse_on_off": sum(a.generated == b.generated for a, b in zip(on, off, strict=True)),
+        "ttft_speedup_last_turn": statistics.median(by_round),
+        "ttft_speedup_last_turn_by_round": by_round,
+        "computed_over_new": sum(t.stats.computed_tokens for t in on[0]) / sum(map(len, users)),
+        "replies_same_reuse_on_off": sum(
+            all(r[i].generated == on[0][i].generated for r in (*on, *off)) for i in range(len(users))
+        ),
     }
 
 
@@ -301,11 +319,16 @@ def first_tokens_agreeing(on: list[Turn], theirs: list[TurnTiming]) -> int:
 
 
 def transformers_summary(
-    on: list[Turn], generate: list[TurnTiming], cached: list[TurnTiming], model: HFModel
+    on: list[list[Turn]], generate: list[TurnTiming], cached: list[TurnTiming], model: HFModel
 ) -> dict[str, float | bool | str]:
-    """Last-turn figures of both transformers runs, our ratios to them, in how many turns their first token is
-    ours, and for how many tokens the last turn's greedy replies agree."""
-    ours = on[-1].stats
+    """Last-turn figures of both transformers runs, our ratios to them (ours: medians over the rounds), in how many
+    turns their first token is ours, and for how many tokens the last turn's greedy replies agree."""
+    ours = TurnTiming(
+        reply=on[0][-1].generated,
+        ttft_s=statistics.median(r[-1].stats.ttft_s for r in on),
+        decode_tokens_per_s=statistics.median(r[-1].stats.decode_tokens_per_s for r in on),
+    )
+    on = on[0]
     return {
         "ours_ttft_last_turn_s": ours.ttft_s,
         "ours_decode_tokens_per_s": ours.decode_tokens_per_s,
@@ -340,7 +363,8 @@ def print_transformers(tf: dict, turns: int, reply_tokens: int) -> None:
     ttft, decode = tf["ttft_kept_cache_over_ours"], tf["decode_ours_over_kept_cache"]
     print(f"  TTFT kept cache / ours: {ttft:.2f} (target >= 1: {'met' if ttft >= 1 else 'MISSED'})")
     print(
-        f"  decode ours / kept cache: {decode:.2f} (target >= 3.5: {'met' if decode >= 3.5 else 'MISSED'}); "
+        f"  decode ours / kept cache: {decode:.2f} (target >= {DECODE_TARGET}: "
+        f"{'met' if decode >= DECODE_TARGET else 'MISSED'}); "
         f"ours / generate: {tf['decode_ours_over_generate']:.2f}"
     )
     for label, key in engines[1:]:
@@ -373,6 +397,7 @@ def print_transformers(tf: dict, turns: int, reply_tokens: int) -> None:
 @device_option("Where both engines run: the CPU or one GPU (world size 1).")
 @attn_impl_option("tp_infer's MLA form: absorb caches the latent (DeepSeek's default), naive per-head keys and values.")
 @seed_option("Weights and user messages.")
+@rounds_option("Runs of the conversation through tp_infer, reuse on then off each time; its times are their medians.")
 @out_option("Write the rows and the summary as JSON.")
 @work_dir_option("Keep the Hugging Face and converted checkpoints here (default: a temporary folder).")
 @threads_option(
@@ -390,6 +415,7 @@ def main(
     device: torch.device,
     attn_impl: str,
     seed: int,
+    rounds: int,
     out: str | None,
     work_dir: str | None,
     threads: int | None,
@@ -411,9 +437,11 @@ def main(
     hf_model = random_hf_model(args, DTYPES[dtype], seed)
     with tempfile.TemporaryDirectory() as tmp:
         runner = build_runner(args, hf_model, Path(work_dir or tmp), device)
-    log("tp_infer, reuse on, then reuse off")
-    on = run_ours(runner, users, reply_tokens, reuse=True)
-    off = run_ours(runner, users, reply_tokens, reuse=False)
+    on, off = [], []
+    for k in range(rounds):
+        log(f"tp_infer, round {k + 1}/{rounds}: reuse on, then reuse off")
+        on.append(run_ours(runner, users, reply_tokens, reuse=True))
+        off.append(run_ours(runner, users, reply_tokens, reuse=False))
     rows = turn_rows(users, on, off)
     summary = {
         "config": config_path,
@@ -421,20 +449,28 @@ def main(
         "device": str(device),
         "attn_impl": attn_impl,
         "torch_threads": torch.get_num_threads(),
+        "rounds": rounds,
         **ours_summary(users, on, off),
     }
     if not skip_transformers:
         log("transformers: generate re-prefilling every turn, then a kept DynamicCache")
-        replies = [turn.generated for turn in on]
+        replies = [turn.generated for turn in on[0]]
         hf_model.to(device)
         generate = run_hf_generate(hf_model, users, replies)
         cached = run_hf_cached(hf_model, users, replies)
         summary["transformers"] = transformers_summary(on, generate, cached, hf_model)
 
-    print(f"\n{turns} turns, {reply_tokens}-token greedy replies, {dtype}, {attn_impl}, {device}, {config_path}")
-    print_table(rows)
     print(
-        f"\nttft_speedup_last_turn {summary['ttft_speedup_last_turn']:.2f}x, "
+        f"\n{turns} turns, {reply_tokens}-token greedy replies, {dtype}, {attn_impl}, {device}, {config_path}; "
+        f"tp_infer's times: medians of {rounds} rounds"
+    )
+    print_table(rows)
+    by_round = summary["ttft_speedup_last_turn_by_round"]
+    spread = f"median of {rounds} rounds, {min(by_round):.2f}-{max(by_round):.2f}x; " if rounds > 1 else ""
+    speedup = summary["ttft_speedup_last_turn"]
+    verdict = "met" if speedup >= SPEEDUP_TARGET else "MISSED"
+    print(
+        f"\nttft_speedup_last_turn {speedup:.2f}x ({spread}target >= {SPEEDUP_TARGET}: {verdict}), "
         f"computed_over_new {summary['computed_over_new']:.3f}, "
         f"replies identical with reuse on and off in {summary['replies_same_reuse_on_off']}/{turns} turns"
     )

@@ -51,6 +51,7 @@ from bench_common import (
     out_option,
     reply_tokens_option,
     report,
+    rounds_option,
     seed_option,
     threads_option,
     turns_option,
@@ -267,7 +268,7 @@ def print_comparison(c: dict) -> None:
     help="DeepSeek-V3-shaped config; vLLM's CPU MLA kernel needs kv_lora_rank + qk_rope_head_dim = 576.",
 )
 @click.option("--vllm-python", type=click.Path(dir_okay=False), help="The python of a venv holding vLLM (CPU build).")
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved runs of each.")
+@rounds_option("Interleaved runs of each.")
 @turns_option(8)
 @click.option("--first-tokens", default=1000, show_default=True, type=click.IntRange(min=1), help="Turn 1's tokens.")
 @click.option("--new-tokens", default=60, show_default=True, type=click.IntRange(min=1), help="Each later turn's.")
