@@ -91,6 +91,20 @@ static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
 static inline vec vset1(float a) { return _mm512_set1_ps(a); }
 static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static inline vec vfnma(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline float vsum_lanes(vec a) { return _mm512_reduce_add_ps(a); }
+static inline float vmax_lanes(vec a) { return _mm512_reduce_max_ps(a); }
+static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* p 2^n for whole n in [-126, 127], 0 where x < lo */
+static inline vec vscale2(vec p, vec n, vec x, vec lo) {
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), p, _mm512_castsi512_ps(e));
+}
 /* the sums of a, b, c and d across their lanes, in that order: pairs of lanes, then 128-bit quarters */
 static inline __m128 sums4(vec a, vec b, vec c, vec d) {
     const __m512d ab = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
@@ -111,6 +125,19 @@ static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
 static inline vec vset1(float a) { return _mm256_set1_ps(a); }
 static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static inline vec vfnma(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline float vsum_lanes(vec a) { return sum8(a); }
+static inline float vmax_lanes(vec a) { return max8(a); }
+static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vscale2(vec p, vec n, vec x, vec lo) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
 static inline __m128 sums4(vec a, vec b, vec c, vec d) {
     const __m256d ab = _mm256_castps_pd(_mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b)));
     const __m256d cd = _mm256_castps_pd(_mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d)));
@@ -214,44 +241,40 @@ int small_matmul(const float *x, const float *w, float *y, int64_t m, int64_t n,
     return 0;
 }
 
-/* e^x for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (under 2 ulp), times 2^n;
- * below -87.3 it gives 0 (expf would give subnormals), above 88 e^88 */
-static inline __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.33654f);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+/* e^x, a vector at a time: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (under 2 ulp),
+ * times 2^n; below -87.3 it gives 0 (expf would give subnormals), above 88 e^88 */
+static inline vec vexp(vec x) {
+    const vec lo = vset1(-87.33654f), clamped = vmin(vmax(x, lo), vset1(88.f));
+    const vec n = vround(vmul(clamped, vset1(1.44269504f)));
+    const vec r = vfnma(n, vset1(-2.12194440e-4f), vfnma(n, vset1(0.693359375f), clamped));
+    vec p = vset1(1.f / 720);
+    p = vfma(p, r, vset1(1.f / 120));
+    p = vfma(p, r, vset1(1.f / 24));
+    p = vfma(p, r, vset1(1.f / 6));
+    p = vfma(p, r, vset1(0.5f));
+    p = vfma(p, r, vset1(1.f));
+    p = vfma(p, r, vset1(1.f));
+    return vscale2(p, n, x, lo);
 }
 
-/* softmax of scale * x [n] in place, 8 at a time (scale > 0: the largest x gives the largest scale * x) */
+/* softmax of scale * x [n] in place, a vector at a time (scale > 0: the largest x gives the largest scale * x) */
 static void softmax(float *x, int64_t n, float scale) {
     int64_t s = 0;
-    __m256 vmx = _mm256_set1_ps(x[0]), vsum = _mm256_setzero_ps();
-    for (; s + 8 <= n; s += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(x + s));
-    float mx = max8(vmx), sum;
+    vec vmx = vset1(x[0]), vsum = vzero();
+    for (; s + VLEN <= n; s += VLEN) vmx = vmax(vmx, vload(x + s));
+    float mx = vmax_lanes(vmx), sum;
     for (int64_t t = s; t < n; t++) mx = x[t] > mx ? x[t] : mx;
     const float shift = -scale * mx;
-    const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(shift);
-    for (s = 0; s + 8 <= n; s += 8) {
-        __m256 e = exp8(_mm256_fmadd_ps(_mm256_loadu_ps(x + s), vscale, vshift));
-        _mm256_storeu_ps(x + s, e);
-        vsum = _mm256_add_ps(vsum, e);
+    const vec vscale = vset1(scale), vshift = vset1(shift);
+    for (s = 0; s + VLEN <= n; s += VLEN) {
+        const vec e = vexp(vfma(vload(x + s), vscale, vshift));
+        vstore(x + s, e);
+        vsum = vadd(vsum, e);
     }
-    sum = sum8(vsum);
+    sum = vsum_lanes(vsum);
     for (int64_t t = s; t < n; t++) sum += (x[t] = expf(fmaf(x[t], scale, shift)));
-    __m256 inv = _mm256_set1_ps(1.f / sum);
-    for (s = 0; s + 8 <= n; s += 8) _mm256_storeu_ps(x + s, _mm256_mul_ps(_mm256_loadu_ps(x + s), inv));
+    const vec inv = vset1(1.f / sum);
+    for (s = 0; s + VLEN <= n; s += VLEN) vstore(x + s, vmul(vload(x + s), inv));
     for (int64_t t = s; t < n; t++) x[t] *= 1.f / sum;
 }
 
@@ -265,11 +288,10 @@ static void swiglu_rows(const float *x, const float *w1, const float *w3, const 
     matmul_rows(x, w3, h, m, inter, dim);
 #pragma omp barrier
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < m * inter; i += 8) {
-        if (i + 8 <= m * inter) {  /* silu(a) b = a b / (1 + e^-a) */
-            __m256 a = _mm256_loadu_ps(g + i), b = _mm256_loadu_ps(h + i);
-            __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), a)));
-            _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_div_ps(a, den), b));
+    for (int64_t i = 0; i < m * inter; i += VLEN) {
+        if (i + VLEN <= m * inter) {  /* silu(a) b = a b / (1 + e^-a) */
+            const vec a = vload(g + i), den = vadd(vset1(1.f), vexp(vmul(a, vset1(-1.f))));
+            vstore(h + i, vmul(vdiv(a, den), vload(h + i)));
         } else
             for (int64_t t = i; t < m * inter; t++) h[t] = g[t] / (1.f + expf(-g[t])) * h[t];
     }
