@@ -217,15 +217,29 @@ static void any_tile(const float *x, const float *w, float *y, int64_t n, int64_
 #undef CALL
 }
 
-/* y = x w^T for rows [0, m) of x, inside a parallel region that shares out the blocks of rows of w (no barrier at the
- * end). Each block of w is read from memory once and stays in L1 while every row of x passes it. Up to STREAM_ROWS
- * rows of x, where memory sets the pace, the blocks are single rows: one stream, which memory delivers faster. */
+/* Products of m rows share out the n rows of w in blocks: up to STREAM_ROWS rows of x, where memory sets the pace,
+ * single rows (one stream, which memory delivers faster), else TILE_N rows. This thread's rows [r0, r1): whole
+ * blocks, its even share of them, in thread order. */
 #define STREAM_ROWS 4
+static inline int64_t rows_per_block(int64_t m) { return m <= STREAM_ROWS ? 1 : TILE_N; }
+
+static inline void rows_of_thread(int64_t m, int64_t n, int64_t *r0, int64_t *r1) {
+    const int64_t per_block = rows_per_block(m), blocks = (n + per_block - 1) / per_block;
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    const int64_t each = blocks / threads, extra = blocks % threads, b0 = t * each + (t < extra ? t : extra);
+    const int64_t b1 = b0 + each + (t < extra);
+    *r0 = b0 * per_block < n ? b0 * per_block : n;
+    *r1 = b1 * per_block < n ? b1 * per_block : n;
+}
+
+/* y = x w^T for rows [0, m) of x and this thread's rows of w, inside a parallel region (no barrier at the end). Each
+ * block of w is read from memory once and stays in L1 while every row of x passes it. */
 static inline void matmul_rows(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k) {
-    const int64_t per_block = m <= STREAM_ROWS ? 1 : TILE_N, blocks = (n + per_block - 1) / per_block;
-#pragma omp for schedule(static) nowait
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t r = b * per_block, nb = n - r < per_block ? n - r : per_block;
+    const int64_t per_block = rows_per_block(m);
+    int64_t r0, r1;
+    rows_of_thread(m, n, &r0, &r1);
+    for (int64_t r = r0; r < r1; r += per_block) {
+        const int64_t nb = n - r < per_block ? n - r : per_block;
         const float *next = r + per_block < n ? w + (r + per_block) * k : NULL;
         for (int64_t j = 0; j < m; j += TILE_M)
             any_tile(x + j * k, w + r * k, y + j * n + r, n, k, m - j < TILE_M ? (int)(m - j) : TILE_M, (int)nb,
@@ -278,23 +292,33 @@ static void softmax(float *x, int64_t n, float scale) {
     for (int64_t t = s; t < n; t++) x[t] *= 1.f / sum;
 }
 
-/* SwiGLU of m rows inside a parallel region, y = (silu(x w1^T) * x w3^T) w2^T, through scratch g and h [m, inter];
- * every thread returns once y is complete.
+/* h = silu(g) h = g h / (1 + e^-g) for the columns of g and h [m, inter] this thread's products with w1 and w3 wrote
+ * (rows_of_thread's), so that no thread waits for another's first */
+static inline void silu_own_columns(const float *g, float *h, int64_t m, int64_t inter) {
+    int64_t c0, c1;
+    rows_of_thread(m, inter, &c0, &c1);
+    for (int64_t j = 0; j < m; j++) {
+        const float *a = g + j * inter;
+        float *b = h + j * inter;
+        int64_t c = c0;
+        for (; c + VLEN <= c1; c += VLEN) {
+            const vec v = vload(a + c), den = vadd(vset1(1.f), vexp(vmul(v, vset1(-1.f))));
+            vstore(b + c, vmul(vdiv(v, den), vload(b + c)));
+        }
+        for (; c < c1; c++) b[c] = a[c] / (1.f + expf(-a[c])) * b[c];
+    }
+}
+
+/* SwiGLU of m rows inside a parallel region, y = (silu(x w1^T) * x w3^T) w2^T, through scratch g and h [m, inter]:
+ * one barrier (all of h before w2); every thread returns once y is complete.
  *
  *   x [m, dim]   w1, w3 [inter, dim]   w2 [dim, inter]   y [m, dim]   all fp32, contiguous */
 static void swiglu_rows(const float *x, const float *w1, const float *w3, const float *w2, float *g, float *h,
                         float *y, int64_t m, int64_t inter, int64_t dim) {
     matmul_rows(x, w1, g, m, inter, dim);
     matmul_rows(x, w3, h, m, inter, dim);
+    silu_own_columns(g, h, m, inter);
 #pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < m * inter; i += VLEN) {
-        if (i + VLEN <= m * inter) {  /* silu(a) b = a b / (1 + e^-a) */
-            const vec a = vload(g + i), den = vadd(vset1(1.f), vexp(vmul(a, vset1(-1.f))));
-            vstore(h + i, vmul(vdiv(a, den), vload(h + i)));
-        } else
-            for (int64_t t = i; t < m * inter; t++) h[t] = g[t] / (1.f + expf(-g[t])) * h[t];
-    }
     matmul_rows(h, w2, y, m, dim, inter);
 #pragma omp barrier
 }
@@ -378,51 +402,58 @@ int route(const float *x, const float *gate, const float *bias, float *weights, 
  *   x [m, dim]   weights, indices [m, topk] (the router's)   y [m, dim]
  *   ids [n]: the local experts some token chose, ascending; w1s, w3s, w2s [n]: their weights (as swiglu's)
  *   sw1, sw3, sw2: the shared expert's, inner size shared_inter, or NULL
+ *
+ * The threads share each expert's rows of w1, w3 and w2, and meet once an expert, before w2 (which reads every
+ * column of h). Around that barrier each works on what it wrote itself: its copy of the expert's tokens, the SiLU of
+ * its columns of g and h, and the sum into y of its columns of the expert's output. Experts alternate between two
+ * pairs of g and h, so that one thread's w1 and w3 for the next expert never overwrite an h another still reads.
+ * Each element of y gets the experts in ascending order: the thread adding expert e's passed the barrier of e only
+ * after every thread had added e - 1's.
  * 0, -2 out of memory. */
 int moe(const float *x, const float *weights, const int64_t *indices, const int64_t *ids, const float *const *w1s,
         const float *const *w3s, const float *const *w2s, int64_t n, const float *sw1, const float *sw3,
         const float *sw2, float *y, int64_t m, int64_t topk, int64_t dim, int64_t inter, int64_t shared_inter,
         int threads) {
+    /* the (token, weight) pairs by expert: expert e's from start[e], count[e] of them */
+    int64_t *start = malloc(sizeof(int64_t) * (2 * n + m * topk)), *count = start + n, *tokens = count + n;
+    float *wt = malloc(sizeof(float) * m * topk);
     const int64_t wide = inter > shared_inter ? inter : shared_inter;
-    float *xs = malloc(sizeof(float) * (2 * m * dim + 2 * m * wide + m)), *ys = xs + m * dim, *g = ys + m * dim;
-    float *h = g + m * wide, *wt = h + m * wide;
-    int64_t *tokens = malloc(sizeof(int64_t) * (m + 1));
-    if (!xs || !tokens) return free(xs), free(tokens), -2;
+    float *buf = malloc(sizeof(float) * ((threads + 1) * m * dim + 4 * m * wide));
+    if (!start || !wt || !buf) return free(start), free(wt), free(buf), -2;
+    for (int64_t e = 0, pairs = 0; e < n; e++) {
+        start[e] = pairs;
+        for (int64_t t = 0; t < m; t++)
+            for (int64_t k = 0; k < topk; k++)
+                if (indices[t * topk + k] == ids[e]) tokens[pairs] = t, wt[pairs++] = weights[t * topk + k];
+        count[e] = pairs - start[e];
+    }
 #pragma omp parallel num_threads(threads)
     {
+        float *xs = buf + omp_get_thread_num() * m * dim, *ys = buf + threads * m * dim, *gh = ys + m * dim;
         if (sw1)
-            swiglu_rows(x, sw1, sw3, sw2, g, h, y, m, shared_inter, dim);
+            swiglu_rows(x, sw1, sw3, sw2, gh, gh + m * wide, y, m, shared_inter, dim);
         else {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m * dim; i++) y[i] = 0.f;
         }
-        for (int64_t e = 0; e < n; e++) {
-#pragma omp single
-            { /* gather the tokens routed to ids[e] */
-                int64_t count = 0;
-                for (int64_t t = 0; t < m; t++)
-                    for (int64_t k = 0; k < topk; k++)
-                        if (indices[t * topk + k] == ids[e]) {
-                            for (int64_t i = 0; i < dim; i++) xs[count * dim + i] = x[t * dim + i];
-                            tokens[count] = t, wt[count++] = weights[t * topk + k];
-                        }
-                tokens[m] = count;
-            }
-            const int64_t count = tokens[m];
-            if (count == 0) { /* every thread reads count before any goes on to write the next expert's */
+        for (int64_t e = 0, done = 0; e < n; e++) {
+            const int64_t c = count[e], *tok = tokens + start[e];
+            if (c == 0) continue;
+            float *g = gh + (done++ % 2) * 2 * m * wide, *h = g + m * wide;
+            for (int64_t j = 0; j < c; j++)
+                for (int64_t i = 0; i < dim; i++) xs[j * dim + i] = x[tok[j] * dim + i];
+            matmul_rows(xs, w1s[e], g, c, inter, dim);
+            matmul_rows(xs, w3s[e], h, c, inter, dim);
+            silu_own_columns(g, h, c, inter);
 #pragma omp barrier
-                continue;
-            }
-            swiglu_rows(xs, w1s[e], w3s[e], w2s[e], g, h, ys, count, inter, dim);
-#pragma omp for schedule(static)
-            for (int64_t c0 = 0; c0 < dim; c0 += 64) { /* 64 columns of every token's row at a time, rows in order */
-                const int64_t c1 = c0 + 64 < dim ? c0 + 64 : dim;
-                for (int64_t j = 0; j < count; j++)
-                    for (int64_t i = c0; i < c1; i++) y[tokens[j] * dim + i] += ys[j * dim + i] * wt[j];
-            }
+            matmul_rows(h, w2s[e], ys, c, dim, inter);
+            int64_t c0, c1; /* the columns of ys this thread wrote */
+            rows_of_thread(c, dim, &c0, &c1);
+            for (int64_t j = 0; j < c; j++)
+                for (int64_t i = c0; i < c1; i++) y[tok[j] * dim + i] += ys[j * dim + i] * wt[start[e] + j];
         }
     }
-    free(xs), free(tokens);
+    free(start), free(wt), free(buf);
     return 0;
 }
 
