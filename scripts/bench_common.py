@@ -39,6 +39,43 @@ def fill_random(model: torch.nn.Module, seed: int) -> None:
                 t.normal_(0, 1 / math.sqrt(t.shape[-1]))
 
 
+def forward_flops(args, start: int, n: int, block_size: int, expands: bool) -> dict[str, float]:
+    """Multiply-adds x 2 of a forward of one row's n new tokens at positions start .. start + n - 1, by part, as the
+    model computes them. MLA: naive expands the new tokens' latents; absorb attends in latent space, or with expands
+    (the model's choice, MLA.expanding_is_cheaper) expands the latent of every cached block first. The causal kernels
+    compute each query against the keys up to its own; the head runs on the last token alone."""
+    end = -(-(start + n) // block_size) * block_size  # positions the cached latent is read and expanded over
+    pairs = n * start + n * (n + 1) // 2  # (query, key) pairs
+    h, nope, rope, v = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+    c, d = args.kv_lora_rank, args.dim
+    q = d * h * (nope + rope) if args.q_lora_rank == 0 else d * args.q_lora_rank + args.q_lora_rank * h * (nope + rope)
+    proj = 2 * n * (q + d * (c + rope) + h * v * d)  # wq(_a/_b), wkv_a, wo
+    if args.attn_impl == "naive" or expands:
+        expand = 2 * (end if args.attn_impl == "absorb" else n) * c * h * (nope + v)
+        scores = 2 * pairs * h * (nope + rope + v)  # q k^T and p v
+    else:  # queries into latent space and back, scores over latent and rope key, probabilities times the latent
+        expand, scores = 0, 2 * n * h * (nope * c + c * v) + 2 * pairs * h * (2 * c + rope)
+    moe_layers, dense_layers = args.n_layers - args.n_dense_layers, args.n_dense_layers
+    routed = 2 * 3 * d * args.moe_inter_dim * n * args.n_activated_experts
+    shared = 2 * 3 * d * args.moe_inter_dim * args.n_shared_experts * n
+    return {
+        "attention (MLA)": args.n_layers * (proj + expand + scores),
+        "  of which projections": args.n_layers * proj,
+        "  of which latent expansion": args.n_layers * expand,
+        "  of which scores and values": args.n_layers * scores,
+        "MoE routed experts": moe_layers * routed,
+        "MoE gate": moe_layers * 2 * n * d * args.n_routed_experts,
+        "shared expert": moe_layers * shared,
+        "dense MLP": dense_layers * 2 * 3 * n * d * args.inter_dim,
+        "head": 2 * d * args.vocab_size,
+    }
+
+
+def total_flops(parts: dict[str, float]) -> float:
+    """The sum of forward_flops' parts (the indented ones are shares of the one above them)."""
+    return sum(f for name, f in parts.items() if not name.startswith(" "))
+
+
 def runtime_line(runtime_s: float, load_at_start: float) -> tuple[str, dict]:
     """The closing line of a benchmark, and the load averages it names (timings on a loaded machine are skewed)."""
     load = {"start": load_at_start, "end": os.getloadavg()[0]}

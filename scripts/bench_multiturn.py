@@ -36,12 +36,14 @@ from bench_common import (
     device_option,
     dtype_option,
     fill_random,
+    forward_flops,
     out_option,
     reply_tokens_option,
     rounds_option,
     runtime_line,
     seed_option,
     threads_option,
+    total_flops,
     turns_option,
     work_dir_option,
 )
@@ -155,12 +157,31 @@ def decode_rate(first_token_at: float, last_token_at: float, tokens: int) -> flo
 
 
 # ---- tp_infer --------------------------------------------------------------------------------------------------------
+CHUNK_TOKENS = 512  # tokens a step of our runs computes at most: a re-prefill goes in chunks of this many
+
+
+def last_turn_flops(runner: ModelRunner, users: list[list[int]], reply_tokens: int) -> dict[str, float]:
+    """The last turn's FLOPs with reuse on (its new tokens over the history) and off (the whole conversation again,
+    in chunks), counted from the config as the model computes them (bench_common.forward_flops): their ratio is
+    the speed-up reuse would show if both ran at the same GFLOP/s."""
+    args, size, attn = runner.model.args, runner.pool.block_size, runner.model.layers[0].attn
+
+    def step(start: int, n: int) -> float:
+        keys = -(-(start + n) // size) * size
+        return total_flops(forward_flops(args, start, n, size, attn.expanding_is_cheaper(n, keys)))
+
+    total = sum(map(len, users)) + (len(users) - 1) * reply_tokens
+    new = len(users[-1])
+    prefill = sum(step(s, min(CHUNK_TOKENS, total - s)) for s in range(0, total, CHUNK_TOKENS))
+    return {"extend_gflop": step(total - new, new) / 1e9, "re_prefill_gflop": prefill / 1e9}
+
+
 def run_ours(
     runner: ModelRunner,
     users: list[list[int]],
     reply_tokens: int,
     reuse: bool,
-    max_num_batched_tokens: int = 512,
+    max_num_batched_tokens: int = CHUNK_TOKENS,
     warm_up_tokens: int = 16,
 ) -> list[Turn]:
     """The conversation through a fresh Engine (a fresh view of the runner's pool, whose blocks the runs share, so
@@ -451,6 +472,7 @@ def main(
         "torch_threads": torch.get_num_threads(),
         "rounds": rounds,
         **ours_summary(users, on, off),
+        "last_turn_flops": last_turn_flops(runner, users, reply_tokens),
     }
     if not skip_transformers:
         log("transformers: generate re-prefilling every turn, then a kept DynamicCache")
@@ -473,6 +495,12 @@ def main(
         f"\nttft_speedup_last_turn {speedup:.2f}x ({spread}target >= {SPEEDUP_TARGET}: {verdict}), "
         f"computed_over_new {summary['computed_over_new']:.3f}, "
         f"replies identical with reuse on and off in {summary['replies_same_reuse_on_off']}/{turns} turns"
+    )
+    flops = summary["last_turn_flops"]
+    print(
+        f"last turn's FLOPs: {flops['extend_gflop']:.1f} GFLOP with reuse, {flops['re_prefill_gflop']:.1f} without "
+        f"(in {CHUNK_TOKENS}-token chunks): {flops['re_prefill_gflop'] / flops['extend_gflop']:.1f}x, the speed-up at "
+        "equal GFLOP/s"
     )
     if not skip_transformers:
         print_transformers(summary["transformers"], turns, reply_tokens)

@@ -42,12 +42,14 @@ from bench_common import (
     config_option,
     device_option,
     dtype_option,
+    forward_flops,
     out_option,
     report,
     run_settings,
     seed_option,
     synchronize,
     threads_option,
+    total_flops,
 )
 from bench_pool import BLOCK_SIZE, Prompts, random_model, runner_for
 from torch.autograd import DeviceType
@@ -349,34 +351,6 @@ def print_extend(r: dict) -> None:
 
 
 # ---- 4. flops --------------------------------------------------------------------------------------------------------
-def prefill_flops(args, n: int, block_size: int) -> dict[str, float]:
-    """Multiply-adds x 2 of a cold n-token prefill, by part, as the model computes it (absorb mode expands the
-    cached latent of every block; the causal kernel computes each query against the keys up to its own)."""
-    s = -(-n // block_size) * block_size  # key length the latent is expanded over
-    pairs = n * (n + 1) // 2  # (query, key) pairs a causal row of n tokens attends over
-    h, nope, rope, v = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
-    c, d = args.kv_lora_rank, args.dim
-    q = d * h * (nope + rope) if args.q_lora_rank == 0 else d * args.q_lora_rank + args.q_lora_rank * h * (nope + rope)
-    proj = 2 * n * (q + d * (c + rope) + h * v * d)  # wq(_a/_b), wkv_a, wo
-    # absorb: the cached latent expanded to per-head keys and values; naive: the new tokens' latents
-    expand = 2 * (s if args.attn_impl == "absorb" else n) * c * h * (nope + v)
-    scores = 2 * pairs * h * (nope + rope) + 2 * pairs * h * v  # q k^T and p v
-    moe_layers, dense_layers = args.n_layers - args.n_dense_layers, args.n_dense_layers
-    routed = 2 * 3 * d * args.moe_inter_dim * n * args.n_activated_experts
-    shared = 2 * 3 * d * args.moe_inter_dim * args.n_shared_experts * n
-    return {
-        "attention (MLA)": args.n_layers * (proj + expand + scores),
-        "  of which projections": args.n_layers * proj,
-        "  of which latent expansion": args.n_layers * expand,
-        "  of which scores and values": args.n_layers * scores,
-        "MoE routed experts": moe_layers * routed,
-        "MoE gate": moe_layers * 2 * n * d * args.n_routed_experts,
-        "shared expert": moe_layers * shared,
-        "dense MLP": dense_layers * 2 * 3 * n * d * args.inter_dim,
-        "head": 2 * d * args.vocab_size,
-    }
-
-
 def matmul_reference(n: int, args, device: torch.device, repeats: int = 5) -> list[dict]:
     """torch.matmul GFLOP/s of the prefill's shapes: [n, dim] x [dim, inter], and an expert's share of the tokens;
     and of the same products as the model runs them (kernels.linear: oneDNN's on the CPU in fp32)."""
@@ -403,13 +377,14 @@ def matmul_reference(n: int, args, device: torch.device, repeats: int = 5) -> li
 
 def flops(model: Transformer, pre: dict, device: torch.device) -> dict:
     args, n = model.args, pre["tokens"]
-    counted = prefill_flops(args, n, BLOCK_SIZE)
+    keys = -(-n // BLOCK_SIZE) * BLOCK_SIZE
+    counted = forward_flops(args, 0, n, BLOCK_SIZE, model.layers[0].attn.expanding_is_cheaper(n, keys))
     kinds = pre["profile"]["kinds_ms"]
     parts = []
     for name, f in counted.items():
         t = kinds.get(name, 0.0) / 1e3 if not name.startswith(" ") else None
         parts.append({"part": name, "gflop": f / 1e9, "s": t, "gflops": f / t / 1e9 if t else None})
-    total = sum(f for name, f in counted.items() if not name.startswith(" "))
+    total = total_flops(counted)
     ref = matmul_reference(n, args, device)
     achieved = total / pre["parts_s"]["model"] / 1e9
     return {
