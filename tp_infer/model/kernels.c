@@ -100,8 +100,8 @@ static inline vec vfnma(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c);
 static inline float vsum_lanes(vec a) { return _mm512_reduce_add_ps(a); }
 static inline float vmax_lanes(vec a) { return _mm512_reduce_max_ps(a); }
 static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-/* p 2^n for whole n in [-126, 127], 0 where x < lo */
-static inline vec vscale2(vec p, vec n, vec x, vec lo) {
+/* p 2^n (as ldexp) for whole n in [-126, 127], 0 where x < lo */
+static inline vec vldexp(vec p, vec n, vec x, vec lo) {
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), p, _mm512_castsi512_ps(e));
 }
@@ -134,7 +134,7 @@ static inline vec vfnma(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c);
 static inline float vsum_lanes(vec a) { return sum8(a); }
 static inline float vmax_lanes(vec a) { return max8(a); }
 static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vec vscale2(vec p, vec n, vec x, vec lo) {
+static inline vec vldexp(vec p, vec n, vec x, vec lo) {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
@@ -268,7 +268,7 @@ static inline vec vexp(vec x) {
     p = vfma(p, r, vset1(0.5f));
     p = vfma(p, r, vset1(1.f));
     p = vfma(p, r, vset1(1.f));
-    return vscale2(p, n, x, lo);
+    return vldexp(p, n, x, lo);
 }
 
 /* softmax of scale * x [n] in place, a vector at a time (scale > 0: the largest x gives the largest scale * x) */
