@@ -39,12 +39,16 @@ def fill_random(model: torch.nn.Module, seed: int) -> None:
                 t.normal_(0, 1 / math.sqrt(t.shape[-1]))
 
 
-def forward_flops(args, start: int, n: int, block_size: int, expands: bool) -> dict[str, float]:
+def forward_flops(
+    args, start: int, n: int, block_size: int, expanding_is_cheaper: Callable[[int, int], bool]
+) -> dict[str, float]:
     """Multiply-adds x 2 of a forward of one row's n new tokens at positions start .. start + n - 1, by part, as the
-    model computes them. MLA: naive expands the new tokens' latents; absorb attends in latent space, or with expands
-    (the model's choice, MLA.expanding_is_cheaper) expands the latent of every cached block first. The causal kernels
-    compute each query against the keys up to its own; the head runs on the last token alone."""
+    model computes them. MLA: naive expands the new tokens' latents; absorb attends in latent space, or, where the
+    model's rule (MLA.expanding_is_cheaper, given new tokens and cached positions) says so, expands the latent of
+    every cached block first. The causal kernels compute each query against the keys up to its own; the head runs
+    on the last token alone."""
     end = -(-(start + n) // block_size) * block_size  # positions the cached latent is read and expanded over
+    expands = expanding_is_cheaper(n, end)
     pairs = n * start + n * (n + 1) // 2  # (query, key) pairs
     h, nope, rope, v = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
     c, d = args.kv_lora_rank, args.dim

@@ -160,20 +160,17 @@ def decode_rate(first_token_at: float, last_token_at: float, tokens: int) -> flo
 CHUNK_TOKENS = 512  # tokens a step of our runs computes at most: a re-prefill goes in chunks of this many
 
 
-def last_turn_flops(runner: ModelRunner, users: list[list[int]], reply_tokens: int) -> dict[str, float]:
-    """The last turn's FLOPs with reuse on (its new tokens over the history) and off (the whole conversation again,
-    in chunks), counted from the config as the model computes them (bench_common.forward_flops): their ratio is
-    the speed-up reuse would show if both ran at the same GFLOP/s."""
-    args, size, attn = runner.model.args, runner.pool.block_size, runner.model.layers[0].attn
+def last_turn_flops(runner: ModelRunner, prompt_tokens: int, new: int) -> dict[str, float]:
+    """The last turn's FLOPs, its prompt_tokens ending in new ones: with reuse on (the new over the history) and off
+    (all again, in chunks), counted from the config as the model computes them (bench_common.forward_flops): their
+    ratio is the speed-up reuse would show if both ran at the same GFLOP/s."""
+    args, size, rule = runner.model.args, runner.pool.block_size, runner.model.layers[0].attn.expanding_is_cheaper
 
     def step(start: int, n: int) -> float:
-        keys = -(-(start + n) // size) * size
-        return total_flops(forward_flops(args, start, n, size, attn.expanding_is_cheaper(n, keys)))
+        return total_flops(forward_flops(args, start, n, size, rule))
 
-    total = sum(map(len, users)) + (len(users) - 1) * reply_tokens
-    new = len(users[-1])
-    prefill = sum(step(s, min(CHUNK_TOKENS, total - s)) for s in range(0, total, CHUNK_TOKENS))
-    return {"extend_gflop": step(total - new, new) / 1e9, "re_prefill_gflop": prefill / 1e9}
+    prefill = sum(step(s, min(CHUNK_TOKENS, prompt_tokens - s)) for s in range(0, prompt_tokens, CHUNK_TOKENS))
+    return {"extend_gflop": step(prompt_tokens - new, new) / 1e9, "re_prefill_gflop": prefill / 1e9}
 
 
 def run_ours(
@@ -472,7 +469,7 @@ def main(
         "torch_threads": torch.get_num_threads(),
         "rounds": rounds,
         **ours_summary(users, on, off),
-        "last_turn_flops": last_turn_flops(runner, users, reply_tokens),
+        "last_turn_flops": last_turn_flops(runner, on[0][-1].stats.prompt_tokens, len(users[-1])),
     }
     if not skip_transformers:
         log("transformers: generate re-prefilling every turn, then a kept DynamicCache")

@@ -377,8 +377,7 @@ def matmul_reference(n: int, args, device: torch.device, repeats: int = 5) -> li
 
 def flops(model: Transformer, pre: dict, device: torch.device) -> dict:
     args, n = model.args, pre["tokens"]
-    keys = -(-n // BLOCK_SIZE) * BLOCK_SIZE
-    counted = forward_flops(args, 0, n, BLOCK_SIZE, model.layers[0].attn.expanding_is_cheaper(n, keys))
+    counted = forward_flops(args, 0, n, BLOCK_SIZE, model.layers[0].attn.expanding_is_cheaper)
     kinds = pre["profile"]["kinds_ms"]
     parts = []
     for name, f in counted.items():
