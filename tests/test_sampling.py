@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tp_infer.engine.sampling import SamplingParams, sample
+from tp_infer.engine.sampling import SamplingParams, check_seed, sample
 
 LOGITS = torch.tensor([0.5, 3.0, 2.9, -1.0, 1.0])
 
@@ -63,3 +63,87 @@ def test_stop_rules():
 def test_bad_parameters_are_refused_by_name(bad, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**bad)
+
+
+# ---- issue 28: values that once made the sampler raise ("invalid multinomial distribution", inf/nan) -------------
+def random_logits(seed: int, n: int = 1000) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 5
+
+
+@pytest.mark.parametrize("top_p", [1e-50, 7e-46, 5e-324])
+def test_a_nucleus_too_small_for_any_token_keeps_the_likeliest(top_p):
+    generator = torch.Generator().manual_seed(0)
+    for seed in range(5):
+        logits = random_logits(seed)
+        assert sample(logits, SamplingParams(temperature=1.0, top_p=top_p), generator) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-300, 5e-324])
+def test_a_temperature_whose_logits_overflow_samples_as_greedy(temperature):
+    generator = torch.Generator().manual_seed(0)
+    for seed in range(5):
+        logits = random_logits(seed)
+        for params in (
+            SamplingParams(temperature=temperature),
+            SamplingParams(temperature=temperature, top_p=0.5, top_k=10),
+        ):
+            assert sample(logits, params, generator) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_any_finite_values_give_a_valid_token(dtype):
+    """Extreme logits, temperatures and nuclei in every dtype the model may hand over: always an id in range."""
+    generator = torch.Generator().manual_seed(0)
+    big = torch.finfo(dtype).max
+    rows = [random_logits(1).to(dtype), torch.tensor([big, -big, 0.0, big], dtype=dtype), torch.zeros(7, dtype=dtype)]
+    for logits in rows:
+        for temperature in (5e-324, 1e-30, 0.7, 1e30, 1.7e308):
+            for top_p in (5e-324, 0.3, 1.0):
+                for top_k in (0, 1, 3):
+                    token = sample(logits, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k), generator)
+                    assert 0 <= token < logits.numel()
+
+
+def test_nan_and_infinite_logits_do_not_raise():
+    generator = torch.Generator().manual_seed(0)
+    nan = float("nan")
+    assert sample(torch.tensor([nan, 2.0, nan]), SamplingParams(temperature=1.0), generator) == 1
+    assert sample(torch.tensor([nan, nan]), SamplingParams(temperature=1.0), generator) in (0, 1)
+    assert sample(torch.tensor([0.0, float("inf"), 1.0]), SamplingParams(temperature=1.0), generator) == 1
+    masked = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0])
+    assert set(sample(masked, SamplingParams(temperature=1.0), generator) for _ in range(50)) == {1, 3}
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": "1"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_p": None}, "top_p"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"max_new_tokens": 1.0}, "max_new_tokens"),
+    ],
+)
+def test_values_the_sampler_cannot_compute_are_refused_by_name(bad, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**bad)
+
+
+def test_tiny_positive_values_are_accepted():
+    SamplingParams(temperature=5e-324, top_p=5e-324)
+    SamplingParams(temperature=1e-300, top_p=1e-50)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 2**70, 1.5, "1", True, None])
+def test_seeds_the_generator_cannot_take_are_refused_by_name(seed):
+    with pytest.raises(ValueError, match="seed"):
+        check_seed(seed)
+
+
+@pytest.mark.parametrize("seed", [0, 2**64 - 1, -(2**63), 12345])
+def test_seeds_the_generator_takes_pass(seed):
+    assert check_seed(seed) == seed
+    torch.Generator().manual_seed(seed)

@@ -1,14 +1,38 @@
 """Sampling parameters and the choice of the next token from one row of logits."""
 
+import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed) -> int:
+    """A sampling seed as the generator takes it; raises ValueError naming `seed` for anything else."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"seed={seed!r}: must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    return seed
+
+
+def _number(name: str, value) -> float:
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be a finite number")
+    return value
+
+
+def _integer(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: must be an integer")
+    return value
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 is greedy. Generation ends at a stop token (eos unless ignore_eos, or any of stop_token_ids)
-    or after max_new_tokens."""
+    or after max_new_tokens. Every value the sampler can take is accepted: a temperature so small that the logits
+    over it overflow samples as greedy, a nucleus too small to hold any token keeps the likeliest one."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -19,13 +43,13 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if _number("temperature", self.temperature) < 0:
             raise ValueError(f"temperature={self.temperature}: must be >= 0")
-        if not 0 < self.top_p <= 1:
+        if not 0 < _number("top_p", self.top_p) <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.top_k < 0:
+        if _integer("top_k", self.top_k) < 0:
             raise ValueError(f"top_k={self.top_k}: must be >= 0")
-        if self.max_new_tokens < 1:
+        if _integer("max_new_tokens", self.max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
 
     def stops_at(self, token: int) -> bool:
@@ -33,17 +57,26 @@ class SamplingParams:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """Pick a token from fp32 logits [V]: argmax when greedy, else from the temperature/top-k/top-p distribution."""
+    """Pick a token from logits [V]: argmax when greedy, else from the temperature/top-k/top-p distribution.
+    Computed in float64 from the logits less their maximum, so the likeliest token always has weight 1: any
+    temperature > 0 and top_p > 0 give a valid distribution (a NaN logit counts as -inf)."""
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.numel():
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    logits = logits.detach().double()
+    logits = logits.masked_fill(logits.isnan(), float("-inf"))
+    top = logits.max()
+    if not torch.isfinite(top):  # nothing finite to weigh (all -inf, or +inf logits): take the first maximum
+        return int(logits.argmax())
+    scaled = (logits - top) / params.temperature  # <= 0, exactly 0 at the maximum; -inf where it underflows
+    if params.top_k and params.top_k < scaled.numel():
+        kth = scaled.topk(params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    weights = scaled.exp()
     if params.top_p < 1:
+        probs = weights / weights.sum()
         sorted_probs, order = probs.sort(descending=True)
         # drop a token once the tokens before it already reach top_p; the most likely token always stays
         drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        drop[0] = False
+        weights = weights.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(weights.cpu(), 1, generator=generator))
