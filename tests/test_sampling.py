@@ -121,6 +121,7 @@ def test_nan_and_infinite_logits_do_not_raise():
         ({"temperature": float("inf")}, "temperature"),
         ({"temperature": "1"}, "temperature"),
         ({"temperature": True}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),
         ({"top_p": float("nan")}, "top_p"),
         ({"top_p": None}, "top_p"),
         ({"top_k": 2.5}, "top_k"),

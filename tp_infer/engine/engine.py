@@ -12,7 +12,7 @@ import torch
 
 from tp_infer.engine.request import Turn
 from tp_infer.engine.runner import ModelRunner, StepPlan
-from tp_infer.engine.sampling import SamplingParams, sample
+from tp_infer.engine.sampling import SamplingParams, check_seed, sample
 from tp_infer.engine.scheduler import Scheduler
 from tp_infer.engine.session import Session, Totals
 from tp_infer.kv.manager import Admission, BlockManager
@@ -61,6 +61,10 @@ class Engine:
         where turns begin (for the overflow policy); None: the conversation is one turn."""
         if session.busy:
             raise TurnRefused(f"session {session.id} already has a turn in progress")
+        try:
+            check_seed(session.seed)
+        except ValueError as e:
+            raise TurnRefused(str(e)) from None
         prompt, starts, dropped = self.admissible(conversation, turn_starts, sampling.max_new_tokens)
         turn = Turn(session, prompt, starts, sampling, on_token, tokens=list(prompt))
         turn.stats.dropped_tokens = dropped
@@ -147,7 +151,7 @@ class Engine:
             if turn.looked_up == len(turn.tokens):
                 continue
             turn.looked_up = len(turn.tokens)
-            loads += self.manager.prefetch(turn.tokens, budget - len(loads))
+            loads += self.manager.prefetch(turn.tokens, budget - len(loads), turn.cache_salt)
         if loads:
             ok = self.runner.load(StepPlan.from_rows([], transfers=self.manager.take_transfers()))
             self.manager.loaded(loads, ok)
@@ -178,11 +182,20 @@ class Engine:
                 self.finish(turn)
                 ended.append(turn)
                 continue
-            self.accept(turn, sample(row_logits, turn.sampling, self.generator(turn.session)))
-            if turn.closing and not self.reuse:  # nothing to keep: no closing step
+            try:
+                self.accept(turn, sample(row_logits, turn.sampling, self.generator(turn.session)))
+            except Exception as e:  # this turn's failure (its sampling, its client's callback): it ends alone
+                self.fail(turn, e)
+            if turn.closing and (not self.reuse or turn.error is not None):  # nothing to keep: no closing step
                 self.finish(turn)
                 ended.append(turn)
         return ended
+
+    def fail(self, turn: Turn, error: Exception) -> None:
+        """End a turn on its own failure: finish_reason "error", the one-line reason in turn.error. Its engine,
+        job and the other turns go on."""
+        turn.finish_reason = "error"
+        turn.error = f"{type(error).__name__}: {error}".splitlines()[0]
 
     def start(self, turn: Turn, admission: Admission) -> None:
         """A turn enters the pool with what it found cached."""

@@ -26,7 +26,8 @@ class Turn:
     table: BlockTable | None = None
     admissions: int = 0
     looked_up: int = -1  # the length of tokens when the disk tier was last searched for them
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # with finish_reason "error": what failed in this turn, in one line
     done: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
@@ -40,6 +41,11 @@ class Turn:
     @property
     def prefilling(self) -> bool:
         return not self.generated or self.extend_len > 1
+
+    @property
+    def cache_salt(self) -> str | None:
+        """The namespace of the cache this turn reuses and fills: its session's (Session.cache_salt)."""
+        return self.session.cache_salt
 
     @property
     def closing(self) -> bool:

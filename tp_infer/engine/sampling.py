@@ -12,20 +12,27 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 def check_seed(seed) -> int:
     """A sampling seed as the generator takes it; raises ValueError naming `seed` for anything else."""
     if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise ValueError(f"seed={seed!r}: must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {seed!r}")
     return seed
 
 
-def _number(name: str, value) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}: must be a finite number")
-    return value
+def _check(name: str, value, rule: str, holds, integer: bool = False) -> None:
+    """Raise ValueError "{name} must be {rule}, got {value}" unless value is a finite number (an integer if
+    `integer`; never a bool) for which holds(value) is true."""
+    kind = int if integer else Real
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if not integer and not _finite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not holds(value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
-def _integer(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: must be an integer")
-    return value
+def _finite(value: Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 @dataclass(frozen=True)
@@ -43,14 +50,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if _number("temperature", self.temperature) < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0")
-        if not 0 < _number("top_p", self.top_p) <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
-        if _integer("top_k", self.top_k) < 0:
-            raise ValueError(f"top_k={self.top_k}: must be >= 0")
-        if _integer("max_new_tokens", self.max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        _check("temperature", self.temperature, "a number >= 0", lambda t: t >= 0)
+        _check("top_p", self.top_p, "a number in (0, 1]", lambda p: 0 < p <= 1)
+        _check("top_k", self.top_k, "an integer >= 0", lambda k: k >= 0, integer=True)
+        _check("max_new_tokens", self.max_new_tokens, "an integer >= 1", lambda n: n >= 1, integer=True)
 
     def stops_at(self, token: int) -> bool:
         return token in self.stop_token_ids or (not self.ignore_eos and token in self.eos_token_ids)
