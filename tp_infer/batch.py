@@ -6,8 +6,10 @@ Input, one conversation a line: an `id` (string or integer) and exactly one of
   prompt_token_ids  [id, ...]: one reply
   turns_token_ids   [[id, ...], ...]: a reply after each; the generated ids (stop token included) stay in the
                     history before the next turn
-and optionally `max_new_tokens` (>= 1) and `temperature` (>= 0), overriding the command line. Other keys are
-refused (a misspelt option must not be ignored silently). Blank lines are skipped.
+and optionally `max_new_tokens` (>= 1), `temperature` (>= 0), `top_p` (in (0, 1]) and `top_k` (>= 0), overriding
+the command line, and `seed` (an integer in [-2**63, 2**64 - 1]) instead of the one drawn from (--seed, id). Other
+keys are refused (a misspelt option must not be ignored silently), and so are values the sampler cannot take
+(NaN, infinities, out of range), with an error record naming the field. Blank lines are skipped.
 
 Output, one line per input line, in the order conversations finish (not input order):
   {"id": ..., "line": N, "turns": [...], "error": null}
@@ -15,14 +17,15 @@ Output, one line per input line, in the order conversations finish (not input or
 finish_reason ("stop" | "length"), prompt_tokens, reused_tokens (of which host_tokens were restored from host memory
 and disk_tokens from disk), computed_tokens, dropped_tokens, ttft_s, decode_tokens_per_s. A line that failed has
 `error` set to a one-line message; its `turns` are the replies completed before the failure (only a later turn of a
-multi-turn conversation can fail after replies were made).
+multi-turn conversation can fail after replies were made). A turn that fails while it runs (finish_reason "error" in
+the engine) ends its line the same way; the other conversations and the job go on.
 
 Up to max_batch_size conversations are in flight at once; turns of different conversations share forwards, every
 turn reuses whatever prefix of it the KV pool holds (from any line: a `messages` line that continues an earlier
 line's conversation computes only its new tokens), and a conversation's next turn is submitted as soon as its
 previous one ends.
-Every conversation samples from its own stream seeded by (--seed, id), so its replies do not depend on what it
-was batched with, on the world size, or on where a resumed job restarted.
+Every conversation samples from its own stream seeded by (--seed, id) or its `seed`, so its replies do not depend
+on what it was batched with, on the world size, or on where a resumed job restarted.
 
 Resuming: each finished conversation is written with one write() of a whole line, at once. On start, a partial last
 line (a crash in mid-write) is cut off, and lines already answered are skipped: the k-th input line carrying an id
@@ -39,7 +42,6 @@ raises SignalException) and when only rank 0 was signalled (ChildFailedError; it
 import contextlib
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -54,12 +56,13 @@ from tqdm import tqdm
 
 from tp_infer.chat import Conversation, ReplyMemory, encode_messages
 from tp_infer.engine.engine import Engine, Turn
-from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.sampling import SamplingParams, check_seed
 from tp_infer.engine.session import Session
 from tp_infer.tokenizer import ROLES, ChatTokenizer
 
 FORMS = ("messages", "turns", "prompt_token_ids", "turns_token_ids")
-KEYS = {"id", "system", "max_new_tokens", "temperature", *FORMS}
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")  # a line's overrides of SamplingParams
+KEYS = {"id", "system", "seed", *SAMPLING_KEYS, *FORMS}
 
 
 class LineError(ValueError):
@@ -123,6 +126,7 @@ class Request:
     inputs: list  # messages: [messages]; turns: [str, ...]; prompt_token_ids: [ids]; turns_token_ids: [ids, ...]
     system: str | None
     sampling: SamplingParams
+    seed: int | None = None  # the line's own seed, else one drawn from (--seed, id)
 
 
 def parse_request(
@@ -138,18 +142,11 @@ def parse_request(
     form = forms[0]
     value = obj[form]
 
-    overrides = {}
-    if "max_new_tokens" in obj:
-        n = obj["max_new_tokens"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise LineError(f"max_new_tokens must be an integer >= 1, got {n!r}")
-        overrides["max_new_tokens"] = n
-    if "temperature" in obj:
-        t = obj["temperature"]
-        if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise LineError(f"temperature must be a number >= 0, got {t!r}")
-        overrides["temperature"] = float(t)
-    sampling = replace(sampling, **overrides)
+    try:  # SamplingParams refuses, by name, any value the sampler cannot take
+        sampling = replace(sampling, **{key: obj[key] for key in SAMPLING_KEYS if key in obj})
+        seed = check_seed(obj["seed"]) if "seed" in obj else None
+    except ValueError as e:
+        raise LineError(str(e)) from None
 
     system = obj.get("system")
     if system is not None and (form != "turns" or not isinstance(system, str)):
@@ -170,14 +167,14 @@ def parse_request(
                 raise LineError(f"messages[{i}]: unknown role {m.get('role')!r} (allowed: {', '.join(ROLES)})")
             if not isinstance(m.get("content"), str):
                 raise LineError(f"messages[{i}]: content must be a string")
-        return Request(form, [value], None, sampling)
+        return Request(form, [value], None, sampling, seed)
     if form == "turns":
         if not isinstance(value, list) or not value:
             raise LineError("turns must be a non-empty list of user messages")
         for i, m in enumerate(value):
             if not isinstance(m, str):
                 raise LineError(f"turns[{i}] must be a string (the user message)")
-        return Request(form, list(value), system, sampling)
+        return Request(form, list(value), system, sampling, seed)
     if form == "prompt_token_ids":
         turns = [_token_ids(value, form, vocab_size)]
     else:
@@ -192,7 +189,7 @@ def parse_request(
                 f"{where}{len(ids)} prompt tokens + max_new_tokens {sampling.max_new_tokens} = "
                 f"{len(ids) + sampling.max_new_tokens}, more than max_seq_len {max_seq_len}"
             )
-    return Request(form, turns, None, sampling)
+    return Request(form, turns, None, sampling, seed)
 
 
 def conversation_seed(seed: int, key: str) -> int:
@@ -419,7 +416,8 @@ class BatchJob:
         except LineError as e:
             self.write(number, obj["id"], key, [], str(e))
             return
-        session = Session(f"batch:{key}", seed=conversation_seed(self.seed, key))
+        seed = request.seed if request.seed is not None else conversation_seed(self.seed, key)
+        session = Session(f"batch:{key}", seed=seed)
         job = Job(number, obj["id"], key, request, session)
         self.advance(job)
 
@@ -448,12 +446,19 @@ class BatchJob:
             else:
                 turn = self.engine.append_turn(job.session, value, request.sampling, self.count)
         except ValueError as e:  # TurnRefused (too long for max_seq_len), TokenizerError (chat template)
-            where = f"turn {job.next_input}: " if len(request.inputs) > 1 else ""
-            self.finish(job, f"{where}{e}")
+            self.finish(job, f"{self.where(job, job.next_input)}{e}")
+            return
+        except Exception as e:  # anything else this line's input sets off fails this line only
+            self.finish(job, f"{self.where(job, job.next_input)}{type(e).__name__}: {e}".splitlines()[0])
             return
         job.next_input += 1
         job.turn = turn
         self.jobs[id(turn)] = job
+
+    @staticmethod
+    def where(job: Job, turn: int) -> str:
+        """How an error names the turn of a multi-turn line it happened in."""
+        return f"turn {turn}: " if len(job.request.inputs) > 1 else ""
 
     def continues_in_flight(self, ids: list[int]) -> bool:
         """Whether a conversation goes on from the prompt of a turn still in flight (a messages line holding an
@@ -468,6 +473,10 @@ class BatchJob:
     def turn_ended(self, turn: Turn) -> None:
         job = self.jobs.pop(id(turn))
         job.turn = None
+        if turn.finish_reason == "error":
+            self.finish(job, f"{self.where(job, job.next_input - 1)}{turn.error}")
+            self.release_held()
+            return
         generated = turn.generated
         stopped = turn.finish_reason == "stop" and bool(generated)
         if job.conversation is not None:
@@ -495,6 +504,10 @@ class BatchJob:
             }
         )
         self.advance(job)
+        self.release_held()
+
+    def release_held(self) -> None:
+        """Submit again the lines that waited for a reply in flight."""
         held, self.held = self.held, []
         for waiting in held:
             self.advance(waiting)

@@ -10,7 +10,7 @@ from tp_infer.chat import Conversation
 from tp_infer.engine.engine import Engine, TurnRefused
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Totals
-from tp_infer.tokenizer import ChatTokenizer, StreamDecoder, TokenizerError
+from tp_infer.tokenizer import ROLES, ChatTokenizer, StreamDecoder, TokenizerError
 
 HELP = """commands:
   /help          this text
@@ -178,26 +178,49 @@ class Console:
         self.say(f"(saved {len(self.conversation.messages)} messages to {path})")
 
     def load(self, path: str) -> None:
+        """Continue a saved conversation; a file that is not one (or that the chat template refuses) is refused
+        whole, with one line, and the current conversation goes on."""
         try:
             saved = json.loads(Path(path).read_text())
             check_saved(saved, self.tokenizer.vocab_size)
-        except (OSError, ValueError) as e:
-            self.say(f"(cannot load {path}: {getattr(e, 'strerror', None) or e})")
+            restored = Conversation.restore(
+                self.engine, self.tokenizer, f"console-{self.conversations + 1}", saved, self.seed
+            )
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to read
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            self.say(f"(cannot load {path}: {reason})")
             return
         self.engine.close_session(self.conversation.session)
         self.conversations += 1
-        self.conversation = Conversation.restore(
-            self.engine, self.tokenizer, f"console-{self.conversations}", saved, self.seed
-        )
+        self.conversation = restored
         self.say(f"(loaded {len(saved['messages'])} messages, {len(saved['token_ids'])} tokens from {path})")
 
 
-def check_saved(saved: dict, vocab_size: int) -> None:
-    """Refuse a saved conversation that is not one, naming what is wrong."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_saved(saved, vocab_size: int) -> None:
+    """Refuse a saved conversation that is not one, naming what is wrong: {"messages": [{"role", "content"}, ...],
+    "token_ids": [ids in the vocabulary], "turn_starts": [non-decreasing offsets into token_ids]}."""
     if not isinstance(saved, dict) or not {"messages", "token_ids", "turn_starts"} <= saved.keys():
         raise ValueError("not a saved conversation (needs messages, token_ids, turn_starts)")
-    ids = saved["token_ids"]
-    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
-        raise ValueError(f"token_ids must be integers in [0, {vocab_size})")
-    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in saved["messages"]):
-        raise ValueError("messages must be {role, content} objects")
+    messages, ids, starts = saved["messages"], saved["token_ids"], saved["turn_starts"]
+    for name, value in (("messages", messages), ("token_ids", ids), ("turn_starts", starts)):
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be a {{role, content}} object with string content")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}]: unknown role {m.get('role')!r} (allowed: {', '.join(ROLES)})")
+    bad = next((i for i, t in enumerate(ids) if not (_is_int(t) and 0 <= t < vocab_size)), None)
+    if bad is not None:
+        raise ValueError(f"token_ids[{bad}] = {ids[bad]!r} is not a token id in [0, {vocab_size})")
+    previous = 0
+    for i, start in enumerate(starts):
+        if not (_is_int(start) and previous <= start <= len(ids)):
+            raise ValueError(
+                f"turn_starts[{i}] = {start!r} must be an integer offset into token_ids, in [{previous}, {len(ids)}]"
+            )
+        previous = start
