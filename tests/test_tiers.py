@@ -1,6 +1,7 @@
 """The tiers under the KV pool: host memory and disk. Conversations the pool evicted come back by copy, token-exact,
 computing only their new tokens; files on disk outlive the job and are used only when whole and made for it."""
 
+import hashlib
 import json
 import os
 import random
@@ -14,6 +15,8 @@ from pathlib import Path
 import engine_drivers as drv
 import pytest
 import rank_fns
+import safetensors.torch
+import torch
 from harness import device_option, run_ranks
 from processes import ENV, REPO, torchrun
 from test_console import console
@@ -165,9 +168,31 @@ def from_world_size_1(converted, path: Path, tmp: Path) -> None:
     block_file(other, PROMPTS[2][:16], None).replace(path)
 
 
+def forge(path: Path) -> None:
+    """Replace the tensors with others of the same names, shapes and dtypes, the header kept and the unkeyed
+    checksum of format 1 recomputed: what a writer without the folder's secret key can do."""
+    meta = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])["__metadata__"]
+    forged = {name: torch.full_like(t, 0.5) for name, t in safetensors.torch.load(path.read_bytes()).items()}
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(forged):
+        h.update(name.encode())
+        h.update(forged[name].contiguous().view(torch.uint8).numpy().tobytes())
+    path.write_bytes(safetensors.torch.save(forged, metadata={**meta, "checksum": h.hexdigest()}))
+
+
+def link_to_another_block(path: Path) -> None:
+    """A symbolic link in place of the file, to a genuine file of the folder (another block's)."""
+    other = next(p for p in sorted(path.parent.glob("*.safetensors")) if p != path and not p.is_symlink())
+    path.unlink()
+    path.symlink_to(other)
+
+
 DAMAGES = {
     "truncated, on one rank": ("naive", 1, truncate, "skipped"),
-    "flipped bytes in the tensors": ("absorb", None, flip_data, "checksum does not match"),
+    "flipped bytes in the tensors": ("absorb", None, flip_data, "not written by this disk tier"),
+    "forged tensors, checksum recomputed": ("absorb", None, forge, "not written by this disk tier"),
+    "a link to another block's file, on rank 0": ("naive", 0, link_to_another_block, "symbolic link"),
+    "a link to another block's file, on rank 1": ("naive", 1, link_to_another_block, "symbolic link"),
     "flipped bytes in the header": ("naive", 0, flip_header, "skipped"),
     "a file of another world size": ("absorb", None, from_world_size_1, "another checkpoint or setup"),
 }
@@ -198,6 +223,7 @@ def test_a_damaged_file_is_skipped_and_its_tokens_recomputed(converted, disk_job
     assert second[2]["computed_tokens"] == second[2]["prompt_tokens"] and second[2]["disk_tokens"] == 0
     assert [second[i]["computed_tokens"] for i in (0, 1)] == [len(NEW[0]), len(NEW[1])]
     original = folder / fingerprint_folder.name / target.name
+    assert not target.is_symlink(), "the bad file is deleted, the recomputed block saved"
     assert target.stat().st_size == original.stat().st_size, "the bad file is deleted, the recomputed block saved"
 
 

@@ -2,11 +2,12 @@
 them for the engine. Each user message becomes only the tokens the template adds after the last reply, so the
 generated ids stay in the history exactly as they were generated."""
 
-import contextlib
 import hashlib
+import hmac
 import json
+import sys
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 from tp_infer.engine.engine import Engine, Turn
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
-from tp_infer.kv.disk import write_private
+from tp_infer.kv.tiers import salted_root
+from tp_infer.private_files import UnsafePathError, authenticator, folder_secret, read_private, write_private
 from tp_infer.tokenizer import ChatTokenizer
 
 
@@ -78,61 +80,122 @@ class Conversation:
 
 
 class ReplyMemory:
-    """The exact ids of replies generated here, by the ids that preceded them. A conversation sent back as text (a
-    `messages` batch line, an API request) then gets its replies' own ids instead of a re-tokenisation, which need
-    not be the same, and so finds its whole history in the cache."""
+    """The exact ids of replies generated here, by the ids that preceded them (and the request's cache_salt: one
+    tenant's replies are never recalled for another). A conversation sent back as text (a `messages` batch line, an
+    API request) then gets its replies' own ids instead of a re-tokenisation, which need not be the same, and so
+    finds its whole history in the cache. vocab_size: the model's; ids outside [0, vocab_size) are never recalled."""
 
-    def __init__(self, capacity: int = 65536):
-        self.capacity = capacity
+    def __init__(self, capacity: int = 65536, vocab_size: int | None = None):
+        self.capacity, self.vocab_size = capacity, vocab_size
         self.replies: OrderedDict[bytes, tuple[str, list[int]]] = OrderedDict()
 
     @staticmethod
-    def key(prompt: list[int]) -> bytes:
-        return hashlib.blake2b(array("q", prompt).tobytes(), digest_size=16).digest()
+    def key(prompt: list[int], cache_salt: str | bytes | None = None) -> bytes:
+        """The prompt's digest; a salted prompt's is that of the salt's namespace (tiers.salted_root)."""
+        prefix = b"" if cache_salt is None else salted_root(b"", cache_salt)
+        return hashlib.blake2b(prefix + array("q", prompt).tobytes(), digest_size=16).digest()
 
-    def remember(self, prompt: list[int], text: str, ids: list[int]) -> None:
+    def remember(self, prompt: list[int], text: str, ids: list[int], cache_salt: str | bytes | None = None) -> None:
         """`ids` (its stop token included, if it stopped) were generated after `prompt` and read as `text`."""
-        key = self.key(prompt)
+        key = self.key(prompt, cache_salt)
         self.replies[key] = (text, list(ids))
         self.replies.move_to_end(key)
         while len(self.replies) > self.capacity:
             self.replies.popitem(last=False)
 
-    def recall(self, prompt: list[int], text: str) -> list[int] | None:
-        found = self.replies.get(self.key(prompt))
-        return found[1] if found is not None and found[0] == text else None
+    def recall(
+        self, prompt: list[int], text: str, cache_salt: str | bytes | None = None, vocab_size: int | None = None
+    ) -> list[int] | None:
+        """The ids remembered after `prompt` if they read as `text`. A record with an id outside the vocabulary (the
+        smaller of vocab_size and the memory's) is forgotten, with one line on stderr."""
+        key = self.key(prompt, cache_salt)
+        found = self.replies.get(key)
+        if found is None or found[0] != text:
+            return None
+        limit = min(v for v in (vocab_size, self.vocab_size, 1 << 62) if v is not None)
+        if not valid_ids(found[1], limit):
+            del self.replies[key]
+            warn(f"reply memory: forgot a reply whose token ids are outside the vocabulary [0, {limit})")
+            return None
+        return found[1]
 
     # Kept beside the disk tier's files, so that a restarted job or server finds the histories it sent back as text:
-    # JSON lines {"key", "text", "ids"}, oldest first.
+    # JSON lines {"key", "text", "ids", "mac"}, oldest first; "mac" authenticates the record under the folder's
+    # secret key (private_files.folder_secret), so that a record this program did not write is never used.
     @classmethod
-    def load(cls, path: Path, capacity: int = 65536) -> "ReplyMemory":
-        """What save() wrote (nothing if there is no such file); lines that do not parse are skipped."""
-        memory = cls(capacity)
-        with contextlib.suppress(FileNotFoundError):
-            for line in path.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                    key, text, ids = bytes.fromhex(record["key"]), record["text"], record["ids"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if isinstance(text, str) and isinstance(ids, list) and all(isinstance(t, int) for t in ids):
-                    memory.replies[key] = (text, ids)
+    def load(cls, path: Path, capacity: int = 65536, vocab_size: int | None = None) -> "ReplyMemory":
+        """What save() wrote (nothing if there is no such file). A file that is a link, not this user's, or
+        unreadable is not used; records that do not parse, were not written by this program or hold ids outside [0,
+        vocab_size) are dropped: one line on stderr either way."""
+        memory = cls(capacity, vocab_size)
+        try:
+            content = read_private(path).decode(errors="replace")
+            secret = folder_secret(path.parent)
+        except FileNotFoundError:
+            return memory
+        except (OSError, UnsafePathError) as e:
+            warn(f"reply memory {path} not used: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+            return memory
+        dropped = Counter()
+        limit = vocab_size if vocab_size is not None else 1 << 62
+        for line in content.splitlines():
+            try:
+                record = json.loads(line)
+                key, text, ids = bytes.fromhex(record["key"]), record["text"], record["ids"]
+                mac = record["mac"]
+            except (ValueError, KeyError, TypeError):
+                dropped["that do not parse"] += 1
+                continue
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, record_mac(secret, key, text, ids)):
+                dropped["not written by this program"] += 1
+            elif not isinstance(text, str) or not isinstance(ids, list) or not valid_ids(ids, limit):
+                dropped[f"with token ids outside the vocabulary [0, {limit})"] += 1
+            else:
+                memory.replies[key] = (text, ids)
+        if dropped:
+            n = sum(dropped.values())
+            why = ", ".join(f"{count} {reason}" for reason, count in dropped.items())
+            warn(f"reply memory {path}: dropped {n} record{'s' if n > 1 else ''} ({why})")
         while len(memory.replies) > capacity:
             memory.replies.popitem(last=False)
         return memory
 
     def save(self, path: Path) -> None:
         """Write every remembered reply (a temporary file renamed into place, private to the user)."""
-        lines = [json.dumps({"key": k.hex(), "text": t, "ids": ids}) + "\n" for k, (t, ids) in self.replies.items()]
+        secret = folder_secret(path.parent)
+        lines = [
+            json.dumps({"key": k.hex(), "text": t, "ids": ids, "mac": record_mac(secret, k, t, ids)}) + "\n"
+            for k, (t, ids) in self.replies.items()
+        ]
         write_private(path, "".join(lines).encode())
 
 
+def record_mac(secret: bytes, key: bytes, text, ids) -> str:
+    """The authentication code of one remembered reply: HMAC-SHA256 of its JSON, hex."""
+    h = authenticator(secret)
+    h.update(json.dumps([key.hex(), text, ids]).encode())
+    return h.hexdigest()
+
+
+def valid_ids(ids: list, vocab_size: int) -> bool:
+    """Integers (not booleans) in [0, vocab_size)."""
+    return all(type(t) is int and 0 <= t < vocab_size for t in ids)
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 def encode_messages(
-    tokenizer: ChatTokenizer, messages: list[dict], memory: ReplyMemory | None = None
+    tokenizer: ChatTokenizer,
+    messages: list[dict],
+    memory: ReplyMemory | None = None,
+    cache_salt: str | bytes | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of a rendered conversation (with the generation prompt) and where each user turn starts, as
-    ChatTokenizer.encode_chat, except that an assistant message this process generated after the same ids gets its
-    generated ids back."""
+    ChatTokenizer.encode_chat, except that an assistant message this process generated after the same ids (for the
+    same cache_salt) gets its generated ids back."""
     if memory is None or not any(m["role"] == "assistant" for m in messages):
         return tokenizer.encode_chat(messages)
     points = []  # (text up to here, what starts here)
@@ -156,7 +219,7 @@ def encode_messages(
         if reply is None:
             starts.append(len(ids))
             continue
-        recalled = memory.recall(ids, reply)
+        recalled = memory.recall(ids, reply, cache_salt, tokenizer.vocab_size)
         if recalled is not None:
             ids += recalled
             done += reply

@@ -3,18 +3,26 @@ the block's key, in a folder per fingerprint of what produced them.
 
     DIR/<fingerprint>/<key>.safetensors          absorb: the latent is the same on every rank; rank 0 writes it once
     DIR/<fingerprint>/<key>.rank<r>.safetensors  naive: each rank's own heads
+    DIR/<fingerprint>/.tp_infer-secret           the folder's secret key (private_files.folder_secret)
 
-Only tensors are stored (no pickle). A file is used only if its header names the key, fingerprint and rank asked for,
-its tensors have the pool's names, shapes and dtypes, and a checksum over their bytes holds; anything else (truncated,
-corrupt, another model's) is skipped with one line on stderr and its tokens are recomputed. Writes go to a temporary
-file renamed into place, so a reader never sees half a file; a write that fails (read-only folder, full disk) is
-reported once and the block is simply not kept.
+DIR and its fingerprint folders must belong to the user and be writable by nobody else (a missing one is created
+0700); anything else is refused at start with one line (UnsafePathError). Only tensors are stored (no pickle). A
+file is used only if it is a regular file (never a symbolic link), its header names the key, fingerprint and rank
+asked for, its tensors have the pool's names, shapes and dtypes, and its authentication code, an HMAC-SHA256 under
+the folder's secret key over all of that and the tensors' bytes, holds: a file this tier did not write (truncated,
+corrupt, another model's, forged with a recomputed checksum) is skipped with one line on stderr and its tokens are
+recomputed. Writes go to a temporary file created exclusively and renamed into place, so a reader never sees half a
+file and nothing is written through a planted link; a write that fails (read-only folder, full disk) is reported
+once and the block is simply not kept.
 """
 
 import contextlib
 import hashlib
+import hmac
 import json
+import math
 import os
+import stat
 import struct
 import sys
 from dataclasses import asdict
@@ -24,9 +32,18 @@ import safetensors.torch
 import torch
 
 from tp_infer.config import ModelArgs
+from tp_infer.private_files import (
+    UnsafePathError,
+    authenticator,
+    ensure_private_dir,
+    folder_secret,
+    read_private,
+    write_private,
+)
 
-FORMAT = "tp_infer-kv-1"
+FORMAT = "tp_infer-kv-2"  # 2: authenticated under the folder's secret key
 SAMPLE_BYTES = 1 << 16  # of each weight file's start and end, in the fingerprint
+HEADER_BYTES = 1 << 20  # at most, in a block's file beyond its tensors' bytes
 
 
 def fingerprint(args: ModelArgs, ckpt_path: str | Path, world_size: int, block_size: int) -> str:
@@ -47,31 +64,22 @@ def fingerprint(args: ModelArgs, ckpt_path: str | Path, world_size: int, block_s
     return h.hexdigest()
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file through a temporary one renamed into place (a reader never sees half of it), readable by the
-    user only. Raises OSError, the temporary file removed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=16)
+def authentication(secret: bytes, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """The HMAC-SHA256 under `secret` of a block file's header fields (format, key, fingerprint, rank) and its
+    tensors' names, dtypes, shapes and bytes, in hex."""
+    h = authenticator(secret)
+    h.update(json.dumps({k: meta[k] for k in ("format", "key", "fingerprint", "rank")}, sort_keys=True).encode())
     for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        t = tensors[name].contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
     return h.hexdigest()
 
 
 class DiskFiles:
     """This rank's access to the disk tier. `shared`: one file per block serves every rank (absorb), written by rank
-    0 only."""
+    0 only. Raises UnsafePathError for a folder (or key file) that someone else could have written; a folder that
+    cannot be created is reported and nothing is kept on disk."""
 
     def __init__(self, root: str | Path, fingerprint: str, rank: int, shared: bool):
         self.dir = Path(root) / fingerprint
@@ -80,9 +88,13 @@ class DiskFiles:
         self.writes = not shared or rank == 0
         self.reported: set[str] = set()
         self.saved = 0  # files this rank wrote
+        self.secret: bytes | None = None  # None: nothing is read or written
         try:
-            os.makedirs(self.dir.parent, mode=0o700, exist_ok=True)
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            ensure_private_dir(root)
+            ensure_private_dir(self.dir)
+            self.secret = folder_secret(self.dir)
+        except UnsafePathError as e:
+            raise UnsafePathError(f"kv disk tier: {e}") from None
         except OSError as e:
             self.report("folder", f"cannot create {self.dir} ({e.strerror}): nothing is kept on disk")
             self.writes = False
@@ -107,7 +119,7 @@ class DiskFiles:
             return False
         tensors = {name: t.contiguous().cpu() for name, t in tensors.items()}
         meta = {"format": FORMAT, "key": key.hex(), "fingerprint": self.fingerprint, "rank": str(self.owner)}
-        meta["checksum"] = checksum(tensors)
+        meta["mac"] = authentication(self.secret, meta, tensors)
         data = safetensors.torch.save(tensors, metadata=meta)
         path = self.path(key)
         try:
@@ -119,10 +131,14 @@ class DiskFiles:
         return True
 
     def load(self, key: bytes, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict | None:
-        """The block's tensors if its file is whole and made for this key, model and rank; None (reported) if not."""
+        """The block's tensors if its file is whole and was written by this tier for this key, model and rank; None
+        (reported) if not. expected: the pool's tensors, {name: (shape, dtype)}."""
+        if self.secret is None:
+            return None
         path = self.path(key)
+        size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
         try:
-            data = path.read_bytes()
+            data = read_private(path, limit=size + HEADER_BYTES)
             (length,) = struct.unpack("<Q", data[:8])
             meta = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
             if meta.get("format") != FORMAT:
@@ -137,8 +153,8 @@ class DiskFiles:
             layout = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
             if layout != expected:
                 raise ValueError("its tensors are not the pool's")
-            if checksum(tensors) != meta.get("checksum"):
-                raise ValueError("its checksum does not match its contents")
+            if not hmac.compare_digest(authentication(self.secret, meta, tensors), str(meta.get("mac", ""))):
+                raise ValueError("not written by this disk tier: its authentication code does not match its contents")
         except FileNotFoundError:
             self.report("missing", f"{path} is gone: recomputing what it held")
             return None
@@ -147,17 +163,20 @@ class DiskFiles:
             self.say(f"skipped {path}: {reason}")
             return None
         if self.writes:
-            with contextlib.suppress(OSError):
-                os.utime(path)  # for the next job's LRU order
+            with contextlib.suppress(OSError, NotImplementedError):
+                os.utime(path, follow_symlinks=False)  # for the next job's LRU order
         return tensors
 
     def delete(self, key: bytes) -> None:
         if self.writes:
-            self.path(key).unlink(missing_ok=True)
+            self.path(key).unlink(missing_ok=True)  # removes a link itself, never what it names
 
     def scan(self) -> list[bytes]:
-        """The keys of this rank's files (the shared ones in absorb mode), least recently used first. Temporary files
-        left by a job that died while writing are removed."""
+        """The keys of this rank's files (the shared ones in absorb mode), least recently used first; links and
+        anything else but regular files are ignored (one line each). Temporary files left by a job that died while
+        writing are removed."""
+        if self.secret is None:
+            return []
         suffix = ".safetensors" if self.shared else f".rank{self.rank}.safetensors"
         found = []
         try:
@@ -174,7 +193,12 @@ class DiskFiles:
             if stem == name or len(stem) != 32 or "." in stem:
                 continue
             try:
-                found.append((entry.stat().st_mtime_ns, bytes.fromhex(stem)))
+                st = entry.stat(follow_symlinks=False)
+                key = bytes.fromhex(stem)
             except (OSError, ValueError):
                 continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((st.st_mtime_ns, key))
+            else:
+                self.say(f"ignored {entry.path}: not a regular file (a symbolic link is never followed)")
         return [key for _, key in sorted(found)]

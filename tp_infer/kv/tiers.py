@@ -2,7 +2,8 @@
 
 A block's key is a hash chained from the root over every block before it, so one key names a whole prefix: the key
 of block k is blake2b(key of block k-1 + its token ids), and the root's key binds everything else that shapes the
-cache (checkpoint, world size, attention form, dtypes, block size). A block the pool evicts moves to the host tier
+cache (checkpoint, world size, attention form, dtypes, block size) and, for a request with a cache_salt, the salt
+(salted_root): blocks saved under one salt are never found under another. A block the pool evicts moves to the host tier
 (when there is one); a block the host tier evicts is written to disk unless it is there already; files stay on
 disk until the disk tier's cap evicts them, so they outlive the job. What moves where is a list of transfers that
 every rank runs, in order, before the step's block copies and forward.
@@ -25,6 +26,16 @@ def block_key(parent: bytes, tokens: tuple[int, ...] | list[int]) -> bytes:
 def root_key(fingerprint: str) -> bytes:
     """The key every chain starts from: different for anything that would make the cache differ."""
     return hashlib.blake2b(fingerprint.encode(), digest_size=KEY_BYTES).digest()
+
+
+def salted_root(root: bytes, cache_salt: str | bytes | None) -> bytes:
+    """The root key of a cache_salt's namespace: the chains of its prompts start there, so that its blocks' keys (in
+    the tree, host memory and on disk) are never another salt's. None is the shared namespace, `root` itself; any
+    other salt, "" included, is a namespace of its own. Nothing of the salt reaches the model."""
+    if cache_salt is None:
+        return root
+    salt = cache_salt.encode("utf-8", "surrogatepass") if isinstance(cache_salt, str) else bytes(cache_salt)
+    return hashlib.blake2b(root + salt, digest_size=KEY_BYTES, person=b"tp_infer salt").digest()
 
 
 class Transfer(enum.IntEnum):
