@@ -54,7 +54,7 @@ class Scheduler:
                 break
             if self.reuse and self.waits_for_running(turn):
                 continue
-            admission = self.manager.admit(turn.tokens, budget, self.reuse)
+            admission = self.manager.admit(turn.tokens, budget, self.reuse, turn.cache_salt)
             if admission is None:
                 break  # the pool is full of running turns' blocks
             self.waiting.remove(turn)
@@ -95,6 +95,7 @@ class Scheduler:
     def waits_for_running(self, turn: Turn) -> bool:
         """A waiting turn whose prompt goes on like a running turn beyond what the tree holds waits for it, rather
         than computing the same tokens twice (eight conversations behind one system prompt compute it once)."""
-        limit = len(turn.tokens) - 1
-        cached = self.manager.tree.match(turn.tokens, limit).length
-        return any(min(common_prefix(t.tokens, turn.tokens), limit) > cached for t in self.running)
+        limit, tree, salt = len(turn.tokens) - 1, self.manager.tree, turn.cache_salt
+        cached = tree.match(turn.tokens, limit, tree.namespace(salt)).length
+        same = [t for t in self.running if t.cache_salt == salt]  # another salt's blocks are never shared
+        return any(min(common_prefix(t.tokens, turn.tokens), limit) > cached for t in same)

@@ -55,11 +55,14 @@ class Totals:
 @dataclass
 class Session:
     """turn_starts[i] is where turn i begins; the tokens before the first turn are the system prompt, which the
-    overflow policy never drops."""
+    overflow policy never drops. cache_salt: the tenant's namespace in the cache (vLLM's name): its turns reuse only
+    what turns of the same salt cached, and theirs never see its prefixes; None is the shared namespace. It changes
+    nothing the model computes."""
 
     id: str
     seed: int = 0
     tokens: list[int] = field(default_factory=list)
     turn_starts: list[int] = field(default_factory=list)
+    cache_salt: str | None = None
     busy: bool = False
     totals: Totals = field(default_factory=Totals)

@@ -14,6 +14,9 @@ turn ends its last, partial block joins the tree as a tail and the turn drops it
 With tiers, what the tree evicts is demoted (to host memory, whose own evictions go to disk), and a turn's prompt is
 looked up below the tree too: the blocks found in host memory are promoted back into the tree before the match,
 those found on disk are first read into host memory by prefetch(). Each move is a transfer for every rank to run.
+
+A turn's cache_salt (None: the shared namespace) picks the tree's root its prompt is matched under and its blocks are
+committed under, and so the keys its blocks have in every tier: turns of different salts never share a block.
 """
 
 from dataclasses import dataclass, field
@@ -81,13 +84,15 @@ class BlockManager:
             self.tree.evict(1)
         return self.allocator.allocate()
 
-    def admit(self, tokens: list[int], first_chunk: int, reuse: bool) -> Admission | None:
-        """Blocks for a new turn over `tokens`: its longest cached prefix (never the last token, whose logits choose
-        the reply), and own blocks for its next min(first_chunk, rest) tokens. None when the pool cannot give them;
-        the turn then holds nothing (eviction may have freed blocks meanwhile)."""
-        bs = self.block_size
-        restored = self.restore(tokens, len(tokens) - 1) if reuse and self.tiers else Restored()
-        match = self.tree.match(tokens, len(tokens) - 1) if reuse else None
+    def admit(
+        self, tokens: list[int], first_chunk: int, reuse: bool, cache_salt: str | bytes | None = None
+    ) -> Admission | None:
+        """Blocks for a new turn over `tokens`: its longest cached prefix under its cache_salt (never the last token,
+        whose logits choose the reply), and own blocks for its next min(first_chunk, rest) tokens. None when the pool
+        cannot give them; the turn then holds nothing (eviction may have freed blocks meanwhile)."""
+        bs, root = self.block_size, self.tree.namespace(cache_salt)
+        restored = self.restore(tokens, len(tokens) - 1, root) if reuse and self.tiers else Restored()
+        match = self.tree.match(tokens, len(tokens) - 1, root) if reuse else None
         for block in restored.pinned:  # the match holds what it uses from here on
             self.allocator.release(block)
         nodes = match.nodes if match else []
@@ -112,7 +117,7 @@ class BlockManager:
                 return None
             own.append(block)
         self.tree.touch(nodes + ([partial] if partial else []))
-        table = BlockTable(nodes[-1] if nodes else self.tree.root, [n.block for n in nodes], len(nodes))
+        table = BlockTable(nodes[-1] if nodes else root, [n.block for n in nodes], len(nodes))
         copied = 0
         if take_over:
             self.allocator.release(partial.block)
@@ -124,13 +129,14 @@ class BlockManager:
         return Admission(table, reused, copied, restored.from_host, restored.from_disk)
 
     # ---- the tiers below the pool ----------------------------------------------------------------------------
-    def below(self, tokens: list[int], limit: int) -> list[tuple[Node | bytes, tuple[int, ...], bytes]]:
-        """The blocks of tokens[:limit] past the tree's full nodes that the tiers hold, in order: (parent, tokens,
-        key), the parent being a tree node for the first and the previous key after. Full blocks as far as the
-        chain goes, then the longest tail (a partial block) longer than what the tree itself shares there."""
+    def below(self, tokens: list[int], limit: int, root: Node) -> list[tuple[Node | bytes, tuple[int, ...], bytes]]:
+        """The blocks of tokens[:limit] past the tree's full nodes under root that the tiers hold, in order: (parent,
+        tokens, key), the parent being a tree node (or root) for the first and the previous key after. Full blocks
+        as far as the chain goes, then the longest tail (a partial block) longer than what the tree itself shares
+        there."""
         tiers, bs = self.tiers, self.block_size
-        match = self.tree.match(tokens, limit)
-        node = match.nodes[-1] if match.nodes else self.tree.root
+        match = self.tree.match(tokens, limit, root)
+        node = match.nodes[-1] if match.nodes else root
         start = len(match.nodes) * bs
         parent, key, found = node, node.key, []
 
@@ -154,18 +160,18 @@ class BlockManager:
                 break
         return found
 
-    def restore(self, tokens: list[int], limit: int) -> Restored:
-        """Promote into the tree the blocks of tokens[:limit] that host memory holds past the tree's own, each held
-        (pinned) so that promoting the next cannot evict it. Stops at the first block not in host memory or when the
-        pool has no block to give."""
+    def restore(self, tokens: list[int], limit: int, root: Node) -> Restored:
+        """Promote into the tree the blocks of tokens[:limit] that host memory holds past the tree's own under root,
+        each held (pinned) so that promoting the next cannot evict it. Stops at the first block not in host memory
+        or when the pool has no block to give."""
         host, out = self.tiers.host, Restored()
         if host is None or not len(host):
             return out
         node = None
-        for parent, block_tokens, key in self.below(tokens, limit):
+        for parent, block_tokens, key in self.below(tokens, limit, root):
             if key not in host:
                 break
-            if node is None and parent is not self.tree.root:  # held too, or the allocation below could evict it
+            if node is None and parent.parent is not None:  # held too, or the allocation below could evict it
                 self.allocator.share(parent.block)
                 out.pinned.append(parent.block)
             entry = host.take(key)  # out of the LRU order, so that the evictions below cannot pick it
@@ -189,14 +195,16 @@ class BlockManager:
                 break
         return out
 
-    def prefetch(self, tokens: list[int], budget: int) -> list[HostEntry]:
-        """Read the blocks of a prompt that only the disk holds into host memory, at most `budget` of them: LOAD
-        transfers into newly taken host slots. The caller runs them and reports with loaded()."""
+    def prefetch(self, tokens: list[int], budget: int, cache_salt: str | bytes | None = None) -> list[HostEntry]:
+        """Read the blocks of a prompt (under its cache_salt) that only the disk holds into host memory, at most
+        `budget` of them: LOAD transfers into newly taken host slots. The caller runs them and reports with
+        loaded()."""
         tiers = self.tiers
         if tiers is None or not tiers.reads_disk:
             return []
         loads = []
-        keys = [key for _, _, key in self.below(tokens, len(tokens) - 1)]  # from the chain's start: it newest
+        root = self.tree.namespace(cache_salt)
+        keys = [key for _, _, key in self.below(tokens, len(tokens) - 1, root)]  # from the chain's start: it newest
         tiers.disk.touch(keys)  # first, so that the disk's evictions for the loads' spills keep the files they read
         for key in keys:
             if key in tiers.host:
@@ -319,7 +327,10 @@ class BlockManager:
         for block in table.blocks:
             self.allocator.release(block)
         self.tree.offer(table.node)
-        table.blocks, table.committed, table.node = [], 0, self.tree.root
+        root = table.node
+        while root.parent is not None:
+            root = root.parent
+        table.blocks, table.committed, table.node = [], 0, root
 
     def usage(self) -> tuple[int, int]:
         """(tokens the tree holds, blocks in use)."""

@@ -6,6 +6,10 @@ always a leaf. Nodes are immutable: a turn never writes into a block the tree ho
 of its blocks; eviction frees the least recently used leaves that no running turn holds, so a conversation loses
 its newest tokens first and keeps the prefix it shares with others. Each node carries its key (tiers.block_key), and
 on_evict lets the block manager move an evicted block's data to the tier below before the block is reused.
+
+Requests with a cache_salt live in namespaces of their own: one root per salt (keyed by tiers.salted_root), so a
+prompt is matched only against what was cached under the same salt, and the keys chained from that root name its
+blocks in every tier. A salt's root is kept while it has children; `root` is the shared namespace (no salt).
 """
 
 import heapq
@@ -14,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tp_infer.kv.blocks import BlockAllocator
-from tp_infer.kv.tiers import KEY_BYTES, block_key
+from tp_infer.kv.tiers import KEY_BYTES, block_key, salted_root
 
 
 def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
@@ -30,8 +34,8 @@ def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]
 @dataclass(eq=False)
 class Node:
     tokens: tuple[int, ...]
-    block: int  # -1 at the root
-    parent: "Node | None"
+    block: int  # -1 at a root
+    parent: "Node | None"  # None at a root
     depth: int  # tokens before this node
     key: bytes  # names the whole prefix up to the end of this node (tiers.block_key)
     children: dict[tuple[int, ...], "Node"] = field(default_factory=dict)
@@ -57,6 +61,7 @@ class PrefixTree:
     def __init__(self, allocator: BlockAllocator, block_size: int, root_key: bytes = bytes(KEY_BYTES)):
         self.allocator, self.block_size = allocator, block_size
         self.root = Node((), -1, None, 0, root_key)
+        self.roots: dict[bytes, Node] = {root_key: self.root}  # by key: the shared root, and each salt's
         self.on_evict: Callable[[Node], None] | None = None  # told of each evicted node while its block is valid
         self.num_nodes = 0
         self.cached_tokens = 0
@@ -65,9 +70,17 @@ class PrefixTree:
         self.heap: list[tuple[int, int, Node]] = []  # (last_used, order, node): eviction candidates, lazily checked
         self.order = itertools.count()
 
-    def match(self, tokens: list[int], limit: int) -> Match:
-        """The longest prefix of tokens[:limit] the tree holds. Changes nothing."""
-        bs, node, nodes, k = self.block_size, self.root, [], 0
+    def namespace(self, cache_salt: str | bytes | None) -> Node:
+        """The root of a cache_salt's prompts (None: the shared root). A salt with nothing cached gets a new, empty
+        root, registered by the first insert under it. Changes nothing."""
+        key = salted_root(self.root.key, cache_salt)
+        root = self.roots.get(key)
+        return root if root is not None else Node((), -1, None, 0, key)
+
+    def match(self, tokens: list[int], limit: int, root: Node | None = None) -> Match:
+        """The longest prefix of tokens[:limit] the tree holds under root (default: the shared one). Changes
+        nothing."""
+        bs, node, nodes, k = self.block_size, root or self.root, [], 0
         while (k + 1) * bs <= limit:
             child = node.children.get(tuple(tokens[k * bs : (k + 1) * bs]))
             if child is None:
@@ -92,10 +105,12 @@ class PrefixTree:
             self.offer(nodes[-1])
 
     def insert(self, parent: Node, tokens: tuple[int, ...], block: int) -> Node | None:
-        """Index `block`, holding `tokens`, under parent (a full node or the root); the tree takes a reference.
+        """Index `block`, holding `tokens`, under parent (a full node or a root); the tree takes a reference.
         Returns the node now holding these tokens: an existing one if they were there already (the caller's block
         stays the caller's), or None for a tail that a sibling already covers."""
-        assert parent.attached and (parent is self.root or len(parent.tokens) == self.block_size)
+        if parent.parent is None:  # a root: the one registered for its namespace (registered now if it is new)
+            parent = self.roots.setdefault(parent.key, parent)
+        assert parent.attached and (parent.parent is None or len(parent.tokens) == self.block_size)
         existing = parent.children.get(tokens)
         if existing is not None:
             return existing
@@ -131,12 +146,15 @@ class PrefixTree:
         node.attached = False
         self.num_nodes -= 1
         self.cached_tokens -= len(node.tokens)
-        if parent is not self.root and not parent.children:
-            self.offer(parent)
+        if parent.parent is not None:
+            if not parent.children:
+                self.offer(parent)
+        elif parent is not self.root and not parent.children and self.roots.get(parent.key) is parent:
+            del self.roots[parent.key]  # an empty salt namespace: forgotten (a new root is made if it comes back)
 
     def offer(self, node: Node) -> None:
         """node may have become evictable (a leaf whose block only the tree holds): queue it."""
-        if node is not self.root and not node.children:
+        if node.parent is not None and not node.children:
             heapq.heappush(self.heap, (node.last_used, next(self.order), node))
             if len(self.heap) > 4 * self.num_nodes + 1024:
                 self._rebuild_heap()
@@ -170,8 +188,8 @@ class PrefixTree:
         heapq.heapify(self.heap)
 
     def nodes(self) -> list[Node]:
-        """Every node but the root."""
-        out, stack = [], list(self.root.children.values())
+        """Every node but the roots, in every namespace."""
+        out, stack = [], [child for root in self.roots.values() for child in root.children.values()]
         while stack:
             node = stack.pop()
             out.append(node)
