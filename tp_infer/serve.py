@@ -2,6 +2,7 @@
 Every rank loads its shard; rank 0 runs the engine on its main thread and the OpenAI-compatible HTTP server on
 another; the other ranks follow."""
 
+import json
 import signal
 import socket
 import threading
@@ -16,19 +17,45 @@ from tp_infer.chat import ReplyMemory
 from tp_infer.engine.engine import Engine
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.generate import FrontEnd, cli, engine_options, start
-from tp_infer.server.app import ServerSettings, build_app
+from tp_infer.server.app import MAX_BODY_BYTES, MAX_MESSAGES, ServerSettings, build_app
 from tp_infer.server.bridge import EngineLoop
 from tp_infer.server.metrics import Metrics
 from tp_infer.tokenizer import ChatTokenizer
+
+
+def trained_length(config_path: Path) -> int | None:
+    """The longest sequence the checkpoint's config says the model was made for (Hugging Face's
+    max_position_embeddings, a reference config's max_seq_len); None if it says none."""
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None  # loading the model has read it already: nothing to add
+    if not isinstance(raw, dict):
+        return None
+    value = raw.get("max_position_embeddings" if "model_type" in raw else "max_seq_len")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def max_model_len(engine: Engine, config_path: Path) -> int:
+    """The longest conversation (prompt and reply) this server runs: the engine's max_seq_len (already no more than
+    the pool holds), the pool's capacity, and what the model's config allows."""
+    manager = engine.manager
+    limits = [engine.max_seq_len, manager.num_blocks * manager.block_size, trained_length(config_path)]
+    return min(x for x in limits if x is not None)
 
 
 @dataclass
 class ServerFrontEnd(FrontEnd):
     host: str
     port: int
-    api_key: str | None
+    api_keys: tuple[str, ...]
     model_name: str
     max_waiting: int
+    config_path: Path
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_messages: int = MAX_MESSAGES
+    require_cache_salt: bool = False
+    salt_with_api_key: bool = False
     chat_required = True
 
     def check(self) -> None:
@@ -42,8 +69,18 @@ class ServerFrontEnd(FrontEnd):
     def run(
         self, engine: Engine, tokenizer: ChatTokenizer, sampling: SamplingParams, seed: int, replies: ReplyMemory
     ) -> int:
+        engine.max_seq_len = max_model_len(engine, self.config_path)  # what /v1/models reports is what runs
         loop = EngineLoop(engine, self.max_waiting)
-        settings = ServerSettings(self.model_name, engine.max_seq_len, sampling, self.api_key)
+        settings = ServerSettings(
+            model_name=self.model_name,
+            max_seq_len=engine.max_seq_len,
+            sampling=sampling,
+            api_keys=self.api_keys,
+            max_body_bytes=self.max_body_bytes,
+            max_messages=self.max_messages,
+            require_cache_salt=self.require_cache_salt,
+            salt_with_api_key=self.salt_with_api_key,
+        )
         app = build_app(loop, tokenizer, settings, Metrics(engine), replies)
         stop = []  # the signal that asked to stop, set before anyone can reach the server
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,8 +107,11 @@ class ServerFrontEnd(FrontEnd):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option(
     "--api-key",
+    "api_keys",
+    multiple=True,
     envvar="TP_INFER_API_KEY",
-    help="Require `Authorization: Bearer KEY` on every endpoint but /health (or set TP_INFER_API_KEY).",
+    help="Require `Authorization: Bearer KEY` on every endpoint but /health (or set TP_INFER_API_KEY); give it "
+    "once per client to let several keys in.",
 )
 @click.option("--served-model-name", help="The model's name in the API (default: the checkpoint folder's name).")
 @click.option(
@@ -81,10 +121,63 @@ class ServerFrontEnd(FrontEnd):
     type=click.IntRange(min=0),
     help="Requests that may wait beyond the running turns; more are answered 503.",
 )
-def main(host, port, api_key, served_model_name, max_waiting, **options):
-    """OpenAI-compatible chat server: every request's history is found in the cache, whoever sent it."""
+@click.option(
+    "--max-body-bytes",
+    default=MAX_BODY_BYTES,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest request body; larger ones are answered 413 before they are read.",
+)
+@click.option(
+    "--max-messages",
+    default=MAX_MESSAGES,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most messages in a chat request; more are answered 400 before rendering.",
+)
+@click.option(
+    "--require-cache-salt",
+    is_flag=True,
+    help="Answer 400 to requests without a `cache_salt` (requests share cached prefixes only with the same salt).",
+)
+@click.option(
+    "--salt-with-api-key",
+    is_flag=True,
+    help="Make the client's API key part of its cache salt, so that clients with different keys never share "
+    "cached prefixes (nor learn each other's prompts from cached_tokens).",
+)
+def main(
+    host,
+    port,
+    api_keys,
+    served_model_name,
+    max_waiting,
+    max_body_bytes,
+    max_messages,
+    require_cache_salt,
+    salt_with_api_key,
+    **options,
+):
+    """OpenAI-compatible chat server: every request's history is found in the cache, whoever sent it (with the
+    same cache_salt)."""
     name = served_model_name or Path(options["ckpt_path"]).resolve().name
-    start(lambda: ServerFrontEnd(host, port, api_key, name, max_waiting), **options)
+    config_path = Path(options["config_path"] or Path(options["ckpt_path"]) / "config.json")
+    keys = tuple(key for key in api_keys if key)
+    start(
+        lambda: ServerFrontEnd(
+            host=host,
+            port=port,
+            api_keys=keys,
+            model_name=name,
+            max_waiting=max_waiting,
+            config_path=config_path,
+            max_body_bytes=max_body_bytes,
+            max_messages=max_messages,
+            require_cache_salt=require_cache_salt,
+            salt_with_api_key=salt_with_api_key,
+        ),
+        **options,
+    )
 
 
 def serve_cli() -> None:

@@ -3,6 +3,7 @@ request carries its whole conversation; the prefix tree finds whatever of it the
 gives replies generated here their own ids back, so a served conversation computes only its new tokens."""
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
@@ -12,24 +13,52 @@ from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tp_infer.chat import ReplyMemory, encode_messages
 from tp_infer.engine.engine import TurnRefused
 from tp_infer.engine.request import Turn
-from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.sampling import SEED_RANGE, SamplingParams
 from tp_infer.server.bridge import Busy, Call, EngineLoop
 from tp_infer.server.metrics import Metrics
-from tp_infer.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest
+from tp_infer.server.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    SamplingRequest,
+    Usage,
+)
 from tp_infer.tokenizer import ROLES, ChatTokenizer, StreamDecoder, TokenizerError
+
+MAX_BODY_BYTES = 16 * 2**20
+MAX_MESSAGES = 4096
 
 
 @dataclass
 class ServerSettings:
     model_name: str
-    max_seq_len: int
+    max_seq_len: int  # the longest conversation this server runs: what /v1/models reports as max_model_len
     sampling: SamplingParams  # the command line's defaults
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # any of them is let in; none: no key is asked for
+    max_body_bytes: int = MAX_BODY_BYTES  # larger request bodies are answered 413 before they are read whole
+    max_messages: int = MAX_MESSAGES  # chat requests with more messages are answered 400 before rendering
+    require_cache_salt: bool = False  # requests without a cache_salt are answered 400
+    salt_with_api_key: bool = False  # the client's API key is part of its cache salt: keys never share prefixes
 
 
 class ReplyText:
@@ -59,140 +88,296 @@ class ReplyText:
         return out
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+def error_response(e: APIError, background: BackgroundTask | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, background=background)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past `limit` bytes is answered 413, by its content-length before anything is
+    read, or as soon as the bytes read pass the limit (a chunked body)."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than the {self.limit} bytes this server takes (--max-body-bytes)"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await error_response(APIError(413, message))(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            got = await receive()
+            seen += len(got.get("body", b"")) if got["type"] == "http.request" else 0
+            if seen > self.limit:
+                raise HTTPException(413, message)
+            return got
+
+        await self.app(scope, limited, send)
+
+
+class Authorize:
+    """ASGI middleware: every path but /health needs `Authorization: Bearer KEY` with one of `keys`, else 401.
+    (Plain ASGI rather than Starlette's BaseHTTPMiddleware, which hides a client's disconnect from the app.)"""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]):
+        self.app, self.keys = app, [f"Bearer {key}".encode() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not sum(hmac.compare_digest(given, key) for key in self.keys):  # every key compared: constant time
+                error = APIError(401, "invalid or missing API key", kind="authentication_error")
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def unreadable(cause: BaseException | None) -> str:
+    """Why a request body could not be read as JSON, in one line."""
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON (nested too deeply)"
+    if isinstance(cause, UnicodeError):
+        return f"the request body is not valid UTF-8 JSON ({cause})"
+    return f"the request body could not be read ({type(cause).__name__ if cause else 'unknown reason'})"
+
+
+# the errors each operation may answer besides 200, for /openapi.json
+ERRORS = {
+    400: "Invalid request: bad JSON, an unknown or invalid field, a prompt past max_model_len",
+    401: "Missing or wrong API key (with --api-key)",
+    404: "Unknown model",
+    413: "Request body larger than --max-body-bytes",
+    500: "The turn failed inside the engine",
+    503: "Too many requests in flight, or the engine has stopped",
+}
+
+
+def errors(*codes: int) -> dict:
+    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+
+def streamed(model: type) -> dict:
+    """A 200 that is `model` as JSON, or server-sent events with `stream`."""
+    data = "a chunk as JSON, then an error object if the turn failed, then [DONE]"
+    event = {"type": "object", "properties": {"data": {"type": "string", "description": data}}, "required": ["data"]}
+    events = {"text/event-stream": {"schema": event}}  # before Open API 3.2, `schema` describes one event
+    return {200: {"description": f"{model.__name__}, or with stream=true its chunks as events", "content": events}}
 
 
 def build_app(
     loop: EngineLoop, tokenizer: ChatTokenizer, settings: ServerSettings, metrics: Metrics, memory: ReplyMemory
 ) -> FastAPI:
-    app = FastAPI(title="tp_infer", docs_url=None, redoc_url=None)
+    app = FastAPI(title="tp_infer", version="1", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(Authorize, keys=settings.api_keys)  # added last: runs first
+    endpoints = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+    def count(request: Request, status: int) -> None:
+        if (endpoint := endpoints.get(request.url.path)) is not None:
+            metrics.requests.labels(endpoint, str(status)).inc()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
+        count(request, e.status)
         return error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        """Starlette's own answers (no such path, method not allowed, a body that cannot be read) as OpenAI's."""
+        if e.status_code == 404:
+            error = APIError(404, f"no such path: {request.url.path}")
+        elif e.status_code == 405:
+            error = APIError(405, f"{request.method} is not allowed on {request.url.path}")
+        elif e.status_code == 400:
+            error = APIError(400, unreadable(e.__cause__))
+        else:
+            error = APIError(e.status_code, str(e.detail))
+        count(request, error.status)
+        response = error_response(error)
+        response.headers.update(e.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         if first.get("type") == "json_invalid":
-            return error_response(APIError(400, f"the request body is not valid JSON ({first.get('msg')})"))
+            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})"
+            return await api_error(request, APIError(400, message))
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type"):
+            return await api_error(request, APIError(400, "the request body must be a JSON object (application/json)"))
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         # a union (str | list[...]) reports one error per member: name the field, not the member
-        loc = [x for x in loc if not any(c in x for c in "[]|") or x.isdigit()]
+        loc = [x for x in loc if not any(c in x for c in "[]|()") or x.isdigit()]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request")
         if first.get("type") == "extra_forbidden":
             message = f"unknown field {param!r}"
-        return error_response(APIError(400, message, param))
+        return await api_error(request, APIError(400, message, param))
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if settings.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return error_response(APIError(401, "invalid or missing API key", kind="authentication_error"))
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception) -> JSONResponse:
+        return await api_error(request, APIError(500, f"internal error: {type(e).__name__}", kind="server_error"))
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Engine stopped"}})
     async def health() -> Response:
         return JSONResponse({"status": "ok" if loop.healthy else "failed"}, status_code=200 if loop.healthy else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **errors(401)})
     async def prometheus() -> Response:
         return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "tp_infer"}
-        return {"object": "list", "data": [{**card, "max_model_len": settings.max_seq_len}]}
+    @app.get("/v1/models", response_model=ModelList, responses=errors(401))
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=settings.model_name, max_model_len=settings.max_seq_len)])
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={**streamed(ChatCompletion), **errors(400, 401, 404, 413, 500, 503)},
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check(body)
+        sampling, salt = check(body, request)
+        if len(body.messages) > settings.max_messages:
+            message = f"{len(body.messages)} messages, more than the {settings.max_messages} this server takes"
+            raise APIError(400, f"{message} (--max-messages)", "messages")
         messages = []
         for i, m in enumerate(body.messages):
             if m.role not in ROLES:
                 raise APIError(400, f"messages[{i}]: unknown role {m.role!r} (allowed: {', '.join(ROLES)})", "messages")
             messages.append({"role": m.role, "content": m.text()})
-        try:
-            ids, starts = encode_messages(tokenizer, messages, memory)
-        except TokenizerError as e:
-            raise APIError(400, str(e), "messages") from None
-        return await answer(body, request, ids, starts, chat=True)
 
-    @app.post("/v1/completions")
+        def encode() -> tuple[list[int], list[int] | None]:
+            try:
+                return encode_messages(tokenizer, messages, memory)
+            except TokenizerError as e:
+                raise APIError(400, str(e), "messages") from None
+
+        return await answer(body, request, sampling, salt, encode, chat=True)
+
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses={**streamed(Completion), **errors(400, 401, 404, 413, 500, 503)},
+    )
     async def completions(body: CompletionRequest, request: Request):
-        check(body)
+        sampling, salt = check(body, request)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request (a list of prompts is not supported)", "prompt")
             prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = ([bos] if (bos := tokenizer.bos_token_id) is not None else []) + tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
-            if bad is not None:
-                raise APIError(400, f"token id {bad} is out of the vocabulary [0, {tokenizer.vocab_size})", "prompt")
-        if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
-        return await answer(body, request, ids, None, chat=False)
 
-    def check(body: SamplingRequest) -> None:
+        def encode() -> tuple[list[int], list[int] | None]:
+            if isinstance(prompt, str):
+                ids = ([bos] if (bos := tokenizer.bos_token_id) is not None else []) + tokenizer.encode(prompt)
+            else:
+                ids = list(prompt)
+                bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+                if bad is not None:
+                    vocab = tokenizer.vocab_size
+                    raise APIError(400, f"token id {bad} is out of the vocabulary [0, {vocab})", "prompt")
+            if not ids:
+                raise APIError(400, "the prompt is empty", "prompt")
+            return ids, None
+
+        return await answer(body, request, sampling, salt, encode, chat=False)
+
+    def check(body: SamplingRequest, request: Request) -> tuple[SamplingParams, str | None]:
+        """The request's sampling values and cache salt, or the APIError that refuses it: before any work."""
         if body.model != settings.model_name:
             raise APIError(
                 404, f"model {body.model!r} does not exist (this server has {settings.model_name!r})", "model"
             )
         body.check_supported()
+        defaults, limit_field = settings.sampling, token_field(body)
+        try:  # SamplingParams knows what the sampler can take
+            sampling = replace(
+                defaults,
+                max_new_tokens=body.token_limit or defaults.max_new_tokens,
+                temperature=defaults.temperature if body.temperature is None else body.temperature,
+                top_p=defaults.top_p if body.top_p is None else body.top_p,
+            )
+        except ValueError as e:
+            name = str(e).split("=")[0]
+            raise APIError(400, str(e), limit_field if name == "max_new_tokens" else name) from None
+        salt = body.cache_salt
+        if salt is None and settings.require_cache_salt:
+            message = "this server requires a cache_salt in every request (--require-cache-salt)"
+            raise APIError(400, message, "cache_salt")
+        if settings.salt_with_api_key:  # what was let in: a key of this server, or any with no key required
+            key = request.headers.get("authorization", "")
+            salt = hashlib.sha256(json.dumps([key, salt]).encode()).hexdigest()
+        return sampling, salt
 
-    async def answer(body: SamplingRequest, request: Request, ids: list[int], starts, chat: bool):
-        endpoint = "chat" if chat else "completions"
-        limit = body.token_limit or settings.sampling.max_new_tokens
-        try:  # the overflow policy may drop the oldest turns; a prompt that cannot fit even so is refused
-            loop.engine.admissible(ids, starts, limit)
-        except TurnRefused as e:
-            too_long = len(ids) >= settings.max_seq_len
-            field = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
-            raise APIError(400, str(e), ("messages" if chat else "prompt") if too_long else field) from None
-        defaults = settings.sampling
-        sampling = replace(
-            defaults,
-            max_new_tokens=limit,
-            temperature=defaults.temperature if body.temperature is None else body.temperature,
-            top_p=defaults.top_p if body.top_p is None else body.top_p,
-        )
+    def token_field(body: SamplingRequest) -> str:
+        return "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+
+    async def answer(body: SamplingRequest, request: Request, sampling: SamplingParams, salt, encode, chat: bool):
+        def prepare() -> tuple[list[int], list[int] | None]:
+            """Render and encode (time linear in the prompt at best: off the event loop, so /health answers)."""
+            ids, starts = encode()
+            try:  # the overflow policy may drop the oldest turns; a prompt that cannot fit even so is refused
+                loop.engine.admissible(ids, starts, sampling.max_new_tokens)
+            except TurnRefused as e:
+                too_long = len(ids) >= settings.max_seq_len
+                field = ("messages" if chat else "prompt") if too_long else token_field(body)
+                raise APIError(400, str(e), field) from None
+            return ids, starts
+
+        ids, starts = await run_in_threadpool(prepare)
         seed = body.seed if body.seed is not None else uuid.uuid4().int >> 65
-        call = Call(ids, starts, sampling, seed, asyncio.get_running_loop())
+        call = Call(
+            prompt=ids,
+            turn_starts=starts,
+            sampling=sampling,
+            seed=seed,
+            cache_salt=salt,
+            loop=asyncio.get_running_loop(),
+        )
         try:
             loop.submit(call)
         except Busy as e:
-            metrics.requests.labels(endpoint, "503").inc()
-            raise APIError(503, f"server busy: {e}; retry later", kind="server_error") from None
+            raise APIError(503, f"{e}; retry later", kind="server_error") from None
         reply = ReplyText(tokenizer, body.stops)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(
-                stream(call, reply, rid, chat, usage, endpoint, request), media_type="text/event-stream"
-            )
-        return await whole(call, reply, rid, chat, endpoint, request)
+            return StreamingResponse(stream(call, reply, rid, chat, usage, request), media_type="text/event-stream")
+        return await whole(call, reply, rid, chat, request)
+
+    def failure(call: Call, event: tuple) -> APIError:
+        """The APIError of a turn that ended without a reply: ("refused" | "failed" | "stopped", message)."""
+        kind, message = event
+        if kind == "refused":
+            return APIError(400, message, "messages" if call.turn_starts is not None else "prompt")
+        return APIError(500 if kind == "failed" else 503, message, kind="server_error")
 
     async def events(call: Call, reply: ReplyText, request: Request) -> AsyncIterator[tuple[str, object]]:
-        """("text", delta) as tokens come, then ("done", turn) or an APIError raised; a client that goes away, or a
-        stop string, cancels the turn."""
-        last, gaps = None, []
+        """("text", delta) as tokens come, then ("done", turn) or an APIError raised; nothing more when the client
+        has gone away. A client that goes away (asked every POLL_S, tokens coming or not), or a stop string,
+        cancels the turn on every rank."""
+        last, gaps, asked = None, [], time.monotonic()
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(call.events.get(), timeout=0.5)
+                    event = await asyncio.wait_for(call.events.get(), timeout=POLL_S)
                 except TimeoutError:
+                    event = None
+                if event is None or time.monotonic() - asked >= POLL_S:
+                    asked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                    continue
-                if event[0] == "error":
-                    raise APIError(400, event[1], "messages" if call.turn_starts is not None else "prompt")
+                    if event is None:
+                        continue
+                if event[0] in ("refused", "failed", "stopped"):
+                    raise failure(call, event)
                 if event[0] == "done":
                     turn = event[1]
                     if delta := reply.finish():
@@ -219,47 +404,44 @@ def build_app(
     def finish_reason(turn: Turn, reply: ReplyText) -> str:
         return "stop" if reply.stopped or turn.finish_reason == "stop" else "length"
 
-    def usage(turn: Turn) -> dict:
+    def usage(turn: Turn) -> Usage:
         s = turn.stats
-        return {
-            "prompt_tokens": s.prompt_tokens,
-            "completion_tokens": len(turn.generated),
-            "total_tokens": s.prompt_tokens + len(turn.generated),
-            "prompt_tokens_details": {"cached_tokens": s.reused_tokens},
-        }
+        return Usage(
+            prompt_tokens=s.prompt_tokens,
+            completion_tokens=len(turn.generated),
+            total_tokens=s.prompt_tokens + len(turn.generated),
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=s.reused_tokens),
+        )
 
-    async def whole(call: Call, reply: ReplyText, rid: str, chat: bool, endpoint: str, request: Request):
-        turn = None
+    async def whole(call: Call, reply: ReplyText, rid: str, chat: bool, request: Request):
+        turn, delivered = None, call.delivered.set
         try:
             async for kind, value in events(call, reply, request):
                 if kind == "done":
                     turn = value
-        except APIError:
-            metrics.requests.labels(endpoint, "400").inc()
-            raise
+        except APIError as e:
+            count(request, e.status)
+            delivered = None  # once the answer is sent
+            return error_response(e, background=BackgroundTask(call.delivered.set))
+        finally:
+            if delivered is not None:
+                delivered()
         if turn is None:  # the client went away
-            metrics.requests.labels(endpoint, "499").inc()
+            count(request, 499)
             return Response(status_code=499)
-        metrics.requests.labels(endpoint, "200").inc()
-        reason = finish_reason(turn, reply)
+        count(request, 200)
+        reason, answered = finish_reason(turn, reply), {"id": rid, "created": int(time.time())}
+        answered.update(model=settings.model_name, usage=usage(turn))
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": reply.text, "finish_reason": reason, "logprobs": None}
-        return {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": settings.model_name,
-            "choices": [choice],
-            "usage": usage(turn),
-        }
+            message = AssistantMessage(content=reply.text)
+            return ChatCompletion(**answered, choices=[ChatChoice(index=0, message=message, finish_reason=reason)])
+        return Completion(**answered, choices=[CompletionChoice(index=0, text=reply.text, finish_reason=reason)])
 
-    async def stream(call, reply, rid, chat, include_usage, endpoint, request) -> AsyncIterator[str]:
+    async def stream(call, reply, rid, chat, include_usage, request) -> AsyncIterator[str]:
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, reason: str | None, first: bool = False, usage_: dict | None = None) -> str:
+        def chunk(delta: str | None, reason: str | None, first: bool = False, usage_: Usage | None = None) -> str:
             if usage_ is not None:
                 choices = []
             elif chat:
@@ -271,23 +453,53 @@ def build_app(
                 choices = [{"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}]
             data = {"id": rid, "object": kind, "created": created, "model": settings.model_name, "choices": choices}
             if usage_ is not None:
-                data["usage"] = usage_
+                data["usage"] = usage_.model_dump()
             return f"data: {json.dumps(data)}\n\n"
 
-        if chat:
-            yield chunk("", None, first=True)
+        status = 499  # unless it ends otherwise: the client went away
         try:
-            async for event, value in events(call, reply, request):
-                if event == "text":
-                    yield chunk(value, None)
-                else:
-                    yield chunk(None, finish_reason(value, reply))
-                    if include_usage:
-                        yield chunk(None, None, usage_=usage(value))
-                    metrics.requests.labels(endpoint, "200").inc()
-        except APIError as e:
-            metrics.requests.labels(endpoint, "400").inc()
-            yield f"data: {json.dumps(e.body())}\n\n"
-        yield "data: [DONE]\n\n"
+            if chat:
+                yield chunk("", None, first=True)
+            try:
+                async for event, value in events(call, reply, request):
+                    if event == "text":
+                        yield chunk(value, None)
+                    else:
+                        yield chunk(None, finish_reason(value, reply))
+                        if include_usage:
+                            yield chunk(None, None, usage_=usage(value))
+                        status = 200
+            except APIError as e:  # the stream has started: the error is its last event
+                status = e.status
+                yield f"data: {json.dumps(e.body())}\n\n"
+            if status != 499:
+                yield "data: [DONE]\n\n"
+        finally:
+            count(request, status)
+            call.delivered.set()
 
+    app.openapi = lambda: app.openapi_schema or described(app, settings)
     return app
+
+
+POLL_S = 0.5  # how often a waiting request asks whether its client is still there
+
+
+def described(app: FastAPI, settings: ServerSettings) -> dict:
+    """/openapi.json as the server answers: errors are 400 (not FastAPI's 422) with OpenAI's error object, `model`
+    is this server's model and `role` one the chat template knows."""
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    for path in schema["paths"].values():
+        for operation in path.values():
+            operation["responses"].pop("422", None)
+    del schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]["application/json"]  # text alone
+    parts = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        parts.pop(name, None)
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        parts[name]["properties"]["model"] = {"type": "string", "enum": [settings.model_name], "title": "Model"}
+    parts["ChatMessage"]["properties"]["role"] = {"type": "string", "enum": list(ROLES), "title": "Role"}
+    for name in ("ChatCompletionRequest", "CompletionRequest"):  # as integers: JSON numbers this large lose digits
+        parts[name]["properties"]["seed"]["anyOf"][0].update(minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
+    app.openapi_schema = schema
+    return schema

@@ -9,28 +9,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tp_infer.engine.engine import Engine, TurnRefused
+from tp_infer.engine.engine import Engine
 from tp_infer.engine.request import Turn
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
 
 
 class Busy(Exception):
-    """As many requests are in flight as the server takes: answered 503."""
+    """As many requests are in flight as the server takes, or the engine has stopped: answered 503."""
 
 
 @dataclass(eq=False)
 class Call:
-    """One request in flight. Events on `events`: ("token", id, time), then ("done", turn) or ("error", message)."""
+    """One request in flight. Events on `events`: ("token", id, time), then ("done", turn) or, without a reply,
+    ("refused", message) (the turn cannot run: 400), ("failed", message) (it failed inside the engine: 500) or
+    ("stopped", message) (the engine stopped: 503). The server sets `delivered` once its client has the answer."""
 
     prompt: list[int]
     turn_starts: list[int] | None
     sampling: SamplingParams
     seed: int
     loop: asyncio.AbstractEventLoop
+    cache_salt: str | None = None  # keeps the turn's cached prefixes apart from those of other salts
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     turn: Turn | None = None
     settled: bool = False  # done, failed or cancelled: counted out of the in-flight total
+    delivered: threading.Event = field(default_factory=threading.Event)
 
     def push(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -50,6 +54,8 @@ class EngineLoop:
     # ---- the HTTP server's thread ----
     def submit(self, call: Call) -> None:
         with self.lock:
+            if not self.healthy:
+                raise Busy("the engine has stopped")
             if self.in_flight >= self.max_in_flight:
                 raise Busy(f"{self.in_flight} requests in flight, the most this server takes")
             self.in_flight += 1
@@ -60,21 +66,52 @@ class EngineLoop:
         self.inbox.put(("cancel", call))
 
     # ---- the engine's thread ----
-    def serve(self, should_stop: Callable[[], bool]) -> None:
-        """Take requests and step the engine until should_stop(); then cancel whatever is in flight."""
+    def serve(self, should_stop: Callable[[], bool], grace_s: float = 5.0) -> None:
+        """Take requests and step the engine until should_stop(); then cancel whatever is in flight. If the engine
+        fails (a rank lost, an exception), every request in flight is answered "stopped" and given up to grace_s
+        to reach its client before the failure goes on up and ends the job."""
         try:
             while not should_stop():
                 busy = self.engine.scheduler.has_work
                 self.take_inbox(wait=not busy)
                 if self.engine.scheduler.has_work:
                     for turn in self.engine.step():
-                        self.settle(self.calls.pop(id(turn)), "done", turn)
+                        self.settle(self.calls.pop(id(turn)), *self.outcome(turn))
             for call in list(self.calls.values()):
                 self.engine.cancel(call.turn)
                 self.settle(call, "done", call.turn)
             self.calls.clear()
+        except BaseException as e:
+            told = self.stop_all(f"the server has failed and is stopping ({type(e).__name__}: {e})")
+            deadline = time.monotonic() + grace_s
+            for call in told:
+                call.delivered.wait(max(0.0, deadline - time.monotonic()))
+            raise
         finally:
             self.healthy = False
+
+    @staticmethod
+    def outcome(turn: Turn) -> tuple:
+        """The event that ends a call whose turn has ended: its reply, or its own failure (the engine goes on)."""
+        error = getattr(turn, "error", None)  # set by the engine when this turn alone failed
+        return ("failed", f"the turn failed: {error}") if error else ("done", turn)
+
+    def stop_all(self, message: str) -> list[Call]:
+        """Answer every call in flight or in the inbox "stopped"; no call is taken after this. Returns them."""
+        with self.lock:
+            self.healthy = False
+        told = list(self.calls.values())
+        self.calls.clear()
+        while True:
+            try:
+                kind, call = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                told.append(call)
+        for call in told:
+            self.settle(call, "stopped", message, close=False)
+        return told
 
     def take_inbox(self, wait: bool) -> None:
         try:
@@ -97,19 +134,21 @@ class EngineLoop:
     def start(self, call: Call) -> None:
         session = Session(f"api-{next(self.numbers)}", seed=call.seed)
         try:
+            # HOOK(issue 28): call.cache_salt goes to the engine's turn here once the engine takes it
             call.turn = self.engine.submit(
                 session, call.prompt, call.turn_starts, call.sampling, lambda t: call.push("token", t, time.monotonic())
             )
-        except TurnRefused as e:
-            self.settle(call, "error", str(e))
+        except ValueError as e:  # TurnRefused, or a value the engine refuses: this request's alone
+            self.settle(call, "refused", str(e))
             return
         self.calls[id(call.turn)] = call
 
-    def settle(self, call: Call, *event) -> None:
+    def settle(self, call: Call, *event, close: bool = True) -> None:
+        """The call's last event; close=False leaves the engine alone (it has failed)."""
         if call.settled:
             return
         call.settled = True
-        if call.turn is not None:
+        if call.turn is not None and close:
             self.engine.close_session(call.turn.session)
         with self.lock:
             self.in_flight -= 1

@@ -2,9 +2,11 @@
 refused (a misspelt option must not be ignored silently); known fields that would change the result in a way this
 server cannot honour are refused unless they hold their no-effect value."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from tp_infer.engine.sampling import SEED_RANGE
 
 
 class APIError(Exception):
@@ -18,19 +20,31 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
+def no_lone_surrogates(text: str) -> str:
+    """JSON may spell a lone surrogate (\\ud800), which no encoder can turn into bytes: refuse it where it enters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(no_lone_surrogates)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Strict):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -60,15 +74,17 @@ NO_EFFECT = {
 
 
 class SamplingRequest(Strict):
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # for the client's own bookkeeping: no effect
+    user: Text | None = None  # for the client's own bookkeeping: no effect
+    # keeps this request's cached prefixes apart from those of requests with another salt (vLLM's name)
+    cache_salt: Text | None = Field(None, min_length=1, max_length=1024)
     n: int = 1
     frequency_penalty: float = 0
     presence_penalty: float = 0
@@ -106,7 +122,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -114,3 +130,81 @@ class CompletionRequest(SamplingRequest):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+# ---- the answers, as /openapi.json describes them ----
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object: every answer that is not a 200."""
+
+    error: ErrorDetail
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens found in the cache
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "tp_infer"
+    max_model_len: int  # the longest conversation, prompt and reply, that this server runs
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "failed"]
