@@ -5,11 +5,14 @@ skipped, and the ids remembered beside it are range-checked. Each refusal is one
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from processes import ENV, REPO
 
 from tp_infer import private_files
 from tp_infer.chat import ReplyMemory
@@ -310,3 +313,57 @@ def test_a_linked_replies_file_is_refused_in_one_line(tmp_path, capsys):
     assert not memory.replies
     line = one_line(capsys.readouterr().err)
     assert str(link) in line and "not used" in line
+
+
+# ---------------------------------------------------------------------------------------------- whole jobs
+
+
+def job(ckpt, tmp_path: Path, disk: Path) -> subprocess.CompletedProcess:
+    """A one-line batch job at world size 1 with a disk tier in `disk`."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 0, "prompt_token_ids": [5, 6, 7]}) + "\n")
+    cli = ["--ckpt-path", str(ckpt), "--dtype", "fp32", "--max-seq-len", "64", "--max-new-tokens", "4"]
+    cli += ["--input-file", str(tmp_path / "in.jsonl"), "--output-file", str(tmp_path / "out.jsonl")]
+    cmd = [sys.executable, "-m", "tp_infer.generate", *cli, "--kv-disk-path", str(disk)]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("owner", ["world-writable", "another user's"])
+def test_a_job_refuses_an_unsafe_disk_folder_in_one_line(converted, tmp_path, owner):
+    disk = tmp_path / "kv"
+    disk.mkdir(mode=0o700)
+    if owner == "world-writable":
+        disk.chmod(0o777)
+    elif os.geteuid() == 0:
+        os.chown(disk, OTHER_UID, OTHER_UID)
+    else:
+        pytest.skip("giving a folder to another user needs root")
+    run = job(converted["v3"], tmp_path, disk)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"kv disk tier: folder {disk}" in errors[0], errors[0]
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_text()
+    assert [p.name for p in disk.iterdir()] == [], "nothing written in it"
+
+
+def test_a_reply_memory_with_an_id_out_of_the_vocabulary_is_dropped_and_the_job_goes_on(chat_ckpt, tmp_path):
+    """[999999, 1] put into replies.jsonl between two jobs (its record's code left as it was): the record is
+    dropped with one line, and the continued conversation gets the reply of a job that remembers nothing."""
+    from test_tiers import batch_job
+
+    system, users = "Be brief.", ["Hello there,", "My name is Ada"]
+    disk = ["--kv-disk-path", str(tmp_path / "kv")]
+    asked = [{"role": "system", "content": system}, {"role": "user", "content": users[0]}]
+    first, _ = batch_job(1, chat_ckpt, tmp_path, "first", [{"id": "a", "messages": asked}], *disk)
+    (replies,) = (tmp_path / "kv").glob("*/replies.jsonl")
+    records = [json.loads(line) for line in replies.read_text().splitlines()]
+    assert len(records) == 1
+    records[0]["ids"] = [999999, 1]
+    replies.write_text(json.dumps(records[0]) + "\n")
+    reply = first["a"]["turns"][0]
+    messages = [*asked, {"role": "assistant", "content": reply["text"]}, {"role": "user", "content": users[1]}]
+    second, err = batch_job(1, chat_ckpt, tmp_path, "second", [{"id": "b", "messages": messages}], *disk)
+    lines = [line for line in err.splitlines() if "reply memory" in line]
+    assert len(lines) == 1 and "dropped 1 record" in lines[0], err
+    alone, _ = batch_job(1, chat_ckpt, tmp_path, "alone", [{"id": "b", "messages": messages}])  # no memory at all
+    assert second["b"]["turns"][0]["token_ids"] == alone["b"]["turns"][0]["token_ids"]

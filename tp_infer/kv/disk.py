@@ -76,6 +76,15 @@ def authentication(secret: bytes, meta: dict[str, str], tensors: dict[str, torch
     return h.hexdigest()
 
 
+def check_folder(root: str | Path) -> None:
+    """The disk tier's folder, created 0700 if missing; UnsafePathError (one line naming it) when it is not this
+    user's or others may write in it, OSError when it cannot be created. For a start-up check before loading."""
+    try:
+        ensure_private_dir(root)
+    except UnsafePathError as e:
+        raise UnsafePathError(f"kv disk tier: {e}") from None
+
+
 class DiskFiles:
     """This rank's access to the disk tier. `shared`: one file per block serves every rank (absorb), written by rank
     0 only. Raises UnsafePathError for a folder (or key file) that someone else could have written; a folder that
@@ -90,11 +99,12 @@ class DiskFiles:
         self.saved = 0  # files this rank wrote
         self.secret: bytes | None = None  # None: nothing is read or written
         try:
-            ensure_private_dir(root)
-            ensure_private_dir(self.dir)
-            self.secret = folder_secret(self.dir)
-        except UnsafePathError as e:
-            raise UnsafePathError(f"kv disk tier: {e}") from None
+            check_folder(root)
+            check_folder(self.dir)
+            try:
+                self.secret = folder_secret(self.dir)
+            except UnsafePathError as e:
+                raise UnsafePathError(f"kv disk tier: {e}") from None
         except OSError as e:
             self.report("folder", f"cannot create {self.dir} ({e.strerror}): nothing is kept on disk")
             self.writes = False
