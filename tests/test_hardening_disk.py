@@ -20,6 +20,7 @@ from tp_infer.kv.disk import FORMAT, DiskFiles
 from tp_infer.private_files import (
     SECRET_NAME,
     UnsafePathError,
+    check_private_file,
     ensure_private_dir,
     folder_secret,
     read_private,
@@ -255,6 +256,26 @@ def test_read_private_refuses_links_fifos_and_other_users_files(tmp_path):
         os.chown(tmp_path / "real", OTHER_UID, OTHER_UID)
         with pytest.raises(UnsafePathError, match=f"uid {OTHER_UID}"):
             read_private(tmp_path / "real")
+
+
+def test_check_private_file_accepts_only_this_users_regular_unshared_files(tmp_path):
+    lib = tmp_path / "kernels.so"
+    lib.write_bytes(b"x")
+    lib.chmod(0o755)
+    check_private_file(lib)
+    (tmp_path / "link.so").symlink_to(lib)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        check_private_file(tmp_path / "link.so")
+    lib.chmod(0o775)
+    with pytest.raises(UnsafePathError, match="writable by others"):
+        check_private_file(lib)
+    with pytest.raises(UnsafePathError, match="not a regular file"):
+        check_private_file(tmp_path)
+    if os.geteuid() == 0:
+        lib.chmod(0o755)
+        os.chown(lib, OTHER_UID, OTHER_UID)
+        with pytest.raises(UnsafePathError, match=f"uid {OTHER_UID}"):
+            check_private_file(lib)
 
 
 def test_folder_secret_is_shared_by_every_caller(tmp_path):

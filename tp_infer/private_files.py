@@ -48,6 +48,21 @@ def check_owner(path: Path, st: os.stat_result, what: str) -> None:
         )
 
 
+def check_private_file(path: str | Path) -> None:
+    """Raise UnsafePathError unless `path` is a regular file (not a symbolic link) of this user that its group and
+    others cannot write: for a file used by its path (a shared library to load) in a folder ensure_private_dir
+    accepted. OSError (FileNotFoundError) when it does not exist."""
+    path = Path(path)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(f"{path} is a symbolic link: not followed")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(f"{path} is not a regular file")
+    check_owner(path, st, "file")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafePathError(f"file {path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): not used")
+
+
 def open_private(path: str | Path, flags: int = os.O_RDONLY) -> int:
     """A file descriptor for `path`, never through a symbolic link (UnsafePathError), created 0600 with O_CREAT. A file
     opened for reading must be a regular file owned by this user (UnsafePathError otherwise); a FIFO does not
