@@ -388,3 +388,27 @@ def test_a_reply_memory_with_an_id_out_of_the_vocabulary_is_dropped_and_the_job_
     assert len(lines) == 1 and "dropped 1 record" in lines[0], err
     alone, _ = batch_job(1, chat_ckpt, tmp_path, "alone", [{"id": "b", "messages": messages}])  # no memory at all
     assert second["b"]["turns"][0]["token_ids"] == alone["b"]["turns"][0]["token_ids"]
+
+
+def test_replies_without_a_valid_code_or_unparsable_are_dropped_in_one_line(tmp_path, capsys):
+    path = memory_file(tmp_path, [{"prompt": [5, 6], "text": "hi", "ids": [7, 8]}])
+    good = path.read_text()
+    bad = [
+        {"key": "00" * 16, "text": "x", "ids": [1]},  # format of old: no code
+        {"key": "00" * 16, "text": "x", "ids": [1], "mac": "é\ud800"},
+        {"key": "00" * 16, "text": "x", "ids": [1], "mac": ["not", "a", "string"]},
+    ]
+    path.write_text(good + "".join(json.dumps(r) + "\n" for r in bad) + "[1, 2]\nnot json\n")
+    memory = ReplyMemory.load(path, vocab_size=100)
+    assert list(memory.replies.values()) == [("hi", [7, 8])]
+    line = one_line(capsys.readouterr().err)
+    assert "dropped 5 records (3 not written by this program, 2 that do not parse)" in line, line
+
+
+def test_a_block_with_a_code_that_is_not_text_is_skipped(tmp_path, capsys):
+    disk = files(tmp_path / "kv")
+    assert disk.save(KEY, tensors())
+    forge(disk.path(KEY), {"mac": "é∂"}, tensors())
+    capsys.readouterr()
+    assert disk.load(KEY, LAYOUT) is None
+    assert "not written by this disk tier" in one_line(capsys.readouterr().err)

@@ -3,7 +3,6 @@ them for the engine. Each user message becomes only the tokens the template adds
 generated ids stay in the history exactly as they were generated."""
 
 import hashlib
-import hmac
 import json
 import sys
 from array import array
@@ -16,7 +15,14 @@ from tp_infer.engine.engine import Engine, Turn
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
 from tp_infer.kv.tiers import salted_root
-from tp_infer.private_files import UnsafePathError, authenticator, folder_secret, read_private, write_private
+from tp_infer.private_files import (
+    UnsafePathError,
+    authenticator,
+    folder_secret,
+    read_private,
+    same_code,
+    write_private,
+)
 from tp_infer.tokenizer import ChatTokenizer
 
 
@@ -142,11 +148,11 @@ class ReplyMemory:
             try:
                 record = json.loads(line)
                 key, text, ids = bytes.fromhex(record["key"]), record["text"], record["ids"]
-                mac = record["mac"]
+                mac = record.get("mac")
             except (ValueError, KeyError, TypeError):
                 dropped["that do not parse"] += 1
                 continue
-            if not isinstance(mac, str) or not hmac.compare_digest(mac, record_mac(secret, key, text, ids)):
+            if not same_code(mac, record_mac(secret, key, text, ids)):
                 dropped["not written by this program"] += 1
             elif not isinstance(text, str) or not isinstance(ids, list) or not valid_ids(ids, limit):
                 dropped[f"with token ids outside the vocabulary [0, {limit})"] += 1

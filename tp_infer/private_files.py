@@ -149,3 +149,10 @@ def folder_secret(folder: str | Path) -> bytes:
 def authenticator(secret: bytes) -> "hmac.HMAC":
     """A fresh HMAC-SHA256 under `secret`, for update() with what a file holds."""
     return hmac.new(secret, digestmod="sha256")
+
+
+def same_code(given: object, expected: str) -> bool:
+    """Whether an authentication code read from a file (any JSON value) is the expected one, in constant time."""
+    return isinstance(given, str) and hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )

@@ -18,7 +18,6 @@ once and the block is simply not kept.
 
 import contextlib
 import hashlib
-import hmac
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from tp_infer.private_files import (
     ensure_private_dir,
     folder_secret,
     read_private,
+    same_code,
     write_private,
 )
 
@@ -163,7 +163,7 @@ class DiskFiles:
             layout = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
             if layout != expected:
                 raise ValueError("its tensors are not the pool's")
-            if not hmac.compare_digest(authentication(self.secret, meta, tensors), str(meta.get("mac", ""))):
+            if not same_code(meta.get("mac"), authentication(self.secret, meta, tensors)):
                 raise ValueError("not written by this disk tier: its authentication code does not match its contents")
         except FileNotFoundError:
             self.report("missing", f"{path} is gone: recomputing what it held")
