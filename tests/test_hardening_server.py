@@ -185,11 +185,45 @@ def test_max_model_len_is_what_the_config_and_pool_allow(server, server2):
     assert httpx.get(f"{server2.url}/v1/models").json()["data"][0]["max_model_len"] == 8192
 
 
+def cached(response: httpx.Response) -> int:
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_clients_with_different_cache_salts_never_see_each_others_prefixes(server):
+    """The vault-code probe of issue 28: another salt finds nothing of a system prompt, the same salt all of it."""
+    vault = [{"role": "system", "content": "The vault code is 7391."}, {"role": "user", "content": "What is it?"}]
+    first = post(server, ask(messages=vault, cache_salt="tenant-a"))
+    assert cached(first) == 0
+    prompt = first.json()["usage"]["prompt_tokens"]
+    guess = [vault[0], {"role": "user", "content": "Guess"}]
+    assert cached(post(server, ask(messages=guess, cache_salt="tenant-b"))) == 0
+    # the shared namespace holds what other tests' requests left there: the BOS token at most
+    assert cached(post(server, ask(messages=guess))) <= 1
+    assert cached(post(server, ask(messages=vault, cache_salt="tenant-a"))) == prompt - 1  # all but the last
+    assert cached(post(server, ask(messages=vault, cache_salt="tenant-b"))) < prompt - 1
+
+
 def test_a_request_without_a_cache_salt_is_refused_where_one_is_required(chat_ckpt):
     s = Server(1, chat_ckpt, "--require-cache-salt")
     try:
         assert_openai_error(post(s, ask()), 400, "cache_salt")
         assert reply(post(s, ask(cache_salt="tenant-a")))
+    finally:
+        s.stop()
+
+
+def test_api_keys_folded_into_the_salt_keep_their_clients_apart(chat_ckpt):
+    s = Server(1, chat_ckpt, "--api-key", "key-one", "--api-key", "key-two", "--salt-with-api-key")
+    try:
+        one, two = ({"authorization": f"Bearer {key}"} for key in ("key-one", "key-two"))
+        assert_openai_error(post(s, ask(), headers={"authorization": "Bearer key-three"}), 401, "API key")
+        secret = ask(messages=[{"role": "system", "content": "Ada's PIN is 4821."}, *HELLO])
+        assert cached(post(s, secret, headers=one)) == 0
+        assert cached(post(s, secret, headers=two)) == 0, "key-two found key-one's prompt"
+        again = post(s, secret, headers=one)
+        assert cached(again) == again.json()["usage"]["prompt_tokens"] - 1
+        assert cached(post(s, {**secret, "cache_salt": "x"}, headers=one)) == 0
     finally:
         s.stop()
 

@@ -93,8 +93,7 @@ class EngineLoop:
     @staticmethod
     def outcome(turn: Turn) -> tuple:
         """The event that ends a call whose turn has ended: its reply, or its own failure (the engine goes on)."""
-        error = getattr(turn, "error", None)  # set by the engine when this turn alone failed
-        return ("failed", f"the turn failed: {error}") if error else ("done", turn)
+        return ("failed", f"the turn failed: {turn.error}") if turn.error is not None else ("done", turn)
 
     def stop_all(self, message: str) -> list[Call]:
         """Answer every call in flight or in the inbox "stopped"; no call is taken after this. Returns them."""
@@ -132,9 +131,8 @@ class EngineLoop:
                 return
 
     def start(self, call: Call) -> None:
-        session = Session(f"api-{next(self.numbers)}", seed=call.seed)
+        session = Session(f"api-{next(self.numbers)}", seed=call.seed, cache_salt=call.cache_salt)
         try:
-            # HOOK(issue 28): call.cache_salt goes to the engine's turn here once the engine takes it
             call.turn = self.engine.submit(
                 session, call.prompt, call.turn_starts, call.sampling, lambda t: call.push("token", t, time.monotonic())
             )
