@@ -80,6 +80,12 @@ class ChatTokenizer:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template applied to `messages` ({"role", "content"} dicts), as text."""
+        return self.render_tracked(messages, add_generation_prompt)[0]
+
+    def render_tracked(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, dict[int, int]]:
+        """The text, and where the template took each message in its last loop over them: {i: length of the text
+        written before}. A template that writes message i in the loop's i-th pass, after what comes before it,
+        writes there exactly what it writes for messages[:i]; render_cuts checks that."""
         if self.template is None:
             raise TokenizerError("the tokenizer has no chat template (tokenizer_config.json chat_template)")
         for i, message in enumerate(messages):
@@ -87,26 +93,76 @@ class ChatTokenizer:
                 raise TokenizerError(f"message {i}: unknown role {message.get('role')!r}")
             if not isinstance(message.get("content"), str):
                 raise TokenizerError(f"message {i}: content must be a string")
+        pieces, written = [], [0]
+        tracked = _Tracked(messages, lambda: written[0])
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+            for piece in self.template.generate(
+                messages=tracked, add_generation_prompt=add_generation_prompt, **self.special
+            ):
+                pieces.append(piece)
+                written[0] += len(piece)
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None
+        return "".join(pieces), tracked.taken
+
+    def render_cuts(
+        self, messages: list[dict], points: list[tuple[int, bool]], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int] | None]:
+        """The conversation rendered whole, and for each point (i, g) the length of the text of messages[:i]
+        (render(messages[:i], g), render_prefix for g false), a prefix of the whole text, in time linear in the
+        conversation: each is cut where the template took message i (plus the generation prompt for g). The cuts are
+        checked by rendering a few points whole: what a template writes after a conversation's last message (the
+        generation prompt, the end of tool outputs) depends on that message, so the first and the last point after
+        each role, with and without the generation prompt. Where the cuts do not check out, each point is rendered
+        (at most EXACT_POINTS of them). None: the template does not render a conversation as a prefix of its
+        continuation, or there are too many points to render each."""
+        full, taken = self.render_tracked(messages, add_generation_prompt)
+        ends = self._cut(messages, points, full, taken)
+        if ends is None and len(points) <= EXACT_POINTS:
+            texts = [self._render_point(messages, point) for point in points]
+            if all(full.startswith(text) for text in texts):
+                ends = [len(text) for text in texts]
+        return full, ends if ends is not None and ends == sorted(ends) else None
+
+    def _cut(self, messages: list[dict], points, full: str, taken: dict[int, int]) -> list[int] | None:
+        if not all(i in taken for i, _ in points):
+            return None
+        prompts = [i for i, g in points if g]
+        suffix = self._generation_prompt(messages[: prompts[0]]) if prompts else ""
+        if any(g and not full.startswith(suffix, taken[i]) for i, g in points):
+            return None
+        ends = [taken[i] + (len(suffix) if g else 0) for i, g in points]
+        groups: dict[tuple, list[int]] = {}  # the points by what the template may write after a conversation's end
+        for k, (i, g) in enumerate(points):
+            groups.setdefault((messages[i - 1]["role"] if i else None, g), []).append(k)
+        for k in sorted({k for ks in groups.values() for k in (ks[0], ks[-1])}):
+            text = self._render_point(messages, points[k])
+            if len(text) != ends[k] or not full.startswith(text):
+                return None
+        return ends
+
+    def _render_point(self, messages: list[dict], point: tuple[int, bool]) -> str:
+        i, generation_prompt = point
+        return self.render(messages[:i], True) if generation_prompt else self.render_prefix(messages[:i])
+
+    def _generation_prompt(self, messages: list[dict]) -> str:
+        """What add_generation_prompt adds after `messages` ("" if it does not add to their text)."""
+        with_prompt, without = self.render(messages, True), self.render_prefix(messages)
+        return with_prompt[len(without) :] if with_prompt.startswith(without) else ""
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], list[int]]:
         """Token ids of the rendered conversation and where each user turn starts in them. The conversation is
         encoded in pieces cut just before each user message, so the boundaries are exact; where the template does
         not render a conversation as a prefix of its continuation, it is encoded whole as one turn."""
-        cuts = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        texts = [self.render_prefix(messages[:i]) for i in cuts]
-        full = self.render(messages, add_generation_prompt)
-        chain = [*texts, full]
-        if not all(b.startswith(a) for a, b in pairwise(chain)):
+        cuts = [(i, False) for i, m in enumerate(messages) if m["role"] == "user"]
+        full, ends = self.render_cuts(messages, cuts, add_generation_prompt)
+        if ends is None:
             return self.encode(full), [0]
-        ids = self.encode(chain[0])
+        ids = self.encode(full[: ends[0]] if ends else full)
         starts = []
-        for a, b in pairwise(chain):
+        for a, b in pairwise([*ends, len(full)]):
             starts.append(len(ids))
-            ids += self.encode(b[len(a) :])
+            ids += self.encode(full[a:b])
         return ids, starts or [0]
 
     def render_prefix(self, messages: list[dict]) -> str:
@@ -117,6 +173,23 @@ class ChatTokenizer:
             if messages:
                 raise
             return ""
+
+
+EXACT_POINTS = 64  # where the cuts do not check out, conversations with up to this many points render each
+
+
+class _Tracked(list):
+    """A conversation's messages as the template iterates them: taken[i] is what written() said when the template's
+    loop last took message i."""
+
+    def __init__(self, messages: list[dict], written):
+        super().__init__(messages)
+        self.written, self.taken = written, {}
+
+    def __iter__(self):
+        for i, message in enumerate(super().__iter__()):
+            self.taken[i] = self.written()
+            yield message
 
 
 class StreamDecoder:
