@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import kill_all, rank_pids
+import test_server
+from faulty_server import FAULT_TEMPERATURE
+from processes import kill_all, rank_pids, torchrun
 from test_server import MODEL, Server
 
 BODY_LIMIT, MAX_MESSAGES = 100_000, 64
@@ -247,6 +249,40 @@ def test_a_non_streaming_client_that_disconnects_cancels_its_turn(server2):
     assert s.metric("tp_infer_generated_tokens_total") - generated < 4000, "the turn ran on after its client left"
     assert s.metric('tp_infer_requests_total{endpoint="chat",status="499"}') >= 1
     assert reply(post(s, ask(temperature=0)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_turn_that_fails_in_the_engine_answers_its_client_alone(chat_ckpt, monkeypatch, world_size):
+    """A turn whose sampling raises ends with a 500 error object (an error event, streaming); the turns beside it,
+    the engine and the job go on, and its blocks are released."""
+    script = str(Path(__file__).with_name("faulty_server.py"))  # takes the module Server puts in its command
+    faulty = lambda n, *args: torchrun(n, "tp_infer.generate", *args, script=script)  # noqa: E731
+    monkeypatch.setattr(test_server, "torchrun", faulty)
+    s = Server(world_size, chat_ckpt, "--ignore-eos")
+    try:
+        expected = reply(post(s, ask(temperature=0, max_tokens=8)))
+        poison = ask(temperature=FAULT_TEMPERATURE, max_tokens=8)
+        results: dict = {}
+        threads = [
+            threading.Thread(target=lambda: results.update(whole=post(s, poison))),
+            threading.Thread(target=lambda: results.update(stream=post(s, {**poison, "stream": True}))),
+            threading.Thread(target=lambda: results.update(normal=post(s, ask(temperature=0, max_tokens=8)))),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        error = assert_openai_error(results["whole"], 500, "injected fault in sampling")
+        assert error["type"] == "server_error"
+        events = [line.removeprefix("data: ") for line in results["stream"].text.splitlines() if line]
+        assert events[-1] == "[DONE]" and "injected fault" in json.loads(events[-2])["error"]["message"], events
+        assert reply(results["normal"]) == expected
+        assert reply(post(s, ask(temperature=0, max_tokens=8))) == expected
+        assert httpx.get(f"{s.url}/health").json() == {"status": "ok"}
+        assert idle(s)
+        assert s.metric('tp_infer_requests_total{endpoint="chat",status="500"}') == 2
+    finally:
+        s.stop()
 
 
 def test_a_killed_follower_sends_every_client_an_error(chat_ckpt, tmp_path):
