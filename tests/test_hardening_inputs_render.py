@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from checkpoints import DEEPSEEK_V3_TEMPLATE, write_tokenizer
 
+from tp_infer.chat import ReplyMemory, encode_messages
 from tp_infer.tokenizer import EXACT_POINTS, ChatTokenizer
 
 CHECKS = 4  # renderings to check the cuts of a conversation of users and assistants after a system prompt
@@ -165,3 +166,72 @@ def test_render_cuts_with_generation_prompts(tokenizer_folder):
             assert ends == [len(t) for t in texts], messages
         else:
             assert ends is None, messages
+
+
+def old_encode_messages(tokenizer: ChatTokenizer, messages: list[dict], memory: ReplyMemory, salt=None):
+    """chat.encode_messages as it was: every point rendered on its own, every recall hashing the whole prompt."""
+    points = []
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            points.append((tokenizer.render_prefix(messages[:i]), None))
+        elif m["role"] == "assistant":
+            points.append((tokenizer.render(messages[:i], add_generation_prompt=True), m["content"]))
+    points.append((tokenizer.render(messages, add_generation_prompt=True), None))
+    if not all(b[0].startswith(a[0]) for a, b in pairwise(points)):
+        return tokenizer.encode_chat(messages)
+    ids, starts, done, stop = [], [], "", None
+    for text, reply in points:
+        if not text.startswith(done):
+            return tokenizer.encode_chat(messages)
+        new = tokenizer.encode(text[len(done) :])
+        if stop is not None and new[:1] == [stop]:
+            new = new[1:]
+        ids += new
+        done, stop = text, None
+        if reply is None:
+            starts.append(len(ids))
+            continue
+        recalled = memory.recall(ids, reply, salt, tokenizer.vocab_size)
+        if recalled is not None:
+            ids += recalled
+            done += reply
+            stop = recalled[-1] if recalled and recalled[-1] in tokenizer.eos_token_ids else None
+    return ids, starts[:-1] or [0]
+
+
+@pytest.mark.parametrize("name", ["demo", "tests", "shipped"])
+@pytest.mark.parametrize("salt", [None, "tenant-a"])
+def test_encode_messages_with_remembered_replies_equals_the_old_way(tokenizer_folder, name, salt):
+    """Replies remembered (as ids a re-tokenisation would not give, some ending in eos) for most assistant messages,
+    under the salt or another one; the ids and starts equal those of rendering every point on its own."""
+    tokenizer = tokenizer_with(tokenizer_folder, name)
+    eos = tokenizer.eos_token_ids[0]
+    rng = random.Random(3)
+    recalled = 0
+    for messages in conversations(4, 80, 10, roles=("user", "assistant")):
+        if name == "demo" and any(m["role"] == "tool" for m in messages):
+            continue
+        memory = ReplyMemory()
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and rng.random() < 0.7:
+                prompt = old_encode_messages(tokenizer, messages[:i], memory, salt)[0]
+                reply = [*reversed(tokenizer.encode(m["content"])), *([eos] if rng.random() < 0.5 else [])]
+                memory.remember(prompt, m["content"], reply, salt if rng.random() < 0.8 else "tenant-b")
+        expected = old_encode_messages(tokenizer, messages, memory, salt)
+        assert encode_messages(tokenizer, messages, memory, salt) == expected, messages
+        recalled += expected != tokenizer.encode_chat(messages)
+    assert recalled > 20, "remembered replies must change the ids for the comparison to mean something"
+
+
+@pytest.mark.parametrize("name", ["demo", "shipped"])
+def test_encode_messages_work_is_linear_in_the_conversation(tokenizer_folder, name):
+    tokenizer = tokenizer_with(tokenizer_folder, name)
+    counts = []
+    for n in (100, 10_000):
+        counting = tokenizer.template = CountingTemplate(tokenizer.template)
+        try:
+            encode_messages(tokenizer, alternating(n), ReplyMemory())
+        finally:
+            tokenizer.template = counting.template
+        counts.append((counting.renders, counting.messages))
+    assert counts[0][0] == counts[1][0] <= 2 * CHECKS and counts[1][1] <= 2 * CHECKS * 10_001

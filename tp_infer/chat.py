@@ -8,7 +8,6 @@ import sys
 from array import array
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 
 from tp_infer.engine.engine import Engine, Turn
@@ -98,8 +97,14 @@ class ReplyMemory:
     @staticmethod
     def key(prompt: list[int], cache_salt: str | bytes | None = None) -> bytes:
         """The prompt's digest; a salted prompt's is that of the salt's namespace (tiers.salted_root)."""
-        prefix = b"" if cache_salt is None else salted_root(b"", cache_salt)
-        return hashlib.blake2b(prefix + array("q", prompt).tobytes(), digest_size=16).digest()
+        running = ReplyMemory.running_key(cache_salt)
+        running.update(array("q", prompt).tobytes())
+        return running.digest()
+
+    @staticmethod
+    def running_key(cache_salt: str | bytes | None = None):
+        """key() of ids that grow: update it with array("q", new_ids).tobytes(); its digest() is key(ids)."""
+        return hashlib.blake2b(b"" if cache_salt is None else salted_root(b"", cache_salt), digest_size=16)
 
     def remember(self, prompt: list[int], text: str, ids: list[int], cache_salt: str | bytes | None = None) -> None:
         """`ids` (its stop token included, if it stopped) were generated after `prompt` and read as `text`."""
@@ -110,11 +115,11 @@ class ReplyMemory:
             self.replies.popitem(last=False)
 
     def recall(
-        self, prompt: list[int], text: str, cache_salt: str | bytes | None = None, vocab_size: int | None = None
+        self, prompt: list[int] | bytes, text: str, cache_salt: str | bytes | None = None, vocab_size: int | None = None
     ) -> list[int] | None:
-        """The ids remembered after `prompt` if they read as `text`. A record with an id outside the vocabulary (the
-        smaller of vocab_size and the memory's) is forgotten, with one line on stderr."""
-        key = self.key(prompt, cache_salt)
+        """The ids remembered after `prompt` (the ids, or their key()) if they read as `text`. A record with an id
+        outside the vocabulary (the smaller of vocab_size and the memory's) is forgotten, with one line on stderr."""
+        key = prompt if isinstance(prompt, bytes) else self.key(prompt, cache_salt)
         found = self.replies.get(key)
         if found is None or found[0] != text:
             return None
@@ -204,30 +209,31 @@ def encode_messages(
     same cache_salt) gets its generated ids back."""
     if memory is None or not any(m["role"] == "assistant" for m in messages):
         return tokenizer.encode_chat(messages)
-    points = []  # (text up to here, what starts here)
-    for i, m in enumerate(messages):
-        if m["role"] == "user":
-            points.append((tokenizer.render_prefix(messages[:i]), None))
-        elif m["role"] == "assistant":
-            points.append((tokenizer.render(messages[:i], add_generation_prompt=True), m["content"]))
-    points.append((tokenizer.render(messages, add_generation_prompt=True), None))
-    if not all(b[0].startswith(a[0]) for a, b in pairwise(points)):
+    # the text before each user message, and before each assistant message's content: prefixes of the whole text
+    points = [(i, m["role"] == "assistant") for i, m in enumerate(messages) if m["role"] in ("user", "assistant")]
+    full, ends = tokenizer.render_cuts(messages, points)
+    if ends is None:
         return tokenizer.encode_chat(messages)
-    ids, starts, done, stop = [], [], "", None
-    for text, reply in points:
-        if not text.startswith(done):
+    ids, starts, done, stop = [], [], 0, None  # done: the length of the text ids hold
+    running = memory.running_key(cache_salt)  # key(ids), kept as ids grow: each recall costs its new ids only
+    for (i, reply), end in zip([*points, (len(messages), False)], [*ends, len(full)], strict=True):
+        if end < done:
             return tokenizer.encode_chat(messages)  # a remembered reply the template renders differently
-        new = tokenizer.encode(text[len(done) :])
+        new = tokenizer.encode(full[done:end])
         if stop is not None and new[:1] == [stop]:
             new = new[1:]  # the reply's own stop token is already there
         ids += new
-        done, stop = text, None
-        if reply is None:
+        running.update(array("q", new).tobytes())
+        done, stop = end, None
+        if not reply:
             starts.append(len(ids))
             continue
-        recalled = memory.recall(ids, reply, cache_salt, tokenizer.vocab_size)
+        recalled = memory.recall(running.digest(), messages[i]["content"], cache_salt, tokenizer.vocab_size)
         if recalled is not None:
+            if not full.startswith(messages[i]["content"], done):
+                return tokenizer.encode_chat(messages)
             ids += recalled
-            done += reply
+            running.update(array("q", recalled).tobytes())
+            done += len(messages[i]["content"])
             stop = recalled[-1] if recalled and recalled[-1] in tokenizer.eos_token_ids else None
     return ids, starts[:-1] or [0]
