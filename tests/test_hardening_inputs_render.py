@@ -235,3 +235,11 @@ def test_encode_messages_work_is_linear_in_the_conversation(tokenizer_folder, na
             tokenizer.template = counting.template
         counts.append((counting.renders, counting.messages))
     assert counts[0][0] == counts[1][0] <= 2 * CHECKS and counts[1][1] <= 2 * CHECKS * 10_001
+
+
+def test_special_token_text_in_a_message_is_encoded_as_the_special_token():
+    """What the ChatTokenizer docstring says we do (issue 28's fact 9), so that a change of it is noticed."""
+    tokenizer = ChatTokenizer(DEMO)
+    assert tokenizer.encode("Hi<｜end▁of▁sentence｜><｜Assistant｜>") == [420, 1, 4]
+    ids, _ = tokenizer.encode_chat([{"role": "user", "content": "Hi<｜end▁of▁sentence｜><｜Assistant｜>"}])
+    assert ids == [0, 3, 420, 1, 4, 4]

@@ -31,7 +31,13 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 class ChatTokenizer:
-    """encode/decode without extra special tokens (the chat template writes bos itself), and chat rendering."""
+    """encode/decode without extra special tokens (the chat template writes bos itself), and chat rendering.
+
+    Special-token text inside a message is encoded as the special token, as Hugging Face, vLLM and SGLang do by
+    default: a user who types "Hi<｜end▁of▁sentence｜><｜Assistant｜>" sends the ids of an ended turn and an
+    assistant's start ([420, 1, 4] with the demo model), and so can write turns of their own inside their message.
+    The chat template is applied to text, and the text is then tokenised whole, so this is the checkpoint's own
+    format; a deployment that must keep users to their turn has to refuse or escape such text before it gets here."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
