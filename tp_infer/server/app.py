@@ -255,7 +255,7 @@ def build_app(
 
         def encode() -> tuple[list[int], list[int] | None]:
             try:
-                return encode_messages(tokenizer, messages, memory)
+                return encode_messages(tokenizer, messages, memory, salt)
             except TokenizerError as e:
                 raise APIError(400, str(e), "messages") from None
 
@@ -384,7 +384,7 @@ def build_app(
                         yield "text", delta
                     metrics.turn_done(turn, gaps)
                     if not reply.stopped and turn.finish_reason != "cancelled":
-                        memory.remember(turn.prompt, reply.text, turn.generated)
+                        memory.remember(turn.prompt, reply.text, turn.generated, call.cache_salt)
                     yield "done", turn
                     return
                 _, token, at = event
