@@ -191,7 +191,7 @@ def old_encode_messages(tokenizer: ChatTokenizer, messages: list[dict], memory: 
         if reply is None:
             starts.append(len(ids))
             continue
-        recalled = memory.recall(ids, reply, salt, tokenizer.vocab_size)
+        recalled = memory.recall(ids, reply, salt)
         if recalled is not None:
             ids += recalled
             done += reply

@@ -88,10 +88,12 @@ class ReplyMemory:
     """The exact ids of replies generated here, by the ids that preceded them (and the request's cache_salt: one
     tenant's replies are never recalled for another). A conversation sent back as text (a `messages` batch line, an
     API request) then gets its replies' own ids instead of a re-tokenisation, which need not be the same, and so
-    finds its whole history in the cache. vocab_size: the model's; ids outside [0, vocab_size) are never recalled."""
+    finds its whole history in the cache. Its ids are the model's, in [0, the model's vocab_size): those remembered
+    here were generated, those loaded from a file are range-checked there. A checkpoint's embedding may have more rows
+    than its tokenizer has tokens: an id the tokenizer lacks is still one the model generated."""
 
-    def __init__(self, capacity: int = 65536, vocab_size: int | None = None):
-        self.capacity, self.vocab_size = capacity, vocab_size
+    def __init__(self, capacity: int = 65536):
+        self.capacity = capacity
         self.replies: OrderedDict[bytes, tuple[str, list[int]]] = OrderedDict()
 
     @staticmethod
@@ -114,31 +116,21 @@ class ReplyMemory:
         while len(self.replies) > self.capacity:
             self.replies.popitem(last=False)
 
-    def recall(
-        self, prompt: list[int] | bytes, text: str, cache_salt: str | bytes | None = None, vocab_size: int | None = None
-    ) -> list[int] | None:
-        """The ids remembered after `prompt` (the ids, or their key()) if they read as `text`. A record with an id
-        outside the vocabulary (the smaller of vocab_size and the memory's) is forgotten, with one line on stderr."""
-        key = prompt if isinstance(prompt, bytes) else self.key(prompt, cache_salt)
-        found = self.replies.get(key)
-        if found is None or found[0] != text:
-            return None
-        limit = min(v for v in (vocab_size, self.vocab_size, 1 << 62) if v is not None)
-        if not valid_ids(found[1], limit):
-            del self.replies[key]
-            warn(f"reply memory: forgot a reply whose token ids are outside the vocabulary [0, {limit})")
-            return None
-        return found[1]
+    def recall(self, prompt: list[int] | bytes, text: str, cache_salt: str | bytes | None = None) -> list[int] | None:
+        """The ids remembered after `prompt` (the ids, or their key()) if they read as `text`."""
+        found = self.replies.get(prompt if isinstance(prompt, bytes) else self.key(prompt, cache_salt))
+        return found[1] if found is not None and found[0] == text else None
 
     # Kept beside the disk tier's files, so that a restarted job or server finds the histories it sent back as text:
     # JSON lines {"key", "text", "ids", "mac"}, oldest first; "mac" authenticates the record under the folder's
     # secret key (private_files.folder_secret), so that a record this program did not write is never used.
     @classmethod
-    def load(cls, path: Path, capacity: int = 65536, vocab_size: int | None = None) -> "ReplyMemory":
-        """What save() wrote (nothing if there is no such file). A file that is a link, not this user's, or
-        unreadable is not used; records that do not parse, were not written by this program or hold ids outside [0,
-        vocab_size) are dropped: one line on stderr either way."""
-        memory = cls(capacity, vocab_size)
+    def load(cls, path: Path, *, vocab_size: int, capacity: int = 65536) -> "ReplyMemory":
+        """What save() wrote (nothing if there is no such file). vocab_size: the model's (its embedding's rows, not
+        the tokenizer's). A file that is a link, not this user's, or unreadable is not used; records that do not
+        parse, were not written by this program or hold ids outside [0, vocab_size) are dropped: one line on stderr
+        either way."""
+        memory = cls(capacity)
         try:
             content = read_private(path).decode(errors="replace")
             secret = folder_secret(path.parent)
@@ -148,7 +140,6 @@ class ReplyMemory:
             warn(f"reply memory {path} not used: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
             return memory
         dropped = Counter()
-        limit = vocab_size if vocab_size is not None else 1 << 62
         for line in content.splitlines():
             try:
                 record = json.loads(line)
@@ -159,8 +150,8 @@ class ReplyMemory:
                 continue
             if not same_code(mac, record_mac(secret, key, text, ids)):
                 dropped["not written by this program"] += 1
-            elif not isinstance(text, str) or not isinstance(ids, list) or not valid_ids(ids, limit):
-                dropped[f"with token ids outside the vocabulary [0, {limit})"] += 1
+            elif not isinstance(text, str) or not isinstance(ids, list) or not valid_ids(ids, vocab_size):
+                dropped[f"with token ids outside the vocabulary [0, {vocab_size})"] += 1
             else:
                 memory.replies[key] = (text, ids)
         if dropped:
@@ -228,7 +219,7 @@ def encode_messages(
         if not reply:
             starts.append(len(ids))
             continue
-        recalled = memory.recall(running.digest(), messages[i]["content"], cache_salt, tokenizer.vocab_size)
+        recalled = memory.recall(running.digest(), messages[i]["content"])
         if recalled is not None:
             if not full.startswith(messages[i]["content"], done):
                 return tokenizer.encode_chat(messages)

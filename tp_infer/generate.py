@@ -29,9 +29,9 @@ from tp_infer.distributed import (
 )
 from tp_infer.engine.engine import Engine
 from tp_infer.engine.runner import ModelRunner, RemoteAbort
-from tp_infer.engine.sampling import SamplingParams
+from tp_infer.engine.sampling import SEED_RANGE, SamplingParams
 from tp_infer.failures import report_failure
-from tp_infer.kv.disk import DiskFiles, fingerprint
+from tp_infer.kv.disk import DiskFiles, check_folder, fingerprint
 from tp_infer.kv.manager import BlockManager
 from tp_infer.kv.memory import describe, measured_bytes, size_pool, size_tiers
 from tp_infer.kv.tiers import make_tiers
@@ -75,7 +75,7 @@ ENGINE_OPTIONS = [
         "--seed",
         default=0,
         show_default=True,
-        type=int,
+        type=click.IntRange(*SEED_RANGE),
         help="Random seed of sampling (each conversation draws its own stream).",
     ),
     click.option("--ignore-eos", is_flag=True, help="Do not stop at end of sentence (benchmarks)."),
@@ -308,6 +308,9 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
             raise ConfigError(f"--block-size {block_size}: must be a power of two")
         if opts["no_reuse"] and (disk_path or opts["kv_host_memory"]):
             raise ConfigError("--no-reuse keeps nothing: it cannot go with --kv-host-memory or --kv-disk-path")
+        if disk_path:  # an unsafe folder is refused here, in one line, before the model loads
+            with contextlib.suppress(OSError):  # one that cannot be created: DiskFiles says so, the job runs on
+                check_folder(disk_path)
         args = model_args(ckpt_path, opts["config_path"], opts)
         num_blocks, sizing = size_pool(args, tp, opts["kv_cache_memory"], block_size, ctx.device)
         host_blocks, disk_blocks, tiers_note = size_tiers(
@@ -358,7 +361,7 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
         ignore_eos=opts["ignore_eos"],
     )
     replies_file = files.dir / "replies.jsonl" if files else None
-    replies = ReplyMemory.load(replies_file) if replies_file else ReplyMemory()
+    replies = ReplyMemory.load(replies_file, vocab_size=args.vocab_size) if replies_file else ReplyMemory()
     try:
         status = front_end.run(engine, tokenizer, sampling, opts["seed"], replies)
     except BaseException as e:
