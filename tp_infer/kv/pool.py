@@ -45,7 +45,8 @@ class CacheTensor:
         data = blocks_of(self.data, block_table, first_block)
         if not self.fp8:
             return data.to(dtype)
-        return (data.float() * blocks_of(self.scale, block_table, first_block).unsqueeze(-1)).to(dtype)
+        # one copy into `dtype`, then the scales multiplied in place (each product rounded once): no fp32 copy
+        return data.to(dtype).mul_(blocks_of(self.scale, block_table, first_block).unsqueeze(-1))
 
     def copy(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         self.data[destinations] = self.data[sources]

@@ -11,10 +11,19 @@ def scale_shape(rows: int, cols: int) -> tuple[int, int]:
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weight[i, j] * scale[i // 128, j // 128], in `dtype` (weight_scale_inv multiplies, despite its name)."""
-    rows, cols = weight.shape
-    full = scale.float().repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
-    return (weight.float() * full).to(dtype)
+    """weight[..., i, j] * scale[..., i // 128, j // 128] in `dtype` (weight_scale_inv multiplies, despite its name),
+    for one weight [N, K] or a stack of them [E, N, K] with scales [E, ceil(N / 128), ceil(K / 128)]. One copy into
+    `dtype` then one multiply in place by the fp32 block scales (each product rounded once, as in fp32): no full-size
+    fp32 temporary, the scales broadcast over their blocks."""
+    *lead, rows, cols = weight.shape
+    out = weight.to(dtype)
+    scale = scale.float().repeat_interleave(BLOCK, -2)[..., :rows, :]  # [..., N, ceil(K / 128)]: 1/128 of the size
+    whole = cols - cols % BLOCK
+    if whole:
+        out[..., :whole].view(*lead, rows, whole // BLOCK, BLOCK).mul_(scale[..., : whole // BLOCK, None])
+    if whole < cols:
+        out[..., whole:].mul_(scale[..., -1:])
+    return out
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,3 +36,11 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
     q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
     return q.view(srows * BLOCK, scols * BLOCK)[:rows, :cols].contiguous(), scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [M, K] (K a multiple of 128) quantised per 1x128 block, as DeepSeek's recipe does before an FP8
+    product: (e4m3 values [M, K], fp32 scales [M, K / 128])."""
+    blocks = x.float().unflatten(-1, (-1, BLOCK))
+    scale = blocks.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    return (blocks / scale[..., None]).to(torch.float8_e4m3fn).flatten(-2), scale
