@@ -340,7 +340,7 @@ def write_checkpoint(config: str, seed: int, world_size: int, out: Path) -> None
     for rank in range(world_size):
         model = Transformer(args, TensorParallel(rank, world_size))
         fill_random(model, seed)
-        tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+        tensors = {name: t.clone() for name, t in model.state_dict().items()}  # experts are views of stacks
         safetensors.torch.save_file(tensors, out / shard_name(rank, world_size), {"world_size": str(world_size)})
         del model, tensors
 

@@ -61,7 +61,7 @@ from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
 from tp_infer.model import kernels
 from tp_infer.model.attention import MLA
-from tp_infer.model.moe import MLP, Expert, Gate, MoE
+from tp_infer.model.moe import MLP, Gate, MoE
 from tp_infer.model.transformer import Transformer
 
 DECODE_WARMUP = 10
@@ -69,11 +69,9 @@ POOL_BLOCKS = 1024  # 16k tokens: the decode session and every prefill stay cach
 # breakdown rows: label -> how it is computed from the profiler's ranges (inclusive CPU times)
 KINDS = (
     "attention (MLA)",
-    "MoE routed experts",
-    "MoE experts, compiled (shared + routed)",
+    "MoE experts (shared + routed)",
     "MoE gate",
     "MoE dispatch/combine",
-    "shared expert",
     "dense MLP",
     "norms",
     "embedding",
@@ -109,13 +107,9 @@ def labels(model: Transformer) -> dict[torch.nn.Module, str]:
         if isinstance(block.ffn, MoE):
             out[block.ffn] = "MoE"
             out[block.ffn.gate] = "MoE gate"
-            if block.ffn.shared_experts is not None:
-                out[block.ffn.shared_experts] = "shared expert"
-            for expert in block.ffn.experts.values():
-                out[expert] = "MoE routed experts"
         else:
             out[block.ffn] = "dense MLP"
-    assert {type(m) for m in out} >= {MLA, MoE, Gate, Expert, MLP}
+    assert {type(m) for m in out} >= {MLA, MoE, Gate, MLP}
     return out
 
 
@@ -133,9 +127,8 @@ def module_ranges(model: Transformer, engine: Engine):
     mods = labels(model)
     for m, name in mods.items():
         m.forward = wrap(m.forward, name)
-    moes = [m for m in mods if isinstance(m, MoE)]
-    for m in moes:  # decode's few rows: the shared and routed experts in one compiled call
-        m.compiled = wrap(m.compiled, "MoE experts, compiled (shared + routed)")
+    backend = model.backend  # the shared and routed experts in one backend call (decode's: one compiled call)
+    backend.experts = wrap(backend.experts, "MoE experts (shared + routed)")
     original_build = runner_module.build_batch
     runner_module.build_batch = wrap(original_build, "build_batch")
     engine.schedule = wrap(engine.schedule, "engine.schedule")
@@ -147,8 +140,7 @@ def module_ranges(model: Transformer, engine: Engine):
     finally:
         for m in [*mods, model]:
             del m.forward
-        for m in moes:
-            del m.compiled
+        del backend.experts
         del engine.schedule, engine.postprocess
         runner_module.build_batch = original_build
 
@@ -166,7 +158,7 @@ def breakdown(prof, on_gpu: bool) -> dict:
     forward = total.get("model forward", 0.0)
     kinds = {k: total.get(k, 0.0) for k in KINDS if k not in ("MoE dispatch/combine", "other")}
     kinds["MoE dispatch/combine"] = total.get("MoE", 0.0) - sum(
-        kinds[k] for k in ("MoE routed experts", "MoE experts, compiled (shared + routed)", "MoE gate", "shared expert")
+        kinds[k] for k in ("MoE experts (shared + routed)", "MoE gate")
     )
     kinds["other"] = forward - sum(kinds.values())  # the rest of the forward (rope tables, residual adds, ...)
     kinds = {k: kinds[k] for k in KINDS}

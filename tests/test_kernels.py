@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tp_infer.backends import reference
+from tp_infer.backends.cpu import CpuBackend
 from tp_infer.config import ModelArgs
 from tp_infer.model import kernels
-from tp_infer.model.layers import TensorParallel
+from tp_infer.model.layers import Layer, TensorParallel
 from tp_infer.model.moe import MoE
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler or no AVX2 here")
@@ -225,7 +227,7 @@ def reference_decode(q_nope, q_pe, wkv_b, latent, pe, block_table, lengths, scal
     ],
 )
 @pytest.mark.parametrize("rows", [1, 3, 24, kernels.MAX_ROWS])  # the last: a short extend's tokens
-def test_route_and_experts_match_pytorch(switched_on, rules, rows):
+def test_route_and_experts_match_pytorch(switched_on, rules, rows, monkeypatch):
     sizes = dict(dim=48, moe_inter_dim=24, n_routed_experts=16, n_activated_experts=3, n_shared_experts=1)
     args = ModelArgs(**(sizes | rules))
     torch.manual_seed(rows)
@@ -233,12 +235,14 @@ def test_route_and_experts_match_pytorch(switched_on, rules, rows):
     for parameter in moe.parameters():
         parameter.normal_(0, 0.3)
     x = torch.randn(rows, args.dim)
+    returned, compiled = [], kernels.moe
+    monkeypatch.setattr(kernels, "moe", lambda *operands: returned.append(compiled(*operands)) or returned[-1])
+    use(moe, CpuBackend())
     (weights, indices), y = moe.gate(x), moe(x)
-    assert (
-        moe.compiled(x, weights, indices) is not None
-        and moe.compiled(torch.randn(rows + 100, args.dim), weights, indices) is None
-    )
-    kernels.set_enabled(False)
+    assert len(returned) == 1 and returned[0] is not None
+    moe(torch.randn(rows + 100, args.dim))  # past MAX_ROWS: not offered to the kernel
+    assert len(returned) == 1
+    use(moe, reference())
     (expected_weights, expected_indices), expected = moe.gate(x), moe(x)
     assert torch.equal(indices, expected_indices)
     assert torch.allclose(weights, expected_weights, atol=1e-6, rtol=1e-5)
@@ -254,14 +258,22 @@ def test_experts_of_one_rank_match_pytorch(switched_on):
         parameter.normal_(0, 0.3)
     x = torch.randn(5, args.dim)
     weights, indices = moe.gate(x)
-    y = moe.compiled(x, weights, indices)
-    expected = moe.shared_experts(x)
+    y = CpuBackend().experts(x, weights, indices, moe.experts, moe.shared_experts)
     kernels.set_enabled(False)
+    expected = moe.shared_experts(x)
     for token, choice in itertools.product(range(5), range(4)):
         expert = indices[token, choice].item()
         if expert >= 8:
-            expected[token] += moe.experts[str(expert)](x[token : token + 1])[0] * weights[token, choice]
+            w1, w3, w2 = (w for w, _ in moe.experts.of(expert - 8))
+            row = x[token]
+            expected[token] += w2 @ (F.silu(w1 @ row) * (w3 @ row)) * weights[token, choice]
     assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def use(module: torch.nn.Module, backend) -> None:
+    for m in module.modules():
+        if isinstance(m, Layer):
+            m.backend = backend
 
 
 def test_moe_passes_over_experts_no_token_chose():
@@ -463,5 +475,30 @@ def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     try:
         assert kernels.library() is None
         assert torch.equal(kernels.linear(torch.ones(1, 4), torch.ones(2, 4)), torch.full((1, 2), 4.0))
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_library_is_loaded_only_from_a_private_folder_and_file(tmp_path, monkeypatch):
+    """The built library is code the process runs: a cache folder others can write, or a library that is a link,
+    is refused with one warning naming it, and PyTorch does the work."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "tp_infer"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"not loaded: folder .*tp_infer is writable by its group and others"):
+            assert kernels.library() is None
+        kernels.library.cache_clear()
+        folder.chmod(0o700)
+        assert kernels.library() is not None
+        (built,) = folder.iterdir()
+        elsewhere = tmp_path / "planted.so"
+        built.rename(elsewhere)
+        built.symlink_to(elsewhere)
+        kernels.library.cache_clear()
+        with pytest.warns(UserWarning, match="is a symbolic link: not followed"):
+            assert kernels.library() is None
     finally:
         kernels.library.cache_clear()

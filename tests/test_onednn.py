@@ -1,12 +1,15 @@
 """oneDNN's products (kernels.linear past the row kernels) and the attention built on them, against float64."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tp_infer.backends import cpu
+from tp_infer.backends.cpu import chunked_attention, latent_attention
 from tp_infer.kv.pool import LayerCache
-from tp_infer.model import attention, kernels
-from tp_infer.model.attention import chunked_attention, latent_attention
+from tp_infer.model import kernels
 from tp_infer.model.batch import AttentionGroup
 
 pytestmark = pytest.mark.skipif(not kernels.onednn_products(), reason="this PyTorch has no oneDNN product")
@@ -67,10 +70,10 @@ CASES = [(1, 600, [600]), (1, 300, [800]), (3, 1, [5, 40, 17])]
 
 
 @pytest.mark.parametrize(("rows", "width", "lengths"), CASES)
-@pytest.mark.parametrize("chunk", [attention.QUERY_CHUNK, 100])
+@pytest.mark.parametrize("chunk", [cpu.QUERY_CHUNK, 100])
 @pytest.mark.parametrize(("dim", "v_dim"), [(24, 8), (32, 16)])  # in products; in kernels.extend_attention
 def test_chunked_attention_matches_float64(monkeypatch, rows, width, lengths, chunk, dim, v_dim):
-    monkeypatch.setattr(attention, "QUERY_CHUNK", chunk)
+    monkeypatch.setattr(cpu, "QUERY_CHUNK", chunk)
     generator = torch.Generator().manual_seed(width + chunk)
     group = group_of(rows, width, lengths)
     keys = group.visible.shape[-1]
@@ -94,7 +97,9 @@ def test_latent_attention_matches_float64(rows, width, lengths, rope_dim):
     wkv_b = torch.randn(heads, nope + v_dim, latent_dim, generator=generator) * 0.2
     q_nope = torch.randn(rows, width, heads, nope, generator=generator)
     q_pe = torch.randn(rows, width, heads, rope_dim, generator=generator)
-    out = latent_attention(q_nope, q_pe, wkv_b, cache, group, 0.3)
+    mla = SimpleNamespace(nope_dim=nope, rope_dim=rope_dim, v_dim=v_dim, softmax_scale=0.3)
+    cached_latent, cached_pe = cache.read(group.block_table, torch.float32)
+    out = latent_attention(mla, torch.cat([q_nope, q_pe], -1), wkv_b, cached_latent, cached_pe, group)
     # the same attention expanded: per-head keys (nope part from the latent, rope key shared) and values
     cached = latent.view(rows, -1, latent_dim)
     k = torch.cat(

@@ -16,7 +16,7 @@ from tp_infer.kv.disk import DiskFiles
 from tp_infer.kv.pool import CACHE_DTYPES, KVPool
 from tp_infer.kv.tiers import Transfer
 from tp_infer.malloc import keep_freed_memory
-from tp_infer.model.attention import MLA
+from tp_infer.model.attention import cache_layout
 from tp_infer.model.batch import AttentionGroup, ForwardBatch
 from tp_infer.model.transformer import DTYPES, Transformer
 
@@ -80,12 +80,15 @@ def build_batch(plan: StepPlan, block_size: int, device: torch.device) -> Forwar
     """The model's view of a plan: each new token's position and cache slot, and the attention groups (consecutive
     decode rows together, each longer row alone)."""
     starts, counts = plan.start_pos.tolist(), plan.num_new.tolist()
+    # positions and slots are worked out where the plan is (the host), then copied over: nothing on the device is
+    # read back to size a tensor
+    first = torch.cumsum(plan.num_new, 0) - plan.num_new  # each row's first token in the stream
+    row = torch.repeat_interleave(torch.arange(len(counts)), plan.num_new, output_size=sum(counts))
+    positions = plan.start_pos[row] + torch.arange(sum(counts)) - first[row]
+    slots = plan.block_tables[row, positions // block_size] * block_size + positions % block_size
     tables = plan.block_tables.to(device)
-    num_new = plan.num_new.to(device)
-    first = torch.cumsum(num_new, 0) - num_new  # each row's first token in the stream
-    row = torch.repeat_interleave(torch.arange(len(counts), device=device), num_new)
-    positions = plan.start_pos.to(device)[row] + torch.arange(int(sum(counts)), device=device) - first[row]
-    slots = tables[row, positions // block_size] * block_size + positions % block_size
+    last = (first + plan.num_new - 1).to(device)
+    positions, slots = positions.to(device), slots.to(device)
     groups, b, start = [], 0, 0
     while b < len(counts):
         end, width = b + 1, counts[b]
@@ -99,7 +102,7 @@ def build_batch(plan: StepPlan, block_size: int, device: torch.device) -> Forwar
         lengths = group_positions[:, -1] + 1
         groups.append(AttentionGroup(start, end - b, width, tables[b:end, :nb], visible, lengths, causal, run))
         b, start = end, start + (end - b) * width
-    return ForwardBatch(positions=positions, slots=slots, groups=groups, last=first + num_new - 1)
+    return ForwardBatch(positions=positions, slots=slots, groups=groups, last=last)
 
 
 def copies_together(moves: list[list[int]]) -> list[tuple[Transfer, list[int], list[int], bytes]]:
@@ -148,7 +151,7 @@ class ModelRunner:
             keep_freed_memory()  # every step's activations would otherwise arrive as fresh pages
         args = model.args
         cache_dtype = CACHE_DTYPES.get(args.kv_cache_dtype, DTYPES[args.dtype])
-        shapes = MLA.cache_shapes(args, ctx.world_size)
+        shapes = cache_layout(args, ctx.world_size).shapes
         self.pool = KVPool(args.n_layers, num_blocks, block_size, shapes, cache_dtype, ctx.device)
         on_gpu = ctx.device.type == "cuda"
         self.host = None

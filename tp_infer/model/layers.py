@@ -1,4 +1,7 @@
-"""Tensor-parallel building blocks in DeepSeek's reference layout: each rank holds a slice, collectives join them."""
+"""Tensor-parallel building blocks in DeepSeek's reference layout: each rank holds a slice, collectives join them.
+Every hardware path (products that may read FP8, norms, attention over the pool, the experts) goes through the
+model's backend (tp_infer.backends), which the runner chooses once; these modules only hold weights and say the
+math."""
 
 from dataclasses import dataclass
 
@@ -6,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_infer.backends import Backend, reference
 from tp_infer.distributed import all_reduce
-from tp_infer.model import fp8, kernels
+from tp_infer.model import fp8
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,14 @@ class TensorParallel:
         return size // self.world_size
 
 
-class Linear(nn.Module):
+class Layer(nn.Module):
+    """A module whose hardware paths go through `backend`: the torch reference unless Transformer.use_backend (or a
+    test) gives another."""
+
+    backend: Backend = reference()
+
+
+class Linear(Layer):
     """y = x W^T. W is either in the compute dtype or float8_e4m3fn with a `scale` per 128x128 block."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp8_weights: bool = False):
@@ -36,14 +47,8 @@ class Linear(nn.Module):
         else:
             self.register_parameter("scale", None)
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in `dtype`, dequantised when stored as FP8."""
-        if self.scale is None:
-            return self.weight
-        return fp8.dequantize(self.weight, self.scale, dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.dense_weight(x.dtype))
+        return self.backend.linear(x, self.weight, self.scale)
 
 
 class ColumnParallelLinear(Linear):
@@ -94,7 +99,7 @@ class ParallelEmbedding(nn.Module):
         return all_reduce(y, self.world_size)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Layer):
     """Root-mean-square norm computed in fp32, as both the reference and transformers do."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
@@ -103,7 +108,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused call (compiled for decode's few rows); the numbers of the three below
-            y = kernels.rms_norm(x, self.weight, self.eps)
-            return y if y is not None else F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return self.backend.rms_norm(x, self.weight, self.eps)

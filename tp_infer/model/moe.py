@@ -6,22 +6,11 @@ from torch import nn
 
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import all_reduce
-from tp_infer.model import kernels
-from tp_infer.model.layers import ColumnParallelLinear, Linear, RowParallelLinear, TensorParallel
+from tp_infer.model import fp8
+from tp_infer.model.layers import ColumnParallelLinear, Layer, RowParallelLinear, TensorParallel
 
 
-def swiglu(x: torch.Tensor, w1: Linear, w2: Linear, w3: Linear, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """w2(silu(w1(x)) * w3(x)) over these layers' slices, not reduced: one compiled call for a few fp32 rows on the
-    CPU (decode), else five ops. scale [M, 1] (routing weights) multiplies each row's result; in the five ops, its
-    hidden values: the same result, on a tensor inter_dim wide instead of dim."""
-    y = kernels.swiglu(x, w1.dense_weight(x.dtype), w3.dense_weight(x.dtype), w2.dense_weight(x.dtype))
-    if y is not None:
-        return y if scale is None else y.mul_(scale)
-    hidden = F.silu(w1(x)).mul_(w3(x))
-    return w2(hidden if scale is None else hidden.mul_(scale))
-
-
-class MLP(nn.Module):
+class MLP(Layer):
     """SwiGLU with w1/w3 column-parallel and w2 row-parallel; `reduce=False` leaves the all-reduce to the caller."""
 
     def __init__(self, dim: int, inter_dim: int, tp: TensorParallel, dtype: torch.dtype, fp8: bool, reduce=True):
@@ -31,26 +20,81 @@ class MLP(nn.Module):
         self.w3 = ColumnParallelLinear(dim, inter_dim, tp, dtype, fp8)
         self.world_size, self.reduce = tp.world_size, reduce
 
+    def layers(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
+        """(weight, scale or None) of w1, w3 and w2."""
+        return tuple((layer.weight, layer.scale) for layer in (self.w1, self.w3, self.w2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = swiglu(x, self.w1, self.w2, self.w3)
+        y = self.backend.swiglu(x, self)
         return all_reduce(y, self.world_size) if self.reduce else y
 
 
-class Expert(nn.Module):
-    """One routed expert, whole on the rank that owns it."""
+class Experts(nn.Module):
+    """This rank's routed experts, experts [first, first + count) of the model, stacked: w1 and w3 [count, inter, dim],
+    w2 [count, dim, inter] (FP8 with scales [count, ceil(rows / 128), ceil(cols / 128)], or the compute dtype), so that
+    a backend can run them all in one grouped product. The state dict keeps the checkpoint's names, one expert at a
+    time (`{first + e}.w1.weight`, `.scale`): views of the stacks, which loading fills in place."""
 
-    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, fp8: bool):
+    def __init__(self, first: int, count: int, dim: int, inter_dim: int, dtype: torch.dtype, fp8_weights: bool):
         super().__init__()
-        self.w1 = Linear(dim, inter_dim, dtype, fp8)
-        self.w2 = Linear(inter_dim, dim, dtype, fp8)
-        self.w3 = Linear(dim, inter_dim, dtype, fp8)
+        self.first, self.count = first, count
+        weight_dtype = torch.float8_e4m3fn if fp8_weights else dtype
+        for name, (rows, cols) in {"w1": (inter_dim, dim), "w2": (dim, inter_dim), "w3": (inter_dim, dim)}.items():
+            weight = torch.empty(count, rows, cols, dtype=weight_dtype)
+            self.register_parameter(name, nn.Parameter(weight, requires_grad=False))
+            scale = torch.empty(count, *fp8.scale_shape(rows, cols)) if fp8_weights else None
+            self.register_parameter(
+                f"{name}_scale", None if scale is None else nn.Parameter(scale, requires_grad=False)
+            )
+        self._register_state_dict_hook(Experts._one_by_one)
+        self._register_load_state_dict_pre_hook(Experts._stacked)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """The expert's output for x [M, dim], each row times its routing weight scale [M, 1] if given."""
-        return swiglu(x, self.w1, self.w2, self.w3, scale)
+    @property
+    def fp8(self) -> bool:
+        return self.w1_scale is not None
+
+    def of(self, e: int) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
+        """Expert e's (counted from `first`) (weight, scale or None) of w1, w3 and w2: views of the stacks."""
+        scales = (self.w1_scale, self.w3_scale, self.w2_scale)
+        return tuple(
+            (w[e], None if s is None else s[e]) for w, s in zip((self.w1, self.w3, self.w2), scales, strict=True)
+        )
+
+    def dense(self, name: str, dtype: torch.dtype, backend, chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """Weight `name` (w1, w2 or w3) of every local expert, or of the experts `chosen` [P] (counted from `first`),
+        stacked in `dtype` (dequantised by the backend when FP8)."""
+        weight, scale = getattr(self, name), getattr(self, f"{name}_scale")
+        if chosen is not None:
+            weight, scale = weight.index_select(0, chosen), None if scale is None else scale.index_select(0, chosen)
+        return backend.dense_weight(weight, scale, dtype)
+
+    @staticmethod
+    def _one_by_one(module: "Experts", state: dict, prefix: str, _metadata) -> None:
+        """The stacks as the checkpoint's per-expert tensors, where the stacks stood and in its order."""
+        attributes = [(name, suffix) for name in ("w1", "w2", "w3") for suffix in ("weight", "scale")]
+        stacked = {f"{prefix}{name}" if suffix == "weight" else f"{prefix}{name}_scale" for name, suffix in attributes}
+        items = list(state.items())
+        state.clear()
+        for key, value in items:
+            if key not in stacked:
+                state[key] = value
+            elif key == f"{prefix}w1":
+                for e in range(module.count):
+                    for name, suffix in attributes:
+                        tensor = getattr(module, name if suffix == "weight" else f"{name}_scale")
+                        if tensor is not None:
+                            state[f"{prefix}{module.first + e}.{name}.{suffix}"] = tensor.detach()[e]
+
+    @staticmethod
+    def _stacked(module: "Experts", state: dict, prefix: str, *_args) -> None:
+        for name in ("w1", "w2", "w3"):
+            for suffix, attribute in (("weight", name), ("scale", f"{name}_scale")):
+                keys = [f"{prefix}{module.first + e}.{name}.{suffix}" for e in range(module.count)]
+                if all(key in state for key in keys):
+                    state[prefix + attribute] = torch.stack([state.pop(key) for key in keys])
 
 
-class Gate(nn.Module):
+class Gate(Layer):
     """Router: softmax or sigmoid scores; the optional bias steers the choice only; group-limited top-k."""
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype):
@@ -69,11 +113,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights [N, topk] (in x's dtype) and expert indices [N, topk]."""
-        sigmoid = self.score_func == "sigmoid"
-        rules = (sigmoid, self.n_groups, self.topk_groups, self.topk, self.route_norm, self.route_scale)
-        routed = kernels.route(x, self.weight, self.bias, *rules)  # decode's few rows, compiled
-        if routed is not None:
-            return routed
+        return self.backend.route(x, self)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's math (Gate.forward's result), in plain ops."""
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.bias is None else scores + self.bias
@@ -91,26 +134,18 @@ class Gate(nn.Module):
         return (weights * self.route_scale).to(x.dtype), indices
 
 
-class MoE(nn.Module):
+class MoE(Layer):
     """Routed experts [rank*E/ws, (rank+1)*E/ws) live here; the shared experts are tensor-parallel. Both partial
     sums are added before a single all-reduce."""
 
     def __init__(self, args: ModelArgs, tp: TensorParallel, dtype: torch.dtype):
         super().__init__()
         self.world_size = tp.world_size
-        self.n_routed = args.n_routed_experts
         local = tp.split(args.n_routed_experts)
-        self.first_expert = tp.rank * local
         self.gate = Gate(args, dtype)
-        fp8 = args.fp8_weights
-        self.experts = nn.ModuleDict(
-            {
-                str(i): Expert(args.dim, args.moe_inter_dim, dtype, fp8)
-                for i in range(self.first_expert, self.first_expert + local)
-            }
-        )
+        self.experts = Experts(tp.rank * local, local, args.dim, args.moe_inter_dim, dtype, args.fp8_weights)
         self.shared_experts = (
-            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, tp, dtype, fp8, reduce=False)
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, tp, dtype, args.fp8_weights, reduce=False)
             if args.n_shared_experts
             else None
         )
@@ -119,45 +154,5 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.view(-1, shape[-1])
         weights, indices = self.gate(x)
-        y = self.compiled(x, weights, indices)
-        if y is not None:
-            return all_reduce(y, self.world_size).view(shape)
-        y = torch.zeros_like(x) if self.shared_experts is None else self.shared_experts(x)
-        if x.shape[0] == 1:  # a lone token (batch-1 decode): no sort or gather; its local experts added in ascending
-            # order, as the index_add below adds them
-            for choice, e in sorted(enumerate(indices[0].tolist()), key=lambda pair: pair[1]):
-                if str(e) in self.experts:
-                    y.add_(self.experts[str(e)](x) * weights[:, choice, None])
-            return all_reduce(y, self.world_size).view(shape)
-        # the (token, choice) pairs sorted by expert, stably: each local expert runs once on a contiguous run of its
-        # tokens, gathered in one go, its routing weights applied inside it, and its outputs added to their tokens
-        # (so each token adds its experts in ascending order)
-        choices = indices.flatten()
-        counts = torch.bincount(choices, minlength=self.n_routed).tolist()
-        local = counts[self.first_expert : self.first_expert + len(self.experts)]
-        first = sum(counts[: self.first_expert])
-        pairs = choices.argsort(stable=True)[first : first + sum(local)]
-        rows, scales = pairs // indices.shape[1], weights.flatten()[pairs, None]
-        tokens, start = x.index_select(0, rows), 0
-        for count, expert in zip(local, self.experts.values(), strict=True):
-            end = start + count
-            if count:
-                y.index_add_(0, rows[start:end], expert(tokens[start:end], scales[start:end]))
-            start = end
+        y = self.backend.experts(x, weights, indices, self.experts, self.shared_experts)
         return all_reduce(y, self.world_size).view(shape)
-
-    def compiled(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
-        """The shared and routed experts in one compiled call for up to MAX_ROWS fp32 tokens on the CPU (decode,
-        short extends; not reduced); None where it does not apply."""
-        if not kernels.few_rows(x):
-            return None
-        local = range(self.first_expert, self.first_expert + len(self.experts))
-        chosen = {e for e in indices.flatten().tolist() if e in local}
-        experts = {e: layer_weights(self.experts[str(e)], x.dtype) for e in chosen}
-        shared = None if self.shared_experts is None else layer_weights(self.shared_experts, x.dtype)
-        return kernels.moe(x, weights, indices, experts, shared)
-
-
-def layer_weights(mlp: MLP | Expert, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A SwiGLU's (w1, w3, w2) in `dtype`, as the compiled kernels take them."""
-    return mlp.w1.dense_weight(dtype), mlp.w3.dense_weight(dtype), mlp.w2.dense_weight(dtype)

@@ -5,7 +5,6 @@ import math
 import torch
 
 from tp_infer.config import ModelArgs
-from tp_infer.model import kernels
 
 
 def yarn_correction_range(args: ModelArgs) -> tuple[int, int]:
@@ -42,9 +41,6 @@ def rope_rotations(args: ModelArgs) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs of x [N, H, D] (or [N, D]) by rotations [N, D/2] (complex), computed in fp32: each pair
     (even, odd) becomes (even cos - odd sin, even sin + odd cos), one complex product."""
-    y = kernels.rope(x, rotations)  # decode's few rows, compiled
-    if y is not None:
-        return y
     if x.dim() == rotations.dim() + 1:
         rotations = rotations.unsqueeze(-2)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))

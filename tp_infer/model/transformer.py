@@ -4,12 +4,13 @@ position over its own cached blocks of the pool."""
 import torch
 from torch import nn
 
+from tp_infer.backends import Backend, pick
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import all_gather_last_dim, gather_last_dim
 from tp_infer.kv.pool import LayerCache
 from tp_infer.model.attention import MLA
 from tp_infer.model.batch import ForwardBatch
-from tp_infer.model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, TensorParallel
+from tp_infer.model.layers import ColumnParallelLinear, Layer, ParallelEmbedding, RMSNorm, TensorParallel
 from tp_infer.model.moe import MLP, MoE
 from tp_infer.model.rope import rope_rotations
 
@@ -33,9 +34,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Embedding, blocks, final norm and the vocab-parallel head; state dict names follow DeepSeek's reference."""
+    """Embedding, blocks, final norm and the vocab-parallel head; state dict names follow DeepSeek's reference. Its
+    hardware paths go through `backend`: by default the fastest for the device it is built on (torch.device(...)
+    as a context) and its dtype (tp_infer.backends.pick)."""
 
-    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None):
+    def __init__(self, args: ModelArgs, tp: TensorParallel | None = None, backend: Backend | None = None):
         super().__init__()
         tp = tp or TensorParallel()
         args.check_world_size(tp.world_size)
@@ -46,8 +49,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.head = ColumnParallelLinear(args.dim, args.vocab_size, tp, dtype)
         self.register_buffer("rope", rope_rotations(args), persistent=False)
+        self.use_backend(backend or pick("auto", torch.get_default_device().type, args.dtype))
 
-    @torch.inference_mode()
+    def use_backend(self, backend: Backend) -> None:
+        """Route every layer's hardware paths through `backend`."""
+        self.backend = backend
+        for module in self.modules():
+            if isinstance(module, Layer):
+                module.backend = backend
+
+    @torch.no_grad()  # not inference_mode: a compiled step writes the pool, which inference tensors would forbid
     def forward(
         self,
         tokens: torch.Tensor,
