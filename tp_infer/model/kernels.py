@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tp_infer.private_files import UnsafePathError, check_private_file, ensure_private_dir
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 # added where PyTorch finds AVX-512 (ATEN_CPU_CAPABILITY=avx2 says otherwise): the products' tiles then use its 32
@@ -83,12 +85,18 @@ def library() -> ctypes.CDLL | None:
     tag = hashlib.sha256(source + " ".join([compiler, *flags(), *LIBS, platform.machine()]).encode()).hexdigest()[:16]
     path = cache_dir() / f"kernels-{tag}.so"
     try:
+        # a library is code this process runs: only from a folder no one else can write, a file of this user's
+        ensure_private_dir(path.parent)
         if not path.exists():
             build(compiler, path)
+        check_private_file(path)
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as e:
+    except (OSError, subprocess.CalledProcessError) as e:  # UnsafePathError is a ValueError: below
         detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) else e
         warnings.warn(f"tp_infer: CPU kernels not built ({detail}); using PyTorch's", stacklevel=2)
+        return None
+    except UnsafePathError as e:
+        warnings.warn(f"tp_infer: CPU kernels not loaded: {e}; using PyTorch's", stacklevel=2)
         return None
     lib.small_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.small_matmul.restype = ctypes.c_int
@@ -130,6 +138,12 @@ def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     if not (_enabled and all(t.dtype == torch.float32 and t.is_cpu for t in tensors)):
         return None
     return library()
+
+
+def rows_fit(x: torch.Tensor) -> bool:
+    """Whether the row kernels take x: 1 to MAX_ROWS fp32 rows on the CPU, the kernels built and switched on. Asked
+    before any operand (a dequantised weight) is built for them."""
+    return few_rows(x) and usable(x) is not None
 
 
 def few_rows(x: torch.Tensor) -> bool:
