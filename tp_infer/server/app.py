@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -138,13 +138,37 @@ class Authorize:
         await self.app(scope, receive, send)
 
 
-def unreadable(cause: BaseException | None) -> str:
-    """Why a request body could not be read as JSON, in one line."""
-    if isinstance(cause, RecursionError):
-        return "the request body is not valid JSON (nested too deeply)"
-    if isinstance(cause, UnicodeError):
-        return f"the request body is not valid UTF-8 JSON ({cause})"
-    return f"the request body could not be read ({type(cause).__name__ if cause else 'unknown reason'})"
+def parse(raw: bytes, model: type[SamplingRequest]) -> SamplingRequest:
+    """A request body as `model`, or the APIError (400) that says in one line what is wrong with it. Run off the
+    event loop: a body of megabytes takes a while to parse."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 JSON ({e})") from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise refusal(e.errors(include_input=False)[0]) from None
+
+
+def refusal(error: dict) -> APIError:
+    """The 400 for pydantic's first error about a request, naming the field."""
+    loc = [str(x) for x in error.get("loc", ())]
+    # a union (str | list[...]) reports one error per member: name the field, not the member
+    param = ".".join(x for x in loc if not any(c in x for c in "[]|()") or x.isdigit()) or None
+    message = f"{param}: {error.get('msg')}" if param else error.get("msg", "invalid request")
+    if error.get("type") == "extra_forbidden":
+        message = f"unknown field {param!r}"
+    if error.get("type") == "too_long" and param == "messages":
+        count, most = error["ctx"]["actual_length"], error["ctx"]["max_length"]
+        message = f"{count} messages, more than the {most} this server takes (--max-messages)"
+    return APIError(400, message, param)
 
 
 # the errors each operation may answer besides 200, for /openapi.json
@@ -160,6 +184,12 @@ ERRORS = {
 
 def errors(*codes: int) -> dict:
     return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+
+def takes(model: type[SamplingRequest]) -> dict:
+    """The request body of an operation that reads its body itself (described() adds the model's schema)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def streamed(model: type) -> dict:
@@ -195,31 +225,12 @@ def build_app(
             error = APIError(404, f"no such path: {request.url.path}")
         elif e.status_code == 405:
             error = APIError(405, f"{request.method} is not allowed on {request.url.path}")
-        elif e.status_code == 400:
-            error = APIError(400, unreadable(e.__cause__))
         else:
             error = APIError(e.status_code, str(e.detail))
         count(request, error.status)
         response = error_response(error)
         response.headers.update(e.headers or {})
         return response
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
-        if first.get("type") == "json_invalid":
-            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})"
-            return await api_error(request, APIError(400, message))
-        if tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type"):
-            return await api_error(request, APIError(400, "the request body must be a JSON object (application/json)"))
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        # a union (str | list[...]) reports one error per member: name the field, not the member
-        loc = [x for x in loc if not any(c in x for c in "[]|()") or x.isdigit()]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
-            message = f"unknown field {param!r}"
-        return await api_error(request, APIError(400, message, param))
 
     @app.exception_handler(Exception)
     async def failed(request: Request, e: Exception) -> JSONResponse:
@@ -237,16 +248,17 @@ def build_app(
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.model_name, max_model_len=settings.max_seq_len)])
 
+    ChatRequest = ChatCompletionRequest.limited(settings.max_messages)
+
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletion,
         responses={**streamed(ChatCompletion), **errors(400, 401, 404, 413, 500, 503)},
+        openapi_extra=takes(ChatRequest),
     )
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        body = await read(request, ChatRequest)
         sampling, salt = check(body, request)
-        if len(body.messages) > settings.max_messages:
-            message = f"{len(body.messages)} messages, more than the {settings.max_messages} this server takes"
-            raise APIError(400, f"{message} (--max-messages)", "messages")
         messages = []
         for i, m in enumerate(body.messages):
             if m.role not in ROLES:
@@ -265,8 +277,10 @@ def build_app(
         "/v1/completions",
         response_model=Completion,
         responses={**streamed(Completion), **errors(400, 401, 404, 413, 500, 503)},
+        openapi_extra=takes(CompletionRequest),
     )
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await read(request, CompletionRequest)
         sampling, salt = check(body, request)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -288,6 +302,9 @@ def build_app(
             return ids, None
 
         return await answer(body, request, sampling, salt, encode, chat=False)
+
+    async def read(request: Request, model: type[SamplingRequest]) -> SamplingRequest:
+        return await run_in_threadpool(parse, await request.body(), model)
 
     def check(body: SamplingRequest, request: Request) -> tuple[SamplingParams, str | None]:
         """The request's sampling values and cache salt, or the APIError that refuses it: before any work."""
@@ -478,24 +495,23 @@ def build_app(
             count(request, status)
             call.delivered.set()
 
-    app.openapi = lambda: app.openapi_schema or described(app, settings)
+    app.openapi = lambda: app.openapi_schema or described(app, settings, (ChatRequest, CompletionRequest))
     return app
 
 
 POLL_S = 0.5  # how often a waiting request asks whether its client is still there
 
 
-def described(app: FastAPI, settings: ServerSettings) -> dict:
-    """/openapi.json as the server answers: errors are 400 (not FastAPI's 422) with OpenAI's error object, `model`
-    is this server's model and `role` one the chat template knows."""
+def described(app: FastAPI, settings: ServerSettings, requests: tuple[type[SamplingRequest], ...]) -> dict:
+    """/openapi.json as the server answers: the request bodies' models (read by the routes themselves, so no
+    FastAPI 422 anywhere), `model` this server's model and `role` one the chat template knows."""
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    for path in schema["paths"].values():
-        for operation in path.values():
-            operation["responses"].pop("422", None)
     del schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]["application/json"]  # text alone
-    parts = schema.get("components", {}).get("schemas", {})
-    for name in ("HTTPValidationError", "ValidationError"):
-        parts.pop(name, None)
+    parts = schema["components"]["schemas"]
+    for model in requests:
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        parts.update(body.pop("$defs", {}))
+        parts[model.__name__] = body
     for name in ("ChatCompletionRequest", "CompletionRequest"):
         parts[name]["properties"]["model"] = {"type": "string", "enum": [settings.model_name], "title": "Model"}
     parts["ChatMessage"]["properties"]["role"] = {"type": "string", "enum": list(ROLES), "title": "Role"}

@@ -4,7 +4,7 @@ server cannot honour are refused unless they hold their no-effect value."""
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from tp_infer.engine.sampling import SEED_RANGE
 
@@ -119,6 +119,13 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @classmethod
+    def limited(cls, max_messages: int) -> type["ChatCompletionRequest"]:
+        """This request taking at most max_messages messages: a longer list is refused by its length alone, before
+        any message in it is validated (and /openapi.json says maxItems)."""
+        messages = (list[ChatMessage], Field(min_length=1, max_length=max_messages))
+        return create_model(cls.__name__, __base__=cls, __module__=cls.__module__, messages=messages)
 
 
 class CompletionRequest(SamplingRequest):
