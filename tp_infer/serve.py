@@ -24,15 +24,13 @@ from tp_infer.tokenizer import ChatTokenizer
 
 
 def trained_length(config_path: Path) -> int | None:
-    """The longest sequence the checkpoint's config says the model was made for (Hugging Face's
-    max_position_embeddings, a reference config's max_seq_len); None if it says none."""
+    """The longest sequence a Hugging Face config says the model was made for (max_position_embeddings); None if it
+    says none. (A reference config's max_seq_len is a runtime option, which the engine's max_seq_len already is.)"""
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, ValueError):
         return None  # loading the model has read it already: nothing to add
-    if not isinstance(raw, dict):
-        return None
-    value = raw.get("max_position_embeddings" if "model_type" in raw else "max_seq_len")
+    value = raw.get("max_position_embeddings") if isinstance(raw, dict) and "model_type" in raw else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
