@@ -182,7 +182,7 @@ class Console:
         whole, with one line, and the current conversation goes on."""
         try:
             saved = json.loads(Path(path).read_text())
-            check_saved(saved, self.tokenizer.vocab_size)
+            check_saved(saved, self.engine.runner.model.args.vocab_size)  # replies hold ids past the tokenizer's
             restored = Conversation.restore(
                 self.engine, self.tokenizer, f"console-{self.conversations + 1}", saved, self.seed
             )
