@@ -23,7 +23,8 @@ from tp_infer.engine.engine import Engine
 from tp_infer.engine.runner import ModelRunner
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
-from tp_infer.kv.memory import kv_bytes_per_token, measured_bytes
+from tp_infer.kv.memory import measured_bytes
+from tp_infer.model.attention import cache_layout
 from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import Transformer
 
@@ -59,7 +60,7 @@ def measure(config: str, kv_cache_dtype: str, history: int, decode: int, slots: 
     weights, cache = measured_bytes(runner.model, runner.pool)
     return {
         "kv_cache_dtype": kv_cache_dtype,
-        "bytes_per_token": kv_bytes_per_token(runner.model.args, 1),
+        "bytes_per_token": cache_layout(runner.model.args, 1).bytes_per_token,
         "measured_bytes_per_token": cache // (runner.pool.num_blocks * runner.pool.block_size),
         "cache_mb": cache / 1e6,
         "weights_mb": weights / 1e6,

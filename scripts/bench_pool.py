@@ -44,7 +44,7 @@ from tp_infer.engine.engine import Engine
 from tp_infer.engine.runner import ModelRunner
 from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
-from tp_infer.kv.memory import kv_bytes_per_token
+from tp_infer.model.attention import cache_layout
 from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import Transformer
 
@@ -125,7 +125,7 @@ def capacity(model: Transformer, config_args: ModelArgs, prompts: Prompts, slots
     pool_tokens = slots * config_args.max_seq_len
     num_blocks = pool_tokens // BLOCK_SIZE
     runner = runner_for(model, num_blocks)
-    per_token = kv_bytes_per_token(model.args, 1)
+    per_token = cache_layout(model.args, 1).bytes_per_token
     engine = Engine(runner, max_num_batched_tokens=conv_tokens)
     sampling = SamplingParams(max_new_tokens=CAPACITY_REPLY, ignore_eos=True)
     fits = pool_tokens / conv_tokens

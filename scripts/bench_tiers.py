@@ -22,7 +22,7 @@ with its ratios and goals, all figures written to --out:
    same tokens, and reused / host / disk / computed tokens must be 0 / 0 / 0 / all, H / H / 0 / new,
    H / 0 / H / new, 0 / 0 / 0 / new (H the history).
 2. bytes: bytes the disk tier writes per cached token. Absorb mode must write the latent once for all ranks:
-   kv_lora_rank + qk_rope_head_dim elements per layer at the cache dtype (kv_bytes_per_token(args, 1)), plus each
+   kv_lora_rank + qk_rope_head_dim elements per layer at the cache dtype (the layout's bytes_per_token), plus each
    file's header (reported apart), not that times the world size. Measured on section 1's files (world size 1, in
    this process) and on a batch job at world size 2 in real processes (`python -m torch.distributed.run --standalone
    --nproc-per-node 2 -m tp_infer.generate ... --kv-disk-path DIR --device cpu`, gloo; cuda and nccl instead when
@@ -80,8 +80,8 @@ from tp_infer.engine.sampling import SamplingParams
 from tp_infer.engine.session import Session
 from tp_infer.kv.disk import DiskFiles, fingerprint
 from tp_infer.kv.manager import BlockManager
-from tp_infer.kv.memory import kv_bytes_per_token
 from tp_infer.kv.tiers import make_tiers
+from tp_infer.model.attention import cache_layout
 from tp_infer.model.layers import TensorParallel
 from tp_infer.model.transformer import Transformer
 
@@ -389,8 +389,8 @@ def disk_bytes(
 ) -> dict:
     tokens = max(blocks_for(tokens), blocks_for(JOB_REPLY + 1)) * BLOCK_SIZE
     args = load_config(config, dtype=dtype, attn_impl="absorb")
-    per_token = kv_bytes_per_token(args, 1)
-    naive_per_rank = kv_bytes_per_token(args.with_options(attn_impl="naive"), 2)
+    per_token = cache_layout(args, 1).bytes_per_token
+    naive_per_rank = cache_layout(args.with_options(attn_impl="naive"), 2).bytes_per_token
     ckpt = work / "ckpt-mp2"
     started = time.perf_counter()
     log(f"bytes: writing a world-size-2 checkpoint of a random model ({config}) to {ckpt}")
@@ -469,7 +469,7 @@ def print_bytes(r: dict) -> None:
     a = r["jobs"]["absorb"]
     verdict = "equal" if r["absorb_payload_equal_latent"] else "DIFFERENT"
     print(
-        f"absorb at world size 2: {a['payload_per_token']:.0f} payload bytes/token vs kv_bytes_per_token(args, 1) = "
+        f"absorb at world size 2: {a['payload_per_token']:.0f} payload bytes/token vs the layout's bytes_per_token = "
         f"{r['kv_bytes_per_token_ws1']}: {verdict}; x world size would be {r['if_per_rank']}; "
         f"header overhead {a['files']['header_bytes'] / r['cached_tokens']:.1f} bytes/token "
         f"({a['header_bytes_per_file']:.0f} per {BLOCK_SIZE}-token file)"

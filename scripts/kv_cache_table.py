@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tp_infer.config import load_config
-from tp_infer.kv.memory import kv_bytes_per_token
+from tp_infer.model.attention import cache_layout
 
 CONFIGS = {"16B": "config_16B.json", "236B": "config_236B.json", "671B": "config_671B.json"}
 MODES = [("naive", "bf16"), ("absorb", "bf16"), ("absorb", "fp8")]
@@ -21,7 +21,7 @@ def table(tp_sizes: list[int]) -> str:
     for name, file in CONFIGS.items():
         for impl, dtype in MODES:
             args = load_config(configs / file, attn_impl=impl, dtype="bf16", kv_cache_dtype=dtype)
-            cells = [f"{kv_bytes_per_token(args, tp) / 1024:,.1f} KiB" for tp in tp_sizes]
+            cells = [f"{cache_layout(args, tp).bytes_per_token / 1024:,.1f} KiB" for tp in tp_sizes]
             lines.append(f"| {name} | {impl} {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

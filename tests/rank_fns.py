@@ -170,7 +170,8 @@ def load_errors(ctx, ckpt_dirs):
 
 def cache_bytes(ctx, ckpt_dir):
     """{(attn_impl, kv_cache_dtype): (measured KV-pool bytes, formula bytes)} on this rank."""
-    from tp_infer.kv.memory import kv_bytes_per_token, measured_bytes
+    from tp_infer.kv.memory import measured_bytes
+    from tp_infer.model.attention import cache_layout
 
     out = {}
     for impl in ("naive", "absorb"):
@@ -179,6 +180,6 @@ def cache_bytes(ctx, ckpt_dir):
             tokens = runner.pool.num_blocks * runner.pool.block_size
             out[impl, kv] = (
                 measured_bytes(runner.model, runner.pool)[1],
-                kv_bytes_per_token(runner.model.args, ctx.world_size) * tokens,
+                cache_layout(runner.model.args, ctx.world_size).bytes_per_token * tokens,
             )
     return out

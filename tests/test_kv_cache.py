@@ -10,8 +10,8 @@ from test_engine import EIGHT_TURNS
 
 from tp_infer.config import load_config
 from tp_infer.distributed import DistContext
-from tp_infer.kv.memory import kv_bytes_per_token, parse_budget, size_pool
-from tp_infer.model.layers import TensorParallel
+from tp_infer.kv.memory import parse_budget, size_pool
+from tp_infer.model.attention import cache_layout
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -24,11 +24,13 @@ def test_measured_cache_bytes_equal_the_formula(converted, world_size):
 
 def test_formula_on_the_published_671B_config():
     args = load_config("configs/config_671B.json", attn_impl="absorb", dtype="bf16")
-    assert kv_bytes_per_token(args, 8) == 61 * (512 + 64) * 2  # the latent and the rope key, the same on every rank
+    assert (
+        cache_layout(args, 8).bytes_per_token == 61 * (512 + 64) * 2
+    )  # the latent and the rope key, the same on every rank
     fp8 = load_config("configs/config_671B.json", attn_impl="absorb", kv_cache_dtype="fp8")
-    assert kv_bytes_per_token(fp8, 8) == 61 * (512 + 64 + 2 * 4)  # e4m3 values plus one fp32 scale per row
+    assert cache_layout(fp8, 8).bytes_per_token == 61 * (512 + 64 + 2 * 4)  # e4m3 values plus one fp32 scale per row
     naive = load_config("configs/config_671B.json", attn_impl="naive", dtype="bf16")
-    assert kv_bytes_per_token(naive, 8) == 61 * 16 * (192 + 128) * 2  # 16 local heads' keys and values
+    assert cache_layout(naive, 8).bytes_per_token == 61 * 16 * (192 + 128) * 2  # 16 local heads' keys and values
 
 
 def logits(ckpt, **options) -> torch.Tensor:
@@ -62,15 +64,16 @@ def test_fp8_cache_reuse_computes_only_new_tokens(converted):
 
 def test_pool_sized_from_memory():
     args = load_config("configs/config_tiny.json", dtype="fp32", max_seq_len=512, max_batch_size=3)
-    per_token = kv_bytes_per_token(args, 2)
-    blocks, note = size_pool(args, TensorParallel(0, 2), f"{per_token * 16 * 40 / 1e9}GB", 16, torch.device("cpu"))
+    layout = cache_layout(args, 2)
+    per_token = layout.bytes_per_token
+    blocks, note = size_pool(args, layout, f"{per_token * 16 * 40 / 1e9}GB", 16, torch.device("cpu"))
     assert blocks == 40 and "40 blocks x 16 tokens" in note
-    default, note = size_pool(args, TensorParallel(0, 2), None, 16, torch.device("cpu"))
+    default, note = size_pool(args, layout, None, 16, torch.device("cpu"))
     assert default == 3 * 512 // 16 and "3 x max_seq_len" in note
     with pytest.raises(ValueError, match="not enough for one block"):
-        size_pool(args, TensorParallel(0, 2), f"{per_token * 15 / 1e9}", 16, torch.device("cpu"))
+        size_pool(args, layout, f"{per_token * 15 / 1e9}", 16, torch.device("cpu"))
     with pytest.raises(ValueError, match="needs CUDA"):
-        size_pool(args, TensorParallel(), "90%", 16, torch.device("cpu"))
+        size_pool(args, layout, "90%", 16, torch.device("cpu"))
     for bad in ("-1", "abc", "0", "150%"):
         with pytest.raises(ValueError, match="--kv-cache-memory"):
             parse_budget(bad)

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from tp_infer.backends import Backend
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import StartupError, agree
 from tp_infer.model.layers import TensorParallel
@@ -61,6 +62,13 @@ def expected_shapes(args: ModelArgs, tp: TensorParallel) -> dict[str, tuple[torc
     return {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
 
 
+def weight_bytes(args: ModelArgs, tp: TensorParallel) -> int:
+    """Bytes of one rank's weights, counted on a model built on `meta` (nothing is allocated)."""
+    with torch.device("meta"):
+        model = Transformer(args, tp)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def load_shard(model: Transformer, ckpt_dir: str | Path) -> None:
     """Fill this rank's model from its shard, refusing a shard for another world size or any missing, extra,
     mis-shaped or wrongly quantised tensor."""
@@ -109,12 +117,15 @@ def load_shard(model: Transformer, ckpt_dir: str | Path) -> None:
             param.copy_(tensor)
 
 
-def load_model(args: ModelArgs, ckpt_dir: str | Path, tp: TensorParallel, device: torch.device) -> Transformer:
-    """Build and load this rank's model. Every rank learns of any rank's failure, so none is left waiting."""
+def load_model(
+    args: ModelArgs, ckpt_dir: str | Path, tp: TensorParallel, device: torch.device, backend: Backend | None = None
+) -> Transformer:
+    """Build and load this rank's model (its hardware paths through `backend`, by default the device's and dtype's
+    pick). Every rank learns of any rank's failure, so none is left waiting."""
     error, model = None, None
     try:
         with torch.device(device):
-            model = Transformer(args, tp)
+            model = Transformer(args, tp, backend)
         load_shard(model, ckpt_dir)
     except ValueError as e:  # CheckpointError, ConfigError
         error = str(e)

@@ -13,12 +13,12 @@ import torch
 
 from tp_infer.distributed import DistContext, all_ranks_ok, broadcast_plan
 from tp_infer.kv.disk import DiskFiles
-from tp_infer.kv.pool import CACHE_DTYPES, KVPool
+from tp_infer.kv.pool import KVPool
 from tp_infer.kv.tiers import Transfer
 from tp_infer.malloc import keep_freed_memory
 from tp_infer.model.attention import cache_layout
 from tp_infer.model.batch import AttentionGroup, ForwardBatch
-from tp_infer.model.transformer import DTYPES, Transformer
+from tp_infer.model.transformer import Transformer
 
 
 class PlanKind(enum.IntEnum):
@@ -149,14 +149,10 @@ class ModelRunner:
         self.model, self.ctx, self.disk = model, ctx, disk
         if ctx.device.type == "cpu":
             keep_freed_memory()  # every step's activations would otherwise arrive as fresh pages
-        args = model.args
-        cache_dtype = CACHE_DTYPES.get(args.kv_cache_dtype, DTYPES[args.dtype])
-        shapes = cache_layout(args, ctx.world_size).shapes
-        self.pool = KVPool(args.n_layers, num_blocks, block_size, shapes, cache_dtype, ctx.device)
+        layout = cache_layout(model.args, ctx.world_size)
+        self.pool = KVPool.of(layout, num_blocks, block_size, ctx.device)
         on_gpu = ctx.device.type == "cuda"
-        self.host = None
-        if host_blocks:
-            self.host = KVPool(args.n_layers, host_blocks, block_size, shapes, cache_dtype, torch.device("cpu"), on_gpu)
+        self.host = KVPool.of(layout, host_blocks, block_size, torch.device("cpu"), on_gpu) if host_blocks else None
         self.side_stream = torch.cuda.Stream(ctx.device) if on_gpu and host_blocks else None
 
     def forward(self, plan: StepPlan) -> torch.Tensor | None:

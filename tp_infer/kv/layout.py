@@ -5,6 +5,8 @@ and sizing counts its bytes; nothing in kv/ knows the model's classes."""
 import math
 from dataclasses import dataclass
 
+import torch
+
 SCALE_BYTES = 4  # one fp32 scale per cached row (per row of the last dimension) in FP8 mode
 
 
@@ -27,16 +29,26 @@ class CacheQuantity:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Every layer of the model keeps `quantities` for each token."""
+    """Every layer of the model keeps `quantities` for each token, stored as `dtype` (float8_e4m3fn: with one fp32
+    scale per row of each quantity's last dimension). `replicated`: every rank keeps the same entries (so one copy
+    of a block serves all ranks on disk)."""
 
     layers: int
     quantities: tuple[CacheQuantity, ...]
+    dtype: torch.dtype
+    replicated: bool
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
         return [q.shape for q in self.quantities]
 
-    def bytes_per_token(self, itemsize: int, fp8: bool) -> int:
-        """Cache bytes one token takes over all layers, at `itemsize` bytes a value (and its scales when FP8)."""
-        per_layer = sum(q.values * itemsize + (q.rows * SCALE_BYTES if fp8 else 0) for q in self.quantities)
+    @property
+    def fp8(self) -> bool:
+        return self.dtype == torch.float8_e4m3fn
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes on each rank, over all layers."""
+        scales = SCALE_BYTES if self.fp8 else 0
+        per_layer = sum(q.values * self.dtype.itemsize + q.rows * scales for q in self.quantities)
         return per_layer * self.layers

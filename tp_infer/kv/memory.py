@@ -1,37 +1,14 @@
-"""KV-pool and weight memory: the per-token formula, what a loaded rank really holds, and sizing the pool from a
-memory budget."""
+"""KV-pool and weight memory: what a loaded rank really holds, and sizing the pool and the tiers from memory
+budgets, by the model's declared cache layout (kv/layout.py)."""
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from tp_infer.config import ConfigError, ModelArgs
-from tp_infer.kv.pool import CACHE_DTYPES, KVPool
-from tp_infer.model.layers import TensorParallel
-from tp_infer.model.transformer import Transformer
-
-SCALE_BYTES = 4  # one fp32 scale per cached row in FP8 mode
-
-
-def kv_bytes_per_token(args: ModelArgs, world_size: int) -> int:
-    """Cache bytes one token of conversation takes on each rank, over all layers. absorb caches the latent and the
-    rope key, the same on every rank; naive caches each local head's key and value."""
-    dtype = args.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-    elem = CACHE_DTYPES[dtype].itemsize
-    if args.attn_impl == "absorb":
-        values, rows = args.kv_lora_rank + args.qk_rope_head_dim, 2
-    else:
-        heads = args.n_heads // world_size
-        values, rows = heads * (args.qk_head_dim + args.v_head_dim), 2 * heads
-    per_layer = values * elem + (rows * SCALE_BYTES if dtype == "fp8" else 0)
-    return per_layer * args.n_layers
-
-
-def weight_bytes(args: ModelArgs, tp: TensorParallel) -> int:
-    """Bytes of one rank's weights, counted on a model built on `meta` (nothing is allocated)."""
-    with torch.device("meta"):
-        model = Transformer(args, tp)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+from tp_infer.kv.layout import CacheLayout
+from tp_infer.kv.pool import KVPool
 
 
 def measured_bytes(model: torch.nn.Module, pool: KVPool) -> tuple[int, int]:
@@ -57,11 +34,17 @@ def parse_budget(text: str, option: str = "--kv-cache-memory") -> tuple[float, b
 
 
 def size_pool(
-    args: ModelArgs, tp: TensorParallel, budget: str | None, block_size: int, device: torch.device
+    args: ModelArgs,
+    layout: CacheLayout,
+    budget: str | None,
+    block_size: int,
+    device: torch.device,
+    weight_bytes: Callable[[], int] = lambda: 0,
 ) -> tuple[int, str]:
     """The number of pool blocks that fit the budget on each rank (default: max_batch_size x max_seq_len tokens, the
-    memory one slot per running turn would take). Returns the blocks and a sentence saying what was chosen."""
-    per_token = kv_bytes_per_token(args, tp.world_size)
+    memory one slot per running turn would take; a share of free CUDA memory takes the weights, weight_bytes(), off
+    first). Returns the blocks and a sentence saying what was chosen."""
+    per_token = layout.bytes_per_token
     if budget is None:
         tokens, source = args.max_batch_size * args.max_seq_len, f"{args.max_batch_size} x max_seq_len"
     else:
@@ -70,7 +53,7 @@ def size_pool(
             if device.type != "cuda":
                 raise ConfigError(f"--kv-cache-memory {budget}: a share of free memory needs CUDA; give gigabytes")
             free, _ = torch.cuda.mem_get_info(device)
-            amount = (free - weight_bytes(args, tp)) * amount
+            amount = (free - weight_bytes()) * amount
         tokens, source = int(amount // per_token), budget
     blocks = tokens // block_size
     if blocks < 1:
@@ -101,7 +84,7 @@ def gigabytes(text: str, option: str) -> float:
 
 
 def size_tiers(
-    args: ModelArgs,
+    layout: CacheLayout,
     world_size: int,
     block_size: int,
     pool_blocks: int,
@@ -111,8 +94,9 @@ def size_tiers(
 ) -> tuple[int, int, str]:
     """Blocks of the host tier (per rank) and of the disk tier (in all), and a sentence saying so. With a disk tier
     the host tier is needed (blocks read from disk pass through it): by default it then holds as many blocks as the
-    pool. On disk, absorb mode keeps one file per block for all ranks, naive mode one per rank."""
-    per_block = kv_bytes_per_token(args, world_size) * block_size
+    pool. On disk, a layout the same on every rank (absorb) keeps one file per block for all ranks, others one per
+    rank."""
+    per_block = layout.bytes_per_token * block_size
     host_blocks = 0
     if host_memory is not None:
         host_blocks = int(gigabytes(host_memory, "--kv-host-memory") // per_block)
@@ -125,7 +109,7 @@ def size_tiers(
         notes.append(f"host tier {host_blocks} blocks, {host_blocks * per_block / 1e9:.3f} GB per rank")
     if disk_path is not None:
         amount = gigabytes(disk_size, "--kv-disk-size")
-        files_per_block = 1 if args.attn_impl == "absorb" else world_size
+        files_per_block = 1 if layout.replicated else world_size
         disk_blocks = int(amount // (per_block * files_per_block))
         if disk_blocks < 1:
             raise ConfigError(f"--kv-disk-size {disk_size}: not enough for one block ({per_block} bytes a file)")

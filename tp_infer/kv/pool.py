@@ -8,6 +8,8 @@ fp32 scale per token (per row of the last dimension: per head in naive mode), [n
 
 import torch
 
+from tp_infer.kv.layout import CacheLayout
+
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}  # "auto": compute dtype
 
@@ -134,6 +136,11 @@ class KVPool:
             # a copy to the host waits for the GPU, as the scatter there reads it next (index_put: index_copy_ has no
             # FP8 on the CPU)
             target[there] = gathered.to(target.device, non_blocking=target.is_cuda)
+
+    @classmethod
+    def of(cls, layout: CacheLayout, num_blocks: int, block_size: int, device: torch.device, pin=False) -> "KVPool":
+        """The pool a model's cache layout asks for."""
+        return cls(layout.layers, num_blocks, block_size, layout.shapes, layout.dtype, device, pin)
 
     @property
     def nbytes(self) -> int:

@@ -9,26 +9,28 @@ import torch.nn.functional as F
 
 from tp_infer.config import ModelArgs
 from tp_infer.kv.layout import CacheLayout, CacheQuantity
-from tp_infer.kv.pool import LayerCache
+from tp_infer.kv.pool import CACHE_DTYPES, LayerCache
 from tp_infer.model.batch import ForwardBatch
 from tp_infer.model.layers import ColumnParallelLinear, Layer, Linear, RMSNorm, RowParallelLinear, TensorParallel
 
 
 def cache_layout(args: ModelArgs, world_size: int) -> CacheLayout:
-    """What each token leaves in each layer's cache on each rank: absorb, the latent and the rope key, the same on
-    every rank; naive, the local heads' keys and values. The one declaration the pool, the tiers and sizing follow."""
+    """What each token leaves in each layer's cache on each rank, in the cache dtype (`kv_cache_dtype`, or the compute
+    dtype for auto): absorb, the latent and the rope key, the same on every rank; naive, the local heads' keys and
+    values. The one declaration the pool, the tiers and sizing follow."""
+    dtype = CACHE_DTYPES[args.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype]
     if args.attn_impl == "absorb":
         quantities = (
             CacheQuantity(name="latent", shape=(args.kv_lora_rank,)),
             CacheQuantity(name="rope_key", shape=(args.qk_rope_head_dim,)),
         )
-    else:
-        heads = args.n_heads // world_size
-        quantities = (
-            CacheQuantity(name="key", shape=(heads, args.qk_head_dim)),
-            CacheQuantity(name="value", shape=(heads, args.v_head_dim)),
-        )
-    return CacheLayout(layers=args.n_layers, quantities=quantities)
+        return CacheLayout(layers=args.n_layers, quantities=quantities, dtype=dtype, replicated=True)
+    heads = args.n_heads // world_size
+    quantities = (
+        CacheQuantity(name="key", shape=(heads, args.qk_head_dim)),
+        CacheQuantity(name="value", shape=(heads, args.v_head_dim)),
+    )
+    return CacheLayout(layers=args.n_layers, quantities=quantities, dtype=dtype, replicated=False)
 
 
 @dataclass

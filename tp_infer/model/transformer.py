@@ -7,14 +7,14 @@ from torch import nn
 from tp_infer.backends import Backend, pick
 from tp_infer.config import ModelArgs
 from tp_infer.distributed import all_gather_last_dim, gather_last_dim
-from tp_infer.kv.pool import LayerCache
+from tp_infer.kv.pool import CACHE_DTYPES, LayerCache
 from tp_infer.model.attention import MLA
 from tp_infer.model.batch import ForwardBatch
 from tp_infer.model.layers import ColumnParallelLinear, Layer, ParallelEmbedding, RMSNorm, TensorParallel
 from tp_infer.model.moe import MLP, MoE
 from tp_infer.model.rope import rope_rotations
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {name: CACHE_DTYPES[name] for name in ("bf16", "fp32")}  # the compute dtypes, by their option names
 
 
 class Block(nn.Module):
