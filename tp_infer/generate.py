@@ -2,6 +2,7 @@
 --output-file OUT)`. Every rank loads its shard; rank 0 drives the console or the batch job, the others follow."""
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -15,8 +16,9 @@ from typing import NoReturn
 import click
 import torch
 
+from tp_infer.backends import BACKENDS, pick
 from tp_infer.chat import ReplyMemory
-from tp_infer.checkpoint import CheckpointError, load_model
+from tp_infer.checkpoint import CheckpointError, load_model, weight_bytes
 from tp_infer.config import ConfigError, ModelArgs, load_config
 from tp_infer.distributed import (
     CollectiveError,
@@ -36,6 +38,7 @@ from tp_infer.kv.manager import BlockManager
 from tp_infer.kv.memory import describe, measured_bytes, size_pool, size_tiers
 from tp_infer.kv.tiers import make_tiers
 from tp_infer.model import kernels
+from tp_infer.model.attention import cache_layout
 from tp_infer.model.layers import TensorParallel
 from tp_infer.tokenizer import ChatTokenizer, TokenizerError
 
@@ -143,12 +146,21 @@ ENGINE_OPTIONS = [
         help="Gigabytes the disk tier's files may take in all; the least recently used are deleted beyond it.",
     ),
     click.option(
+        "--backend",
+        default="auto",
+        show_default=True,
+        type=click.Choice(BACKENDS),
+        help="Where the model's hardware paths run: torch (PyTorch's ops on any device, no host synchronisation "
+        "inside a step), cpu (tp_infer's compiled kernels and oneDNN, fp32 on the CPU); auto: cpu for fp32 on the "
+        "CPU, else torch.",
+    ),
+    click.option(
         "--cpu-kernels/--no-cpu-kernels",
         default=True,
         show_default=True,
         help="On the CPU in fp32, decode's layers (products, SwiGLU, norms, rope, MoE, attention) run in tp_infer's "
         "compiled kernels (built with the system's C compiler on first use), and wider products and prefill "
-        "attention in oneDNN's products; off: PyTorch's usual paths alone.",
+        "attention in oneDNN's products; off: PyTorch's usual paths alone (--backend auto then picks torch).",
     ),
     click.option(
         "--no-reuse", is_flag=True, help="Re-prefill the whole conversation every turn, as DeepSeek's reference does."
@@ -312,9 +324,14 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
             with contextlib.suppress(OSError):  # one that cannot be created: DiskFiles says so, the job runs on
                 check_folder(disk_path)
         args = model_args(ckpt_path, opts["config_path"], opts)
-        num_blocks, sizing = size_pool(args, tp, opts["kv_cache_memory"], block_size, ctx.device)
+        backend_name = "torch" if opts["backend"] == "auto" and not opts["cpu_kernels"] else opts["backend"]
+        if backend_name == "cpu" and ctx.device.type != "cpu":
+            raise ConfigError(f"--backend cpu runs on the CPU only, not on {ctx.device.type}: choose torch or auto")
+        layout = cache_layout(args, ctx.world_size)
+        weights = functools.partial(weight_bytes, args, tp)
+        num_blocks, sizing = size_pool(args, layout, opts["kv_cache_memory"], block_size, ctx.device, weights)
         host_blocks, disk_blocks, tiers_note = size_tiers(
-            args, ctx.world_size, block_size, num_blocks, opts["kv_host_memory"], disk_path, opts["kv_disk_size"]
+            layout, ctx.world_size, block_size, num_blocks, opts["kv_host_memory"], disk_path, opts["kv_disk_size"]
         )
         if tiers_note:
             sizing += f"\n{tiers_note}"
@@ -328,11 +345,15 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
     host_blocks = min_over_ranks(host_blocks, ctx.world_size)
     if num_blocks * block_size < args.max_seq_len:  # a conversation must fit the pool
         args = args.with_options(max_seq_len=num_blocks * block_size)
-    model = load_model(args, ckpt_path, tp, ctx.device)
+    backend = pick(backend_name, ctx.device.type, args.dtype)
+    model = load_model(args, ckpt_path, tp, ctx.device, backend)
+    note = backend.prepare()  # one-time work (the CPU kernels' build) now, not inside the first turn
+    if ctx.rank == 0:
+        click.echo(note, err=True)
     files = None
     if disk_path:
         made_by = fingerprint(args, ckpt_path, ctx.world_size, block_size)
-        files = DiskFiles(disk_path, made_by, ctx.rank, shared=args.attn_impl == "absorb")
+        files = DiskFiles(disk_path, made_by, ctx.rank, shared=cache_layout(args, ctx.world_size).replicated)
     runner = ModelRunner(model, ctx, num_blocks, block_size, host_blocks, files)
     report_memory(ctx, runner, sizing)
     if ctx.rank != 0:
