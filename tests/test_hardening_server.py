@@ -171,6 +171,18 @@ def test_unknown_paths_and_methods_get_openai_errors(server, greedy):
     assert reply(post(server, ask(temperature=0))) == greedy
 
 
+def test_token_prompts_take_every_id_of_the_model_even_past_the_tokenizer(server, chat_ckpt):
+    """The model's embedding may have more rows than the tokenizer has tokens (DeepSeek's do; so does the test
+    checkpoint): a prompt of ids may hold any id the model has, and the first id past it is refused by name."""
+    vocab = json.loads((chat_ckpt / "config.json").read_text())["vocab_size"]
+    response = post(server, {"model": MODEL, "prompt": [1, 2, vocab - 1], "max_tokens": 2}, "completions")
+    assert response.status_code == 200, response.text
+    error = assert_openai_error(
+        post(server, {"model": MODEL, "prompt": [1, vocab], "max_tokens": 2}, "completions"), 400, "prompt"
+    )
+    assert f"[0, {vocab})" in error["message"]
+
+
 def test_as_many_messages_as_the_limit_are_served(server):
     pairs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * (MAX_MESSAGES // 2 - 1)
     messages = [{"role": "system", "content": "Be brief."}, *pairs, *HELLO]

@@ -293,9 +293,10 @@ def build_app(
                 ids = ([bos] if (bos := tokenizer.bos_token_id) is not None else []) + tokenizer.encode(prompt)
             else:
                 ids = list(prompt)
-                bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
+                # the model's vocabulary: its embedding may have more rows than the tokenizer has tokens
+                vocab = loop.engine.runner.model.args.vocab_size
+                bad = next((t for t in ids if not 0 <= t < vocab), None)
                 if bad is not None:
-                    vocab = tokenizer.vocab_size
                     raise APIError(400, f"token id {bad} is out of the vocabulary [0, {vocab})", "prompt")
             if not ids:
                 raise APIError(400, "the prompt is empty", "prompt")
