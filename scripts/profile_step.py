@@ -2,11 +2,12 @@
 
     OMP_NUM_THREADS=2 python scripts/profile_step.py [--config configs/config_bench.json] [--dtype fp32]
         [--device cpu|cuda] [--threads 2] [--attn-impl absorb|naive] [--seed 0] [--history 1000] [--decode-steps 50]
-        [--prefill-tokens 1000] [--prefill-repeats 3] [--extend-tokens 60] [--profile-steps 10] [--out FILE.json]
+        [--prefill-tokens 1000] [--prefill-repeats 3] [--extend-tokens 60] [--profile-steps 10] [--counts]
+        [--out FILE.json]
 
 One process, world size 1, the model of scripts/bench_pool.py's random_model (fp32 by default) on --device (the CPU
 by default, or one GPU: every timer then waits for the GPU's queued work before it reads the clock). Four
-measurements, each printed as a small markdown table, all figures written to --out:
+measurements (a fifth with --counts), each printed as a small markdown table, all figures written to --out:
 
 1. decode: one session with --history tokens of history generating greedy tokens, alone in the engine. Medians over
    --decode-steps steps (after warm-up) of the whole Engine.step, and, on steps alternating with those, of its
@@ -24,6 +25,10 @@ measurements, each printed as a small markdown table, all figures written to --o
    the causal (query, key) pairs the kernel computes, the routed experts' top-k per token plus the shared expert,
    the dense MLP, the gate, the head on the last token) over the measured times, against torch.matmul of [N, dim] x
    [dim, inter] shapes timed in the same run, and the same products through kernels.linear.
+5. with --counts, what a step does counted rather than timed, at DeepSeek-V3's structure as rank 0 of 8 (issue 27;
+   scripts/step_counts.py, whose docstring says how): host syncs, FP8 dequantisations and aten ops per step of the
+   torch backend in bf16 (decode at batch 1 and 8 over --history tokens, a 512-token prefill chunk), and bytes moved
+   per decode step at the real widths (batch 1 and 64, 1K and 32K of context) against the minimum.
 
 Progress goes to stderr, the tables to stdout.
 """
@@ -52,6 +57,7 @@ from bench_common import (
     total_flops,
 )
 from bench_pool import BLOCK_SIZE, Prompts, random_model, runner_for
+from step_counts import bytes_per_step, counts, print_bytes, print_counts
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -427,6 +433,7 @@ def print_flops(r: dict) -> None:
     "--extend-tokens", default=60, show_default=True, type=click.IntRange(min=2), help="Extend: new tokens a turn."
 )
 @click.option("--profile-steps", default=10, show_default=True, type=click.IntRange(min=1), help="Profiled decodes.")
+@click.option("--counts", "with_counts", is_flag=True, help="Also count syncs, dequantisations, aten ops and bytes.")
 @out_option()
 def main(
     config: str,
@@ -441,6 +448,7 @@ def main(
     prefill_repeats: int,
     extend_tokens: int,
     profile_steps: int,
+    with_counts: bool,
     out: str | None,
 ) -> None:
     """Decode-step and prefill time, split by engine part and by module, and the prefill's GFLOP/s."""
@@ -455,7 +463,11 @@ def main(
     results["prefill"] = prefill(model, engine, prompts, prefill_tokens, prefill_repeats)
     results["extend"] = prefill(model, engine, prompts, extend_tokens, prefill_repeats, history)
     results["flops"] = flops(model, results["prefill"], device)
+    if with_counts:
+        results["counts"] = counts([("torch backend, bf16", "bf16", "torch")], history, 512, [1, 8])
+        results["bytes"] = bytes_per_step([1, 64], [1024, 32768])
     printers = {"decode": print_decode, "prefill": print_prefill, "extend": print_extend, "flops": print_flops}
+    printers |= {"counts": print_counts, "bytes": print_bytes}
     report(results, printers, started, load_at_start, out)
 
 
