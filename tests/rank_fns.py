@@ -183,3 +183,35 @@ def cache_bytes(ctx, ckpt_dir):
                 cache_layout(runner.model.args, ctx.world_size).bytes_per_token * tokens,
             )
     return out
+
+
+def compiled_decode(ctx, ckpt_dir):
+    """Two conversations prefilled eager, then greedy decode steps of both rows (bucket 2) and of one row alone
+    (bucket 1), run eager and through the compiled decode step (the torch backend): each step's logits from both."""
+    from tp_infer.backends import reference
+    from tp_infer.engine.graphs import DecodeGraphs
+    from tp_infer.engine.runner import ModelRunner, StepPlan
+
+    out = {}
+    for compiled in (False, True):
+        args = load_config(f"{ckpt_dir}/config.json", max_seq_len=128, max_batch_size=2, dtype="fp32")
+        model = load_model(args, ckpt_dir, TensorParallel(ctx.rank, ctx.world_size), ctx.device, reference())
+        runner = ModelRunner(model, ctx, 16, BLOCK, spare_blocks=1)
+        if compiled:
+            graphs = DecodeGraphs(model, runner.pool, max_rows=2)
+            graphs.warm_up()
+            runner.use_graphs(graphs)
+        tables = [list(range(0, 8)), list(range(8, 16))]
+        rows = [(0, PROMPT), (1, LONG_PROMPT[:40])]
+        logits = runner.execute(StepPlan.from_rows([(tables[r], 0, ids) for r, ids in rows]))[0]
+        lengths, steps = [len(PROMPT), 40], []
+        for step in range(8):
+            live = [0, 1] if step < 5 else [1]  # both rows, then row 1 alone
+            nxt = logits.argmax(-1).tolist() if logits is not None else [0] * len(live)
+            plan = StepPlan.from_rows([(tables[r], lengths[r], [nxt[i % len(nxt)]]) for i, r in enumerate(live)])
+            logits = runner.execute(plan)[0]
+            steps.append(logits)
+            for r in live:
+                lengths[r] += 1
+        out[compiled] = steps
+    return out

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,14 @@ def wait(work, deadline_s: float | None) -> None:
 
 
 def all_reduce(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        with collective("all_reduce", _collective_timeout_s):
-            dist.all_reduce(x)
+    """The sum of every rank's x, on every rank (in place, except in a compiled step, whose graph holds the
+    functional collective: torch.compile traces it; the default group's timeout bounds it there)."""
+    if world_size == 1:
+        return x
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(x, "sum", dist.group.WORLD)
+    with collective("all_reduce", _collective_timeout_s):
+        dist.all_reduce(x)
     return x
 
 
@@ -139,6 +145,9 @@ def gather_last_dim(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     """Concatenate every rank's x along the last dimension on rank 0 only; other ranks get None."""
     if world_size == 1:
         return x
+    if torch.compiler.is_compiling():  # a compiled step: gathered on every rank, by the functional collective
+        parts = funcol.all_gather_tensor(x.contiguous(), 0, dist.group.WORLD).chunk(world_size)
+        return torch.cat(parts, dim=-1) if rank == 0 else None
     parts = [torch.empty_like(x) for _ in range(world_size)] if rank == 0 else None
     with collective("gather", _collective_timeout_s):
         dist.gather(x.contiguous(), parts, dst=0)

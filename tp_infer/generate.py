@@ -25,11 +25,13 @@ from tp_infer.distributed import (
     DistContext,
     StartupError,
     agree,
+    all_ranks_ok,
     control_group,
     init_distributed,
     min_over_ranks,
 )
 from tp_infer.engine.engine import Engine
+from tp_infer.engine.graphs import DecodeGraphs
 from tp_infer.engine.runner import ModelRunner, RemoteAbort
 from tp_infer.engine.sampling import SEED_RANGE, SamplingParams
 from tp_infer.failures import report_failure
@@ -153,6 +155,19 @@ ENGINE_OPTIONS = [
         help="Where the model's hardware paths run: torch (PyTorch's ops on any device, no host synchronisation "
         "inside a step), cpu (tp_infer's compiled kernels and oneDNN, fp32 on the CPU); auto: cpu for fp32 on the "
         "CPU, else torch.",
+    ),
+    click.option(
+        "--compile",
+        "compile_decode",
+        is_flag=True,
+        help="Run decode steps compiled whole (torch.compile(fullgraph=True), the torch backend), one graph per batch "
+        "size bucket (1, 2, 4, ... up to --max-batch-size) compiled at start-up; other steps run eager.",
+    ),
+    click.option(
+        "--cuda-graphs",
+        is_flag=True,
+        help="With --compile on CUDA: replay each bucket's decode step as a CUDA graph (torch.compile's "
+        "reduce-overhead mode); where capture fails the job runs eager.",
     ),
     click.option(
         "--cpu-kernels/--no-cpu-kernels",
@@ -324,9 +339,15 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
             with contextlib.suppress(OSError):  # one that cannot be created: DiskFiles says so, the job runs on
                 check_folder(disk_path)
         args = model_args(ckpt_path, opts["config_path"], opts)
-        backend_name = "torch" if opts["backend"] == "auto" and not opts["cpu_kernels"] else opts["backend"]
+        compiled = opts["compile_decode"]
+        torch_only = compiled or not opts["cpu_kernels"]
+        backend_name = "torch" if opts["backend"] == "auto" and torch_only else opts["backend"]
         if backend_name == "cpu" and ctx.device.type != "cpu":
             raise ConfigError(f"--backend cpu runs on the CPU only, not on {ctx.device.type}: choose torch or auto")
+        if compiled and backend_name == "cpu":
+            raise ConfigError("--compile needs --backend torch: the cpu backend's C kernels cannot be held in a graph")
+        if opts["cuda_graphs"] and not (compiled and ctx.device.type == "cuda"):
+            raise ConfigError("--cuda-graphs needs --compile on CUDA")
         layout = cache_layout(args, ctx.world_size)
         weights = functools.partial(weight_bytes, args, tp)
         num_blocks, sizing = size_pool(args, layout, opts["kv_cache_memory"], block_size, ctx.device, weights)
@@ -354,8 +375,10 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
     if disk_path:
         made_by = fingerprint(args, ckpt_path, ctx.world_size, block_size)
         files = DiskFiles(disk_path, made_by, ctx.rank, shared=cache_layout(args, ctx.world_size).replicated)
-    runner = ModelRunner(model, ctx, num_blocks, block_size, host_blocks, files)
+    runner = ModelRunner(model, ctx, num_blocks, block_size, host_blocks, files, spare_blocks=int(compiled))
     report_memory(ctx, runner, sizing)
+    if compiled:
+        compile_decode(ctx, runner, args.max_batch_size, opts["cuda_graphs"])
     if ctx.rank != 0:
         # rank 0 decides when to stop (a batch job at a step boundary) and then releases the followers
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -401,6 +424,20 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
                 click.echo(f"disk tier: cannot write {replies_file} ({e.strerror})", err=True)
     runner.shutdown()
     return status
+
+
+def compile_decode(ctx: DistContext, runner: ModelRunner, max_rows: int, cuda_graphs: bool) -> None:
+    """Compile the decode step's buckets on every rank (their graphs hold the collectives); where any rank fails to,
+    every rank runs eager, and rank 0 says why."""
+    graphs, error = DecodeGraphs(runner.model, runner.pool, max_rows, cuda_graphs), None
+    try:
+        note = graphs.warm_up()
+    except Exception as e:  # a graph that cannot be compiled or captured: the eager step serves
+        note, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if all(all_ranks_ok([error is None], ctx.world_size)):
+        runner.use_graphs(graphs)
+    if ctx.rank == 0:
+        click.echo(note or f"decode step not compiled ({error or 'another rank failed to'}); running eager", err=True)
 
 
 def report_memory(ctx: DistContext, runner: ModelRunner, sizing: str) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tp_infer.distributed import DistContext, all_ranks_ok, broadcast_plan
+from tp_infer.distributed import DistContext, all_ranks_ok, broadcast_plan, collective
 from tp_infer.kv.disk import DiskFiles
 from tp_infer.kv.pool import KVPool
 from tp_infer.kv.tiers import Transfer
@@ -145,15 +145,22 @@ class ModelRunner:
         block_size: int = 16,
         host_blocks: int = 0,
         disk: DiskFiles | None = None,
+        spare_blocks: int = 0,
     ):
+        """spare_blocks: blocks allocated past num_blocks for scratch (a compiled decode step's padded rows)."""
         self.model, self.ctx, self.disk = model, ctx, disk
         if ctx.device.type == "cpu":
             keep_freed_memory()  # every step's activations would otherwise arrive as fresh pages
         layout = cache_layout(model.args, ctx.world_size)
-        self.pool = KVPool.of(layout, num_blocks, block_size, ctx.device)
+        self.pool = KVPool.of(layout, num_blocks, block_size, ctx.device, spare=spare_blocks)
+        self.graphs = None  # a DecodeGraphs (tp_infer.engine.graphs) once use_graphs() gives one
         on_gpu = ctx.device.type == "cuda"
         self.host = KVPool.of(layout, host_blocks, block_size, torch.device("cpu"), on_gpu) if host_blocks else None
         self.side_stream = torch.cuda.Stream(ctx.device) if on_gpu and host_blocks else None
+
+    def use_graphs(self, graphs) -> None:
+        """Run decode steps through `graphs` (a DecodeGraphs over this runner's model and pool) from now on."""
+        self.graphs = graphs
 
     def forward(self, plan: StepPlan) -> torch.Tensor | None:
         """Rank 0: broadcast the plan, run it, return the logits [B, V] (fp32, on the CPU; None without rows)."""
@@ -202,6 +209,9 @@ class ModelRunner:
             self.pool.copy(copies[:, 0], copies[:, 1])
         if not plan.num_new.numel():
             return None, loaded
+        if self.graphs is not None and self.graphs.takes(plan):
+            with collective("compiled decode step", None):  # its collectives' failures, named as the eager ones are
+                return self.graphs.run(plan), loaded
         batch = build_batch(plan, self.pool.block_size, device)
         logits = self.model(
             plan.tokens.to(device), batch, self.pool.layers, all_logits=plan.all_logits, logits_on_all_ranks=False

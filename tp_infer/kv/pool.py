@@ -103,9 +103,14 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
         pin: bool = False,
+        spare: int = 0,
     ):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.layers = [LayerCache(num_blocks, block_size, shapes, dtype, device, pin) for _ in range(num_layers)]
+        """`spare` blocks more are allocated past num_blocks, which no turn is given: blocks num_blocks, ... are
+        scratch (a padded row of a compiled decode step writes there)."""
+        self.num_blocks, self.block_size, self.device = num_blocks, block_size, torch.device(device)
+        self.spare_block = num_blocks if spare else None
+        total = num_blocks + spare
+        self.layers = [LayerCache(total, block_size, shapes, dtype, device, pin) for _ in range(num_layers)]
         self.named = {}  # every tensor by name: "{layer}.{quantity}", and "{layer}.{quantity}.scale" (FP8)
         for i, layer in enumerate(self.layers):
             for j, tensor in enumerate(layer.tensors):
@@ -138,9 +143,11 @@ class KVPool:
             target[there] = gathered.to(target.device, non_blocking=target.is_cuda)
 
     @classmethod
-    def of(cls, layout: CacheLayout, num_blocks: int, block_size: int, device: torch.device, pin=False) -> "KVPool":
+    def of(
+        cls, layout: CacheLayout, num_blocks: int, block_size: int, device: torch.device, pin=False, spare: int = 0
+    ) -> "KVPool":
         """The pool a model's cache layout asks for."""
-        return cls(layout.layers, num_blocks, block_size, layout.shapes, layout.dtype, device, pin)
+        return cls(layout.layers, num_blocks, block_size, layout.shapes, layout.dtype, device, pin, spare)
 
     @property
     def nbytes(self) -> int:
