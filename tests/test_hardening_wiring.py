@@ -125,3 +125,19 @@ def test_the_seeds_at_the_ends_of_the_range_run(converted, tmp_path):
         run = generate(1, converted["v3"], tmp_path, f"seed{seed}", lines, "--seed", str(seed), "--temperature", "1")
         assert run.returncode == 0, run.stderr[-3000:]
         assert records(tmp_path, f"seed{seed}")[0]["error"] is None
+
+
+# ------------------------------------------------------------------------------------- sampling options
+
+
+@pytest.mark.parametrize(("option", "value"), [("--temperature", "nan"), ("--top-p", "nan"), ("--temperature", "inf")])
+def test_a_sampling_option_the_sampler_cannot_take_is_refused_before_the_model_loads(
+    converted, tmp_path, option, value
+):
+    """click takes NaN and infinity as floats; the sampler's own check refuses them at start-up, in one line, before
+    the model loads (the job writes nothing)."""
+    run = generate(1, converted["v3"], tmp_path, "nan", [{"id": 0, "prompt_token_ids": [5, 6]}], option, value)
+    assert run.returncode == 1
+    (line,) = error_lines(run.stderr)
+    assert line.startswith(f"Error: {option.removeprefix('--').replace('-', '_')} must be") and value in line, line
+    assert "backend" not in run.stderr and not (tmp_path / "nan.out").exists()

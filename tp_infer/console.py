@@ -123,6 +123,8 @@ class Console:
         self.out.write("\n")
         if turn.finish_reason == "cancelled":
             self.say("(reply stopped)")
+        elif turn.finish_reason == "error":
+            self.say(f"(reply failed: {turn.error})")
         if self.show_stats:
             s = turn.stats
             restored = "".join(

@@ -9,7 +9,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -339,6 +339,13 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
             with contextlib.suppress(OSError):  # one that cannot be created: DiskFiles says so, the job runs on
                 check_folder(disk_path)
         args = model_args(ckpt_path, opts["config_path"], opts)
+        sampling = SamplingParams(  # checked here: a value the sampler cannot take (NaN) is refused before loading
+            temperature=opts["temperature"],
+            top_p=opts["top_p"],
+            top_k=opts["top_k"],
+            max_new_tokens=opts["max_new_tokens"],
+            ignore_eos=opts["ignore_eos"],
+        )
         compiled = opts["compile_decode"]
         torch_only = compiled or not opts["cpu_kernels"]
         backend_name = "torch" if opts["backend"] == "auto" and torch_only else opts["backend"]
@@ -396,14 +403,7 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
         policy=opts["schedule"].replace("-", "_"),
         manager=BlockManager(num_blocks, block_size, tiers),
     )
-    sampling = SamplingParams(
-        temperature=opts["temperature"],
-        top_p=opts["top_p"],
-        top_k=opts["top_k"],
-        max_new_tokens=opts["max_new_tokens"],
-        eos_token_ids=tokenizer.eos_token_ids if tokenizer else (),
-        ignore_eos=opts["ignore_eos"],
-    )
+    sampling = replace(sampling, eos_token_ids=tokenizer.eos_token_ids if tokenizer else ())
     replies_file = files.dir / "replies.jsonl" if files else None
     replies = ReplyMemory.load(replies_file, vocab_size=args.vocab_size) if replies_file else ReplyMemory()
     try:
