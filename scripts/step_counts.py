@@ -805,7 +805,8 @@ def print_bytes(results: list[dict]) -> None:
             print(f"| {part} | {gb(e['minimum'].get(part, 0))} | " + " | ".join(gb(m) for m in moved) + " |")
         for path in paths:
             top = ", ".join(f"{op} {gb(n)}" for op, n in e["paths"][path]["top_ops"][:6])
-            print(f"{path}, most bytes (GB): {top}")
+            dequantised = e["paths"][path]["dequantised_matrices"]
+            print(f"{path}: {dequantised:,} FP8 matrices dequantised; most bytes (GB): {top}")
         refused = e["paths"]["torch, CUDA path"]["refused_scaled_mm"]
         if refused:
             print(f"F.scaled_mm's checks refuse (on meta): {', '.join(refused)}")
