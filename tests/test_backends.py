@@ -211,3 +211,42 @@ def test_the_decode_forward_compiles_whole_at_two_batch_sizes(attn_impl, sizes):
         assert torch.allclose(graph, eager, atol=1e-4 * eager.abs().max().item(), rtol=0), rows
         for a, b in zip(prefill_pool.named.values(), decode_pool.named.values(), strict=True):
             assert torch.allclose(a.float(), b.float(), atol=1e-4), "the compiled step stores what eager stores"
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(256, 384), (576, 512), (100, 300), (5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_dequantisation_matches_the_block_scales_in_float64(rows, cols, dtype):
+    """Whole blocks (one broadcast multiply), ragged rows and columns (wkv_a's 576, tiny configs), and a stack of
+    experts: each value weight * its block's scale, rounded once into `dtype`."""
+    generator = torch.Generator().manual_seed(rows + cols)
+    weights = [fp8.quantize(torch.randn(rows, cols, generator=generator)) for _ in range(3)]
+    for weight, scale in [*weights, tuple(torch.stack(parts) for parts in zip(*weights, strict=True))]:
+        full = scale.double().repeat_interleave(128, -2)[..., :rows, :].repeat_interleave(128, -1)[..., :cols]
+        expected = (weight.double() * full).to(dtype)
+        assert torch.equal(fp8.dequantize(weight, scale, dtype), expected)
+
+
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 256, 384), (1, 7168, 24576), (3, 2304, 7168), (64, 512, 4096)])
+def test_block_fp8_products_pass_torchs_checks_of_the_block_wise_recipes(rows, k, n):
+    """On the meta device F.scaled_mm runs torch's own checks of its operands' layouts (the activations' scales
+    column-major even for one row; the weight's padded to a multiple of 4 blocks of K) without a GPU; the CPU never
+    takes this path."""
+    from tp_infer.backends.reference import block_fp8_product, scaled_linear
+
+    x = torch.empty(rows, k, dtype=torch.bfloat16, device="meta")
+    weight = torch.empty(n, k, dtype=torch.float8_e4m3fn, device="meta")
+    y = scaled_linear(x, weight, torch.empty(n // 128, k // 128, device="meta"))
+    assert y.shape == (rows, n) and y.dtype == torch.bfloat16
+    assert not block_fp8_product(torch.ones(rows, k, dtype=torch.bfloat16), weight)
+
+
+def test_activations_quantised_per_1x128_come_back_within_e4m3s_rounding():
+    """Each block of 128 has its own scale (blocks of very different magnitudes here): a value comes back within
+    half a step of e4m3 (3 mantissa bits) or, near zero, of its smallest subnormal step times the block's scale."""
+    magnitudes = torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(128)
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(1)) * magnitudes
+    q, scale = fp8.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (5, 3)
+    back = (q.float().view(5, 3, 128) * scale[..., None]).view(5, 384)
+    bound = torch.maximum(x.abs() * 2**-4, scale.repeat_interleave(128, -1) * 2**-10)
+    assert ((back - x).abs() <= bound).all()

@@ -182,8 +182,10 @@ def reference() -> Backend:
 def block_fp8_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x times an FP8 weight can run as one block-scaled product: CUDA, sm90 or newer, a torch with
     F.scaled_mm's block-wise recipes that passed its self-check, K a multiple of 128 and x in bf16."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.shape[1] % fp8.BLOCK == 0):
-        return False
+    if not (
+        x.is_cuda and x.dtype == torch.bfloat16 and weight.shape[0] % fp8.BLOCK == weight.shape[1] % fp8.BLOCK == 0
+    ):
+        return False  # torch's block-wise recipes take whole blocks only (wkv_a's 576 rows stay dequantised)
     return scaled_mm_works(x.device.index or 0)
 
 
@@ -211,12 +213,18 @@ def scaled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
     1x128, one F.scaled_mm with the block-wise recipes, bf16 out."""
     blocks = F.ScalingType
     xq, x_scale = fp8.quantize_rows(x)
+    # the recipes' layouts: the activations' scales [M, K / 128] column-major (stride 1 down the rows, whatever M:
+    # .t().contiguous().t() keeps a one-row tensor row-major); the weight's [K / 128, N / 128] column-major with
+    # K / 128 padded to a multiple of 4
+    x_scale = x_scale.new_empty(x_scale.shape[::-1]).copy_(x_scale.mT).mT
+    k_blocks = scale.shape[1]
+    scale = F.pad(scale, (0, -k_blocks % 4)).t()
     return F.scaled_mm(
         xq,
         weight.t(),
-        scale_a=x_scale.t().contiguous().t(),  # the recipe reads the activations' scales column-major
+        scale_a=x_scale,
         scale_recipe_a=blocks.BlockWise1x128,
-        scale_b=scale.t(),
+        scale_b=scale,
         scale_recipe_b=blocks.BlockWise128x128,
         output_dtype=x.dtype,
     )

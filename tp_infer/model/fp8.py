@@ -17,6 +17,10 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     fp32 temporary, the scales broadcast over their blocks."""
     *lead, rows, cols = weight.shape
     out = weight.to(dtype)
+    if rows % BLOCK == 0 and cols % BLOCK == 0:  # whole blocks (DeepSeek's shapes but wkv_a's): one broadcast multiply
+        blocks = out.view(*lead, rows // BLOCK, BLOCK, cols // BLOCK, BLOCK)
+        blocks.mul_(scale.float().view(*lead, rows // BLOCK, 1, cols // BLOCK, 1))
+        return out
     scale = scale.float().repeat_interleave(BLOCK, -2)[..., :rows, :]  # [..., N, ceil(K / 128)]: 1/128 of the size
     whole = cols - cols % BLOCK
     if whole:
