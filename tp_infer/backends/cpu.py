@@ -99,10 +99,7 @@ class CpuBackend(Backend):
             out = decode(q_nope, q_pe, wkv_b, *cache.data, group.block_table, group.lengths, mla.softmax_scale, new)
             if out is not None:
                 return out
-        new = mla.new_entries(q, kv, rotations, wkv_b)
-        cache.write(batch.slots, *new.entries)
-        outs = [self.attend(mla, new.q, wkv_b, cache, g) for g in batch.groups]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.store_and_attend(mla, q, kv, batch, cache, rotations, wkv_b)
 
     def attend(
         self, mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup

@@ -145,7 +145,12 @@ class Backend:
     ) -> torch.Tensor:
         """Store the step's new cache entries and attend: q [N, H, nope + rope] (not yet rotated), kv [N, C + P]
         (wkv_a's output); out [N, H, V]."""
-        wkv_b = mla.wkv_b_heads(q.dtype)
+        return self.store_and_attend(mla, q, kv, batch, cache, rotations, mla.wkv_b_heads(q.dtype))
+
+    def store_and_attend(
+        self, mla: MLA, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations, wkv_b
+    ) -> torch.Tensor:
+        """attention()'s work with wkv_b [H, nope + v, C] given: the new entries stored, then each group attended."""
         new = mla.new_entries(q, kv, rotations, wkv_b)
         cache.write(batch.slots, *new.entries)
         outs = [self.attend(mla, new.q, wkv_b, cache, group) for group in batch.groups]
