@@ -5,8 +5,8 @@
 # of time does not stop the next. Logs, JSON and plots go to OUT_DIR; stdout gets one line per step, each step's
 # closing lines and the suite's summary.
 # Usage: bash scripts/cuda_check.sh OUT_DIR [TOTAL seconds, default 540] [pytest workers, default 12]
-# ONLY="suite bench_serving" runs only the steps named (demo-fp32 demo-bf16 suite profile_step bench_vs_vllm
-# bench_multiturn bench_serving bench_pool bench_tiers bench_kv_cache).
+# ONLY="suite bench_serving" runs only the steps named (demo-fp32 demo-bf16 demo-bf16-graphs suite profile_step
+# bench_vs_vllm bench_multiturn bench_serving bench_pool bench_tiers bench_kv_cache).
 # Runs $PYTHON (default python3) with this checkout importable; it needs the test and bench extras' packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,8 @@ step() {
 {
 	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 	"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+	# whether the torch backend's block-FP8 products run as F.scaled_mm here (its self-check), or dequantise
+	"$py" -c "from tp_infer.backends.reference import scaled_mm_works; print('block-FP8 scaled_mm:', scaled_mm_works(0))"
 	nproc
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
@@ -50,6 +52,12 @@ for dtype in fp32 bf16; do
 	TAIL=40 step "demo-$dtype" 90 "$py" -m tp_infer.generate --ckpt-path "$demo" --interactive --device cuda \
 		--dtype "$dtype" --max-new-tokens 32 --system "You are a helpful assistant." <"$out/demo.in"
 done
+
+# the same conversation through the compiled decode step replayed as CUDA graphs (start-up says how long compiling
+# and capturing took, or why it runs eager)
+TAIL=40 step demo-bf16-graphs 150 "$py" -m tp_infer.generate --ckpt-path "$demo" --interactive --device cuda \
+	--dtype bf16 --max-new-tokens 32 --max-batch-size 2 --compile --cuda-graphs --system "You are a helpful assistant." \
+	<"$out/demo.in"
 
 # -v names each test as it ends, so a run cut short by its limit still says which failed
 TAIL=60 TP_INFER_TEST_DEVICE=cuda step suite 300 "$py" -m pytest -v -p no:cacheprovider -n "$workers" \
