@@ -26,6 +26,7 @@ from tp_infer.engine.request import Turn
 from tp_infer.engine.sampling import SEED_RANGE, SamplingParams
 from tp_infer.server.bridge import Busy, Call, EngineLoop
 from tp_infer.server.metrics import Metrics
+from tp_infer.server.worker import worker_router
 from tp_infer.server.protocol import (
     APIError,
     AssistantMessage,
@@ -247,6 +248,8 @@ def build_app(
     @app.get("/v1/models", response_model=ModelList, responses=errors(401))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.model_name, max_model_len=settings.max_seq_len)])
+
+    app.include_router(worker_router(loop, settings))  # what a gateway in front of replicas reads
 
     ChatRequest = ChatCompletionRequest.limited(settings.max_messages)
 

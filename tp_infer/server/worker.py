@@ -1,0 +1,116 @@
+"""What a gateway in front of several replicas reads from each (the Shepherd Model Gateway, `smg`, and SGLang's
+router before it): /server_info and /model_info when it registers the replica (and their older names /get_*), the
+load it polls for load-aware routing, /v1/loads in SGLang's shape (running and waiting requests, KV pool use, cache
+hit rate), and the cache flush it may pass on. /health and /v1/models are the app's own.
+
+The numbers are read from the engine's thread without a lock, as /metrics reads them: each is a length or a counter
+that Python reads whole, and a snapshot a few microseconds old is what a load poll can use anyway."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+
+from tp_infer.server.bridge import EngineLoop
+from tp_infer.server.protocol import APIError, ErrorResponse
+
+if TYPE_CHECKING:
+    from tp_infer.server.app import ServerSettings
+
+
+UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing or wrong API key (with --api-key)"}}
+NO_FLUSH = {400: {"model": ErrorResponse, "description": "This server keeps its prefix cache (see the message)"}}
+
+
+def package_version() -> str:
+    try:
+        return version("tp_infer")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
+def worker_router(loop: EngineLoop, settings: ServerSettings) -> APIRouter:
+    """The gateway-facing endpoints of one replica (one torchrun group: tensor parallel over its ranks)."""
+    router = APIRouter()
+    engine = loop.engine
+    tp_size = engine.runner.ctx.world_size
+
+    def pool_tokens() -> int:
+        usage = engine.cache_usage()
+        return usage.total_blocks * usage.block_size
+
+    @router.get("/server_info", responses=UNAUTHORIZED)
+    @router.get("/get_server_info", include_in_schema=False)
+    async def server_info() -> dict:
+        """SGLang's /server_info, the fields a gateway reads when it registers this replica."""
+        return {
+            "model_path": settings.model_name,
+            "served_model_name": settings.model_name,
+            "tp_size": tp_size,
+            "dp_size": 1,  # one scheduler per replica: a gateway routes to the replica, not inside it
+            "pp_size": 1,
+            "context_length": settings.max_seq_len,
+            "max_total_tokens": pool_tokens(),
+            "max_running_requests": engine.max_running,
+            "max_queued_requests": loop.max_in_flight - engine.max_running,
+            "is_embedding": False,
+            "version": package_version(),
+            "engine": "tp_infer",
+        }
+
+    @router.get("/model_info", responses=UNAUTHORIZED)
+    @router.get("/get_model_info", include_in_schema=False)
+    async def model_info() -> dict:
+        """SGLang's /model_info."""
+        args = engine.runner.model.args
+        return {
+            "model_path": settings.model_name,
+            "served_model_name": settings.model_name,
+            "is_generation": True,
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": "deepseek_v3",
+            "max_context_length": settings.max_seq_len,
+            "vocab_size": args.vocab_size,
+        }
+
+    @router.get("/v1/loads", responses=UNAUTHORIZED)
+    async def loads() -> dict:
+        """SGLang's /v1/loads: this replica as one data-parallel rank. Waiting counts every accepted request not
+        yet running, the ones still crossing over to the engine's thread included."""
+        usage, totals = engine.cache_usage(), engine.totals
+        running = len(engine.scheduler.running)
+        in_flight = loop.in_flight
+        capacity = usage.total_blocks * usage.block_size
+        used = usage.used_blocks * usage.block_size
+        load = {
+            "dp_rank": 0,
+            "num_running_reqs": running,
+            "num_waiting_reqs": max(0, in_flight - running),
+            "num_total_reqs": in_flight,
+            "num_used_tokens": used,
+            "max_total_num_tokens": capacity,
+            "max_running_requests": engine.max_running,
+            "token_usage": used / capacity if capacity else 0.0,
+            "cache_hit_rate": totals.reused_tokens / totals.prompt_tokens if totals.prompt_tokens else 0.0,
+            "utilization": running / engine.max_running,
+            "gen_throughput": 0.0,  # not measured here: tp_infer_generated_tokens on /metrics counts them
+        }
+        stamp = datetime.now(timezone.utc).isoformat()
+        return {"timestamp": stamp, "version": package_version(), "dp_rank_count": 1, "loads": [load]}
+
+    @router.post("/flush_cache", responses={**NO_FLUSH, **UNAUTHORIZED})
+    async def flush_cache() -> dict:
+        """A gateway's cache flush (SGLang empties its radix cache when idle). tp_infer keeps its cache: a reused
+        prefix gives the reply that recomputing it gives, prefixes are shared only within one cache_salt, and the
+        least recently used are evicted as the pool fills, so there is nothing stale to flush. Refused by name."""
+        raise APIError(
+            400,
+            "this server does not flush its prefix cache: cached prefixes are exact and evicted least recently used "
+            "as the pool fills (use cache_salt to keep clients' prefixes apart)",
+        )
+
+    return router
