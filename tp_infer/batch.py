@@ -6,10 +6,13 @@ Input, one conversation a line: an `id` (string or integer) and exactly one of
   prompt_token_ids  [id, ...]: one reply
   turns_token_ids   [[id, ...], ...]: a reply after each; the generated ids (stop token included) stay in the
                     history before the next turn
-and optionally `max_new_tokens` (>= 1), `temperature` (>= 0), `top_p` (in (0, 1]) and `top_k` (>= 0), overriding
-the command line, and `seed` (an integer in [-2**63, 2**64 - 1]) instead of the one drawn from (--seed, id). Other
-keys are refused (a misspelt option must not be ignored silently), and so are values the sampler cannot take
-(NaN, infinities, out of range), with an error record naming the field. Blank lines are skipped.
+and optionally `max_new_tokens` (>= 1), `temperature` (>= 0), `top_p` (in (0, 1]), `top_k` (>= 0, -1 for none),
+`min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens` and
+`include_stop_str_in_output` (SamplingParams says what each does), overriding the command line, `seed` (an integer
+in [-2**63, 2**64 - 1]) instead of the one drawn from (--seed, id), `chat_template_kwargs` (more variables for the
+chat template, with messages or turns) and `user` (ignored, as the server does). Other keys are refused (a
+misspelt option must not be ignored silently), and so are values the sampler cannot take (NaN, infinities, out of
+range), with an error record naming the field. Blank lines are skipped.
 
 Output, one line per input line, in the order conversations finish (not input order):
   {"id": ..., "line": N, "turns": [...], "error": null}
@@ -54,15 +57,27 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tp_infer.chat import Conversation, ReplyMemory, encode_messages
+from tp_infer.chat import Conversation, ReplyMemory, encode_messages, reply_text
 from tp_infer.engine.engine import Engine, Turn
 from tp_infer.engine.sampling import SamplingParams, check_seed
 from tp_infer.engine.session import Session
 from tp_infer.tokenizer import ROLES, ChatTokenizer
 
 FORMS = ("messages", "turns", "prompt_token_ids", "turns_token_ids")
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")  # a line's overrides of SamplingParams
-KEYS = {"id", "system", "seed", *SAMPLING_KEYS, *FORMS}
+SAMPLING_KEYS = (  # a line's overrides of SamplingParams
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
+KEYS = {"id", "system", "seed", "chat_template_kwargs", "user", *SAMPLING_KEYS, *FORMS}
 
 
 class LineError(ValueError):
@@ -127,6 +142,7 @@ class Request:
     system: str | None
     sampling: SamplingParams
     seed: int | None = None  # the line's own seed, else one drawn from (--seed, id)
+    tokenizer: ChatTokenizer | None = None  # renders its messages or turns (with its chat_template_kwargs)
 
 
 def parse_request(
@@ -152,11 +168,17 @@ def parse_request(
     if system is not None and (form != "turns" or not isinstance(system, str)):
         raise LineError("system must be a string, and only goes with turns (messages carry their own)")
 
+    if "chat_template_kwargs" in obj and form not in ("messages", "turns"):
+        raise LineError("chat_template_kwargs only goes with messages or turns")
     if form in ("messages", "turns"):
         if tokenizer is None:
             raise LineError(f"{form} needs a tokenizer: this checkpoint takes prompt_token_ids/turns_token_ids only")
         if tokenizer.template is None:
             raise LineError(f"{form} needs a chat template, and the tokenizer has none")
+        try:
+            tokenizer = tokenizer.with_template_kwargs(obj.get("chat_template_kwargs"))
+        except ValueError as e:
+            raise LineError(str(e)) from None
     if form == "messages":
         if not isinstance(value, list) or not value:
             raise LineError("messages must be a non-empty list")
@@ -167,14 +189,14 @@ def parse_request(
                 raise LineError(f"messages[{i}]: unknown role {m.get('role')!r} (allowed: {', '.join(ROLES)})")
             if not isinstance(m.get("content"), str):
                 raise LineError(f"messages[{i}]: content must be a string")
-        return Request(form, [value], None, sampling, seed)
+        return Request(form, [value], None, sampling, seed, tokenizer)
     if form == "turns":
         if not isinstance(value, list) or not value:
             raise LineError("turns must be a non-empty list of user messages")
         for i, m in enumerate(value):
             if not isinstance(m, str):
                 raise LineError(f"turns[{i}] must be a string (the user message)")
-        return Request(form, list(value), system, sampling, seed)
+        return Request(form, list(value), system, sampling, seed, tokenizer)
     if form == "prompt_token_ids":
         turns = [_token_ids(value, form, vocab_size)]
     else:
@@ -429,7 +451,7 @@ class BatchJob:
         request, value = job.request, job.request.inputs[job.next_input]
         try:
             if request.form == "messages":
-                ids, starts = encode_messages(self.tokenizer, value, self.replies)
+                ids, starts = encode_messages(request.tokenizer, value, self.replies)
                 if self.continues_in_flight(ids):
                     self.held.append(job)  # its history's reply is still being generated: take its ids after
                     return
@@ -437,7 +459,7 @@ class BatchJob:
             elif request.form == "turns":
                 if job.conversation is None:
                     job.conversation = Conversation.start(
-                        self.engine, self.tokenizer, job.session.id, request.system, job.session.seed
+                        self.engine, request.tokenizer, job.session.id, request.system, job.session.seed
                     )
                     job.session = job.conversation.session
                 turn = job.conversation.ask(value, request.sampling, self.count)
@@ -478,13 +500,11 @@ class BatchJob:
             self.release_held()
             return
         generated = turn.generated
-        stopped = turn.finish_reason == "stop" and bool(generated)
         if job.conversation is not None:
-            text = job.conversation.record(turn)
-        elif self.tokenizer is not None:
-            text = self.tokenizer.decode(generated[:-1] if stopped else generated)
-        else:
-            text = None
+            job.conversation.record(turn)  # the history, as the template reads it
+        text = None
+        if self.tokenizer is not None:  # as the line's sampling shows it
+            text = reply_text(self.tokenizer, generated, turn.finish_reason, job.request.sampling)
         if text is not None:
             self.replies.remember(turn.prompt, text, generated)
         s = turn.stats

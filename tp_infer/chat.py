@@ -84,6 +84,14 @@ class Conversation:
         return reply
 
 
+def reply_text(tokenizer: ChatTokenizer, ids: list[int], finish_reason: str | None, sampling: SamplingParams) -> str:
+    """A finished reply's text as `sampling` shows it: without the stop token that ended it (unless
+    include_stop_str_in_output), special tokens' text as skip_special_tokens says."""
+    if finish_reason == "stop" and ids and not sampling.shows(ids[-1], len(ids) - 1):
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=sampling.skip_special_tokens)
+
+
 class ReplyMemory:
     """The exact ids of replies generated here, by the ids that preceded them (and the request's cache_salt: one
     tenant's replies are never recalled for another). A conversation sent back as text (a `messages` batch line, an

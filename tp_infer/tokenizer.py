@@ -1,6 +1,7 @@
 """The checkpoint's tokenizer (tokenizer.json) and chat template (tokenizer_config.json), rendered as Hugging Face
 renders them, so a conversation becomes exactly the ids DeepSeek's own tooling would produce."""
 
+import copy
 import json
 from datetime import datetime
 from itertools import pairwise
@@ -57,12 +58,28 @@ class ChatTokenizer:
         if template is None and jinja_file.exists():
             template = jinja_file.read_text()
         self.template = self._compile(template) if template else None
+        self.template_kwargs: dict = {}  # more variables for the template (a request's chat_template_kwargs)
         bos = self.special["bos_token"]
         self.bos_token_id = self.tokenizer.token_to_id(bos) if bos else None
         eos = self.special["eos_token"]
         self.eos_token_ids = (
             (self.tokenizer.token_to_id(eos),) if eos and self.tokenizer.token_to_id(eos) is not None else ()
         )
+
+    def with_template_kwargs(self, kwargs: dict | None) -> "ChatTokenizer":
+        """This tokenizer rendering with `kwargs` as more template variables (vLLM's chat_template_kwargs: DeepSeek
+        V3.1's template reads `thinking`); they may replace the special tokens' names, not messages or
+        add_generation_prompt. Raises TokenizerError naming a key it cannot take."""
+        if not kwargs:
+            return self
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise TokenizerError("chat_template_kwargs must be an object whose keys are names")
+        for key in TEMPLATE_OWN:
+            if key in kwargs:
+                raise TokenizerError(f"chat_template_kwargs cannot set {key!r}: the request sets it")
+        other = copy.copy(self)
+        other.template_kwargs = {**self.template_kwargs, **kwargs}
+        return other
 
     @staticmethod
     def _compile(template: str) -> jinja2.Template:
@@ -103,7 +120,9 @@ class ChatTokenizer:
         tracked = _Tracked(messages, lambda: written[0])
         try:
             for piece in self.template.generate(
-                messages=tracked, add_generation_prompt=add_generation_prompt, **self.special
+                **{**self.special, **self.template_kwargs},
+                messages=tracked,
+                add_generation_prompt=add_generation_prompt,
             ):
                 pieces.append(piece)
                 written[0] += len(piece)
@@ -181,6 +200,7 @@ class ChatTokenizer:
             return ""
 
 
+TEMPLATE_OWN = ("messages", "add_generation_prompt")  # template variables a request's kwargs cannot set
 EXACT_POINTS = 64  # where the cuts do not check out, conversations with up to this many points render each
 
 
@@ -201,12 +221,13 @@ class _Tracked(list):
 class StreamDecoder:
     """Turns generated ids into text as they arrive, holding back bytes that do not yet form a character."""
 
-    def __init__(self, tokenizer: ChatTokenizer):
+    def __init__(self, tokenizer: ChatTokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+        self.skip_special_tokens = skip_special_tokens
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         if text.endswith("\ufffd"):
             return ""
         new, self.emitted = text[len(self.emitted) :], text
@@ -214,6 +235,6 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is left at the end of the reply, incomplete characters included."""
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         new, self.emitted = text[len(self.emitted) :], text
         return new

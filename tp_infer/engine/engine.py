@@ -183,7 +183,8 @@ class Engine:
                 ended.append(turn)
                 continue
             try:
-                self.accept(turn, sample(row_logits, turn.sampling, self.generator(turn.session)))
+                generator = self.generator(turn.session)
+                self.accept(turn, sample(row_logits, turn.sampling, generator, turn.tokens, len(turn.generated)))
             except Exception as e:  # this turn's failure (its sampling, its client's callback): it ends alone
                 self.fail(turn, e)
             if turn.closing and (not self.reuse or turn.error is not None):  # nothing to keep: no closing step
@@ -220,7 +221,7 @@ class Engine:
         turn.tokens.append(token)
         if turn.on_token is not None:
             turn.on_token(token)
-        if turn.sampling.stops_at(token):
+        if turn.sampling.stops_at(token, len(turn.generated) - 1):
             turn.finish_reason = "stop"
         elif len(turn.generated) >= turn.sampling.max_new_tokens or len(turn.tokens) >= self.max_seq_len:
             turn.finish_reason = "length"

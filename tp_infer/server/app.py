@@ -26,7 +26,6 @@ from tp_infer.engine.request import Turn
 from tp_infer.engine.sampling import SEED_RANGE, SamplingParams
 from tp_infer.server.bridge import Busy, Call, EngineLoop
 from tp_infer.server.metrics import Metrics
-from tp_infer.server.worker import worker_router
 from tp_infer.server.protocol import (
     APIError,
     AssistantMessage,
@@ -44,6 +43,7 @@ from tp_infer.server.protocol import (
     SamplingRequest,
     Usage,
 )
+from tp_infer.server.worker import worker_router
 from tp_infer.tokenizer import ROLES, ChatTokenizer, StreamDecoder, TokenizerError
 
 MAX_BODY_BYTES = 16 * 2**20
@@ -63,15 +63,19 @@ class ServerSettings:
 
 
 class ReplyText:
-    """Generated ids as text deltas, ending before the first stop string (which is never sent)."""
+    """Generated ids as text deltas as `sampling` shows them (special tokens, the stop token), ending at the first
+    stop string met from the min_tokens-th token on (sent only with include_stop_str_in_output)."""
 
-    def __init__(self, tokenizer: ChatTokenizer, stops: list[str]):
-        self.decoder, self.stops = StreamDecoder(tokenizer), stops
-        self.text, self.sent, self.stopped = "", 0, False
+    def __init__(self, tokenizer: ChatTokenizer, stops: list[str], sampling: SamplingParams):
+        self.decoder = StreamDecoder(tokenizer, sampling.skip_special_tokens)
+        self.stops, self.sampling = stops, sampling
+        self.text, self.sent, self.stopped, self.count = "", 0, False, 0
         self.hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be arriving
 
     def push(self, token: int) -> str:
-        self.text += self.decoder.push(token)
+        position, self.count = self.count, self.count + 1
+        if self.sampling.shows(token, position):
+            self.text += self.decoder.push(token)
         return self.release(final=False)
 
     def finish(self) -> str:
@@ -80,10 +84,13 @@ class ReplyText:
         return self.release(final=True)
 
     def release(self, final: bool) -> str:
-        if not self.stopped:
-            cuts = [i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stops) if i >= 0]
+        if not self.stopped and self.count >= self.sampling.min_tokens:
+            start = max(0, self.sent - self.hold)
+            cuts = [(i, s) for i, s in ((self.text.find(s, start), s) for s in self.stops) if i >= 0]
             if cuts:
-                self.text, self.stopped, final = self.text[: min(cuts)], True, True
+                i, s = min(cuts)
+                end = i + len(s) if self.sampling.include_stop_str_in_output else i
+                self.text, self.stopped, final = self.text[:end], True, True
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         out, self.sent = self.text[self.sent : end], end
         return out
@@ -268,9 +275,14 @@ def build_app(
                 raise APIError(400, f"messages[{i}]: unknown role {m.role!r} (allowed: {', '.join(ROLES)})", "messages")
             messages.append({"role": m.role, "content": m.text()})
 
+        try:
+            rendering = tokenizer.with_template_kwargs(body.chat_template_kwargs)
+        except TokenizerError as e:
+            raise APIError(400, str(e), "chat_template_kwargs") from None
+
         def encode() -> tuple[list[int], list[int] | None]:
             try:
-                return encode_messages(tokenizer, messages, memory, salt)
+                return encode_messages(rendering, messages, memory, salt)
             except TokenizerError as e:
                 raise APIError(400, str(e), "messages") from None
 
@@ -319,14 +331,10 @@ def build_app(
         body.check_supported()
         defaults, limit_field = settings.sampling, token_field(body)
         try:  # SamplingParams knows what the sampler can take
-            sampling = replace(
-                defaults,
-                max_new_tokens=body.token_limit or defaults.max_new_tokens,
-                temperature=defaults.temperature if body.temperature is None else body.temperature,
-                top_p=defaults.top_p if body.top_p is None else body.top_p,
-            )
-        except ValueError as e:
-            name = str(e).split("=")[0]
+            limit = body.token_limit or defaults.max_new_tokens
+            sampling = replace(defaults, max_new_tokens=limit, **body.sampling_fields())
+        except ValueError as e:  # its message starts with the field's name
+            name = str(e).split()[0]
             raise APIError(400, str(e), limit_field if name == "max_new_tokens" else name) from None
         salt = body.cache_salt
         if salt is None and settings.require_cache_salt:
@@ -366,7 +374,7 @@ def build_app(
             loop.submit(call)
         except Busy as e:
             raise APIError(503, f"{e}; retry later", kind="server_error") from None
-        reply = ReplyText(tokenizer, body.stops)
+        reply = ReplyText(tokenizer, body.stops, sampling)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage

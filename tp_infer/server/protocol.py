@@ -2,7 +2,7 @@
 refused (a misspelt option must not be ignored silently); known fields that would change the result in a way this
 server cannot honour are refused unless they hold their no-effect value."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
@@ -85,6 +85,15 @@ class SamplingRequest(Strict):
     user: Text | None = None  # for the client's own bookkeeping: no effect
     # keeps this request's cached prefixes apart from those of requests with another salt (vLLM's name)
     cache_salt: Text | None = Field(None, min_length=1, max_length=1024)
+    # vLLM's and SGLang's sampling extensions, with their meanings (SamplingParams checks the values, by name)
+    top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
     n: int = 1
     frequency_penalty: float = 0
     presence_penalty: float = 0
@@ -108,6 +117,25 @@ class SamplingRequest(Strict):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def sampling_fields(self) -> dict:
+        """The SamplingParams fields this request sets, by their SamplingParams names (max_new_tokens aside)."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+
+
+# request fields that are SamplingParams fields of the same name
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -115,6 +143,8 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
+    # more variables for the chat template (DeepSeek V3.1's reads `thinking`), vLLM's and SGLang's name
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @property
     def token_limit(self) -> int | None:
