@@ -53,7 +53,7 @@ class CpuBackend(Backend):
         return y if y is not None else super().rms_norm(x, weight, eps)
 
     def rope(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-        y = kernels.rope(x, rotations)
+        y = kernels.rope(x, torch.view_as_complex(rotations))  # (cos, sin) pairs as the kernels read them
         return y if y is not None else super().rope(x, rotations)
 
     def route(self, x: torch.Tensor, gate: Gate) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +94,8 @@ class CpuBackend(Backend):
         group = batch.groups[0]
         if len(batch.groups) == 1 and group.width == 1:
             q_nope, q_pe = q.split([mla.nope_dim, mla.rope_dim], dim=-1)
-            new = kernels.NewEntries(kv, mla.kv_norm.weight, mla.kv_norm.eps, rotations, batch.slots)
+            pairs = torch.view_as_complex(rotations)
+            new = kernels.NewEntries(kv, mla.kv_norm.weight, mla.kv_norm.eps, pairs, batch.slots)
             decode = kernels.mla_decode if mla.attn_impl == "absorb" else kernels.mha_decode
             out = decode(q_nope, q_pe, wkv_b, *cache.data, group.block_table, group.lengths, mla.softmax_scale, new)
             if out is not None:

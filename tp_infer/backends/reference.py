@@ -52,7 +52,7 @@ class Backend:
         return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
     def rope(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-        """x [N, H, D] or [N, D] rotated pairwise by rotations [N, D / 2] (complex)."""
+        """x [N, H, D] or [N, D] rotated pairwise by rotations [N, D / 2, 2] (cos, sin)."""
         return apply_rope(x, rotations)
 
     # -- feed-forward ----------------------------------------------------------------------------------------------

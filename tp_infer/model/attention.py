@@ -69,7 +69,7 @@ class MLA(Layer):
         self.wo = RowParallelLinear(args.n_heads * self.v_dim, args.dim, tp, dtype, fp8)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations: torch.Tensor) -> torch.Tensor:
-        """x [N, dim]: the step's new tokens; rotations [N, rope_dim / 2] (complex) at their positions. The backend
+        """x [N, dim]: the step's new tokens; rotations [N, rope_dim / 2, 2] (cos, sin) at their positions. The backend
         stores their cache entries and attends: out [N, H, V]."""
         n = x.shape[0]
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))

@@ -32,16 +32,18 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_rotations(args: ModelArgs) -> torch.Tensor:
-    """cos + i sin of every position's angle per pair, [max_seq_len, qk_rope_head_dim // 2] complex64, scaled by
-    YaRN's rope mscale."""
+    """(cos, sin) of every position's angle per pair, [max_seq_len, qk_rope_head_dim // 2, 2] fp32 (the layout of
+    complex64, which torch.view_as_complex reads in place), scaled by YaRN's rope mscale."""
     angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), rope_frequencies(args))
-    return torch.complex(angles.cos() * args.rope_mscale, angles.sin() * args.rope_mscale)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1) * args.rope_mscale
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs of x [N, H, D] (or [N, D]) by rotations [N, D/2] (complex), computed in fp32: each pair
-    (even, odd) becomes (even cos - odd sin, even sin + odd cos), one complex product."""
-    if x.dim() == rotations.dim() + 1:
-        rotations = rotations.unsqueeze(-2)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
+    """Rotate the pairs of x [N, H, D] (or [N, D]) by rotations [N, D/2, 2] (cos, sin), computed in fp32: each pair
+    (even, odd) becomes (even cos - odd sin, even sin + odd cos). Real arithmetic, no complex tensors: a compiled
+    step fuses it."""
+    if x.dim() == rotations.dim():
+        rotations = rotations.unsqueeze(-3)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd, cos, sin = pairs[..., 0], pairs[..., 1], rotations[..., 0], rotations[..., 1]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
