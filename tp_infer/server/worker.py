@@ -32,6 +32,11 @@ def package_version() -> str:
         return "unknown"
 
 
+def held_blocks(turns: list) -> int:
+    """Blocks of the pool the given turns hold (a block several share counted once)."""
+    return len({block for turn in turns if turn.table is not None for block in turn.table.blocks})
+
+
 def worker_router(loop: EngineLoop, settings: ServerSettings) -> APIRouter:
     """The gateway-facing endpoints of one replica (one torchrun group: tensor parallel over its ranks)."""
     router = APIRouter()
@@ -80,12 +85,15 @@ def worker_router(loop: EngineLoop, settings: ServerSettings) -> APIRouter:
     @router.get("/v1/loads", responses=UNAUTHORIZED)
     async def loads() -> dict:
         """SGLang's /v1/loads: this replica as one data-parallel rank. Waiting counts every accepted request not
-        yet running, the ones still crossing over to the engine's thread included."""
+        yet running, the ones still crossing over to the engine's thread included. Used tokens are the blocks the
+        running turns hold, as SGLang counts them: cached prefixes nobody runs on are evicted on demand, and a
+        gateway reading a pool full of cache as full would divert conversations away from their history
+        (smg leaves a worker out of routing at 0.8 of it)."""
         usage, totals = engine.cache_usage(), engine.totals
-        running = len(engine.scheduler.running)
-        in_flight = loop.in_flight
+        turns = list(engine.scheduler.running)
+        running, in_flight = len(turns), loop.in_flight
         capacity = usage.total_blocks * usage.block_size
-        used = usage.used_blocks * usage.block_size
+        used = held_blocks(turns) * usage.block_size
         load = {
             "dp_rank": 0,
             "num_running_reqs": running,
