@@ -100,10 +100,10 @@ def batch_with_failing_turns(engine, ckpt, input_file, output_file):
 
     real_sample = engine_module.sample
 
-    def sample(logits, params, generator=None):
+    def sample(logits, params, generator=None, *history):
         if params.top_k == 13:
             raise RuntimeError("invalid multinomial distribution")
-        return real_sample(logits, params, generator)
+        return real_sample(logits, params, generator, *history)
 
     engine_module.sample = sample
     return run_batch(engine, ChatTokenizer(ckpt), input_file, output_file, SamplingParams(max_new_tokens=4), seed=0)

@@ -20,10 +20,10 @@ def failing_turns(engine, prompts):
 
     real_sample = engine_module.sample
 
-    def sample(logits, params, generator=None):
+    def sample(logits, params, generator=None, *history):
         if params.top_k == POISON.top_k:
             raise RuntimeError("invalid multinomial distribution\nsecond line")
-        return real_sample(logits, params, generator)
+        return real_sample(logits, params, generator, *history)
 
     engine_module.sample = sample
     alone = [engine.generate(Session(f"alone-{i}"), p, GREEDY).generated for i, p in enumerate(prompts)]

@@ -64,7 +64,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _check("temperature", self.temperature, "a number >= 0", lambda t: t >= 0)
         _check("top_p", self.top_p, "a number in (0, 1]", lambda p: 0 < p <= 1)
-        _check("top_k", self.top_k, "an integer >= 0, or -1 for no cut", lambda k: k >= -1, integer=True)
+        _check("top_k", self.top_k, "an integer >= 0", lambda k: k >= -1, integer=True)  # -1: vLLM's "no cut"
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         _check("max_new_tokens", self.max_new_tokens, "an integer >= 1", lambda n: n >= 1, integer=True)
