@@ -21,6 +21,9 @@
 #              GATEWAY_API_KEY  clients must send `Authorization: Bearer KEY` to the gateway, which passes it on to
 #                            the replicas (started with the same key)
 #              POLICY        smg's routing policy (default consistent_hashing)
+#              OVERLOAD_WAITING  requests waiting on a replica at which the gateway sends new turns elsewhere
+#                            (default: never; smg's own default, 8, moves busy replicas' conversations away from
+#                            their history, which the other replica then recomputes whole)
 #              HEALTH_INTERVAL  seconds between the gateway's health checks of each replica (default 2); a replica
 #                            is out after 2 failed ones in a row
 #              START_TIMEOUT seconds a replica may take to answer /health (default 1800: weights load)
@@ -67,6 +70,8 @@ if [ ${#nprocs[@]} -ne 1 ] && [ ${#nprocs[@]} -ne "$REPLICAS" ]; then
 	echo "$0: NPROC=$NPROC: give one number, or one per replica ($REPLICAS)" >&2
 	exit 2
 fi
+overload=(--disable-worker-overload-protection)
+if [ -n "${OVERLOAD_WAITING:-}" ]; then overload=(--worker-overload-waiting-requests "$OVERLOAD_WAITING"); fi
 auth=()
 if [ -n "${GATEWAY_API_KEY:-}" ]; then auth=(--api-key "$GATEWAY_API_KEY"); fi
 
@@ -128,7 +133,7 @@ echo "replicas: $REPLICAS replicas healthy; gateway on http://$GATEWAY_HOST:$GAT
 # shellcheck disable=SC2086  # SMG_OPTS is split on purpose
 setsid "$SMG" launch --worker-urls "${urls[@]}" --policy "$POLICY" --host "$GATEWAY_HOST" --port "$GATEWAY_PORT" \
 	--prometheus-host "$GATEWAY_HOST" --prometheus-port "$METRICS_PORT" \
-	--health-check-interval-secs "$HEALTH_INTERVAL" --health-failure-threshold 2 "${auth[@]}" \
+	--health-check-interval-secs "$HEALTH_INTERVAL" --health-failure-threshold 2 "${overload[@]}" "${auth[@]}" \
 	${SMG_OPTS:-} >"$LOG_DIR/gateway.log" 2>&1 &
 gateway=$!
 status=0
