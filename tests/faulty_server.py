@@ -13,10 +13,10 @@ FAULT_TEMPERATURE = 1.25
 sample = engine.sample
 
 
-def faulty_sample(logits, params, generator=None):
+def faulty_sample(logits, params, generator=None, *history):
     if params.temperature == FAULT_TEMPERATURE:
         raise RuntimeError("injected fault in sampling")
-    return sample(logits, params, generator)
+    return sample(logits, params, generator, *history)
 
 
 if __name__ == "__main__":
