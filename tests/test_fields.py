@@ -182,6 +182,11 @@ def test_min_tokens_holds_back_end_of_sentence(server, batch):
     held = reply(batch, "min_tokens")
     assert answer.usage.completion_tokens == len(held["token_ids"]) > 30
     assert answer.choices[0].message.content == held["text"]
+    # a stop string generated before min_tokens does not end the reply either
+    text = reply(batch, "greedy")["text"]
+    assert chat(server, stop=[text[5:8]]).usage.completion_tokens < 10
+    late = chat(server, stop=[text[5:8]], min_tokens=30)
+    assert late.usage.completion_tokens >= 30 and late.choices[0].message.content.startswith(text[:8])
 
 
 def test_stop_token_ids_stop_and_include_stop_str_in_output_keeps_what_stopped(server, batch, tokenizer):
