@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 
 UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing or wrong API key (with --api-key)"}}
-NO_FLUSH = {400: {"model": ErrorResponse, "description": "This server keeps its prefix cache (see the message)"}}
 
 
 def package_version() -> str:
@@ -110,7 +109,7 @@ def worker_router(loop: EngineLoop, settings: ServerSettings) -> APIRouter:
         stamp = datetime.now(timezone.utc).isoformat()
         return {"timestamp": stamp, "version": package_version(), "dp_rank_count": 1, "loads": [load]}
 
-    @router.post("/flush_cache", responses={**NO_FLUSH, **UNAUTHORIZED})
+    @router.post("/flush_cache", include_in_schema=False)  # a gateway's control call, not the API
     async def flush_cache() -> dict:
         """A gateway's cache flush (SGLang empties its radix cache when idle). tp_infer keeps its cache: a reused
         prefix gives the reply that recomputing it gives, prefixes are shared only within one cache_salt, and the
