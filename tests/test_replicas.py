@@ -58,23 +58,27 @@ def free(port: int) -> bool:
 
 
 class Replicas:
-    """launch/replicas.sh: two replicas (1 and 2 ranks) and the gateway in front of them."""
+    """launch/replicas.sh: replicas of nproc[i] ranks each (default two, of 1 and 2) and the gateway in front."""
 
-    def __init__(self, ckpt: Path, tmp: Path):
-        self.port, self.gateway_port = consecutive_free_ports(2), free_port()
+    def __init__(self, ckpt: Path, tmp: Path, nproc: tuple[int, ...] = (1, 2), **extra: str):
+        self.count = len(nproc)
+        key = extra.get("GATEWAY_API_KEY")
+        self.headers = {"authorization": f"Bearer {key}"} if key else {}
+        self.port, self.gateway_port = consecutive_free_ports(self.count), free_port()
         self.gateway = f"http://127.0.0.1:{self.gateway_port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
         env.update(
             OMP_NUM_THREADS="1",
             PYTHON=sys.executable,
             TMPDIR=str(tmp),
-            REPLICAS="2",
-            NPROC="1,2",
+            REPLICAS=str(self.count),
+            NPROC=",".join(map(str, nproc)),
             PORT=str(self.port),
             GATEWAY_PORT=str(self.gateway_port),
             METRICS_PORT=str(free_port()),
             HEALTH_INTERVAL="1",
             LOG_DIR=str(tmp / "logs"),
+            **extra,
         )
         self.log = tmp / "replicas.log"
         with open(self.log, "wb") as out:
@@ -106,8 +110,8 @@ class Replicas:
             if line.startswith("replicas: replica ") and ", pid " in line:
                 self.pids[int(line.split()[2])] = int(line.split(", pid ")[1].split(",")[0])
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            workers = httpx.get(f"{self.gateway}/workers", timeout=2).json()["workers"]
-            return len(workers) == 2 and all(w["is_healthy"] and w["status"] == "ready" for w in workers)
+            workers = httpx.get(f"{self.gateway}/workers", headers=self.headers, timeout=2).json()["workers"]
+            return len(workers) == self.count and all(w["is_healthy"] and w["status"] == "ready" for w in workers)
         return False
 
     def url(self, replica: int) -> str:
@@ -254,3 +258,19 @@ def test_a_replica_that_dies_mid_run_hands_its_conversations_to_the_other(replic
             before, usage = turns[turn - 1][1], turns[turn][1]
             history = before.prompt_tokens + before.completion_tokens
             assert usage.prompt_tokens_details.cached_tokens == history, f"conversation {i}, turn {turn + 1}"
+
+
+def test_an_api_key_guards_the_gateway_and_the_replicas(chat_ckpt, tmp_path):
+    """GATEWAY_API_KEY: clients must send it to the gateway, which sends it on to the replicas, which require it."""
+    r = Replicas(chat_ckpt, tmp_path, (1,), GATEWAY_API_KEY="s3cret")
+    try:
+        ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+        for url in (r.gateway, r.url(0)):
+            for headers in ({}, {"authorization": "Bearer wrong"}):
+                answer = httpx.post(f"{url}/v1/chat/completions", json=ask, headers=headers, timeout=30)
+                assert answer.status_code == 401 and "API key" in answer.json()["error"]["message"], (url, answer.text)
+        assert httpx.get(f"{r.gateway}/workers", timeout=5).status_code == 401  # its control plane too
+        reply = openai.OpenAI(base_url=f"{r.gateway}/v1", api_key="s3cret", max_retries=0, timeout=TURN_S)
+        assert reply.chat.completions.create(**ask).usage.completion_tokens == 2
+    finally:
+        r.stop()
