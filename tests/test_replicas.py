@@ -24,6 +24,7 @@ SMG = Path(sys.executable).with_name("smg")  # installed with the test extras, b
 pytestmark = pytest.mark.skipif(not SMG.exists(), reason="smg is not installed (pip install -e .[test])")
 
 OPTIONS = ["--device", "cpu", "--dtype", "fp32", "--max-seq-len", "256", "--max-new-tokens", "6", "--ignore-eos"]
+OPTIONS += ["--kv-cache-memory", "0.01"]  # room for every conversation twice (the oracle is salted apart): none evicted
 MODEL = "ckpt"  # the checkpoint folder's name
 SYSTEM = "You are a helpful assistant of the Example company. Answer briefly and politely, in English. "
 USERS = ["Hello there,", "My name is Ada", "how are you today?", "The code is 4821.", "and I live in Paris.", "Bye"]
