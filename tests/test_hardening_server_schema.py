@@ -5,6 +5,7 @@ and every answer's status and body must be what the schema declares for it."""
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,9 @@ def server(chat_ckpt):
 def schemathesis(schema: str, server: Server) -> subprocess.CompletedProcess:
     cmd = [str(ST), "run", schema, "--url", server.url, "--checks", CHECKS, "--max-examples", "25"]
     cmd += ["--generation-deterministic", "--no-color", "--request-timeout", "60"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # in a temporary folder: schemathesis keeps a cache (.schemathesis/) where it runs
+    with tempfile.TemporaryDirectory() as folder:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=folder)
 
 
 def test_every_answer_is_what_openapi_json_declares(server):
