@@ -59,24 +59,12 @@ from tqdm import tqdm
 
 from tp_infer.chat import Conversation, ReplyMemory, encode_messages, reply_text
 from tp_infer.engine.engine import Engine, Turn
-from tp_infer.engine.sampling import SamplingParams, check_seed
+from tp_infer.engine.sampling import REQUEST_FIELDS, SamplingParams, check_seed
 from tp_infer.engine.session import Session
 from tp_infer.tokenizer import ROLES, ChatTokenizer
 
 FORMS = ("messages", "turns", "prompt_token_ids", "turns_token_ids")
-SAMPLING_KEYS = (  # a line's overrides of SamplingParams
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "min_tokens",
-    "repetition_penalty",
-    "ignore_eos",
-    "stop_token_ids",
-    "skip_special_tokens",
-    "include_stop_str_in_output",
-)
+SAMPLING_KEYS = ("max_new_tokens", *REQUEST_FIELDS)  # a line's overrides of SamplingParams
 KEYS = {"id", "system", "seed", "chat_template_kwargs", "user", *SAMPLING_KEYS, *FORMS}
 
 

@@ -36,6 +36,22 @@ def _finite(value: Real) -> bool:
         return False
 
 
+# the SamplingParams fields a request (a server request, a batch line) may set under the same name, max_new_tokens
+# aside (the server calls it max_tokens)
+REQUEST_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a reply is sampled and shown, with vLLM's meanings. temperature 0 is greedy. Generation ends at a stop

@@ -73,6 +73,8 @@ class ReplyText:
         self.hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be arriving
 
     def push(self, token: int) -> str:
+        if self.stopped:  # tokens the engine made before the cancel reached it: not part of the reply
+            return ""
         position, self.count = self.count, self.count + 1
         if self.sampling.shows(token, position):
             self.text += self.decoder.push(token)
@@ -433,12 +435,15 @@ def build_app(
     def finish_reason(turn: Turn, reply: ReplyText) -> str:
         return "stop" if reply.stopped or turn.finish_reason == "stop" else "length"
 
-    def usage(turn: Turn) -> Usage:
+    def usage(turn: Turn, reply: ReplyText) -> Usage:
+        """The turn's token counts; a reply cut at a stop string counts the tokens up to the one that completed it,
+        not those the engine generated before the cancel reached it."""
         s = turn.stats
+        completion = reply.count if reply.stopped else len(turn.generated)
         return Usage(
             prompt_tokens=s.prompt_tokens,
-            completion_tokens=len(turn.generated),
-            total_tokens=s.prompt_tokens + len(turn.generated),
+            completion_tokens=completion,
+            total_tokens=s.prompt_tokens + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=s.reused_tokens),
         )
 
@@ -460,7 +465,7 @@ def build_app(
             return Response(status_code=499)
         count(request, 200)
         reason, answered = finish_reason(turn, reply), {"id": rid, "created": int(time.time())}
-        answered.update(model=settings.model_name, usage=usage(turn))
+        answered.update(model=settings.model_name, usage=usage(turn, reply))
         if chat:
             message = AssistantMessage(content=reply.text)
             return ChatCompletion(**answered, choices=[ChatChoice(index=0, message=message, finish_reason=reason)])
@@ -496,7 +501,7 @@ def build_app(
                     else:
                         yield chunk(None, finish_reason(value, reply))
                         if include_usage:
-                            yield chunk(None, None, usage_=usage(value))
+                            yield chunk(None, None, usage_=usage(value, reply))
                         status = 200
             except APIError as e:  # the stream has started: the error is its last event
                 status = e.status

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from tp_infer.engine.sampling import SEED_RANGE
+from tp_infer.engine.sampling import REQUEST_FIELDS, SEED_RANGE
 
 
 class APIError(Exception):
@@ -119,22 +119,7 @@ class SamplingRequest(Strict):
 
     def sampling_fields(self) -> dict:
         """The SamplingParams fields this request sets, by their SamplingParams names (max_new_tokens aside)."""
-        return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
-
-
-# request fields that are SamplingParams fields of the same name
-SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "min_tokens",
-    "repetition_penalty",
-    "ignore_eos",
-    "stop_token_ids",
-    "skip_special_tokens",
-    "include_stop_str_in_output",
-)
+        return {name: getattr(self, name) for name in REQUEST_FIELDS if getattr(self, name) is not None}
 
 
 class ChatCompletionRequest(SamplingRequest):
