@@ -65,15 +65,14 @@ def test_the_counters_see_host_reads_and_syncing_ops():
 
 
 def linear_bytes(m: int, n: int, k: int) -> tuple[int, int]:
-    """(read, written) of x [m, k] (bf16) times an FP8 weight [n, k] (k a multiple of 128) on the CPU path, by hand:
-    the weight copied into bf16, its block scales [n/128, k/128] repeated over the 128 rows of each block
-    (repeat_interleave: a copy of the fp32 scales), the bf16 weight multiplied in place by them, then the product."""
-    bn, bk = -(-n // 128), k // 128
+    """(read, written) of x [m, k] (bf16) times an FP8 weight [n, k] of whole 128x128 blocks on the CPU path, by hand:
+    the weight copied into bf16, then multiplied in place by its block scales [n/128, k/128] broadcast over their
+    blocks (each scale read once), then the product."""
+    bn, bk = n // 128, k // 128
     to_bf16 = (n * k, 2 * n * k)
-    repeat_scales = (4 * bn * bk, 4 * bn * 128 * bk)
-    scale_in_place = (2 * n * k + 4 * n * bk, 2 * n * k)
+    scale_in_place = (2 * n * k + 4 * bn * bk, 2 * n * k)
     product = (2 * m * k + 2 * n * k, 2 * m * n)
-    parts = (to_bf16, repeat_scales, scale_in_place, product)
+    parts = (to_bf16, scale_in_place, product)
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
