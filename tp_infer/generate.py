@@ -381,7 +381,7 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
     files = None
     if disk_path:
         made_by = fingerprint(args, ckpt_path, ctx.world_size, block_size)
-        files = DiskFiles(disk_path, made_by, ctx.rank, shared=cache_layout(args, ctx.world_size).replicated)
+        files = DiskFiles(disk_path, made_by, ctx.rank, shared=layout.replicated)
     runner = ModelRunner(model, ctx, num_blocks, block_size, host_blocks, files, spare_blocks=int(compiled))
     report_memory(ctx, runner, sizing)
     if compiled:
