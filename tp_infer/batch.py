@@ -161,7 +161,7 @@ def parse_request(
     if form in ("messages", "turns"):
         if tokenizer is None:
             raise LineError(f"{form} needs a tokenizer: this checkpoint takes prompt_token_ids/turns_token_ids only")
-        if tokenizer.template is None:
+        if tokenizer.format is None:
             raise LineError(f"{form} needs a chat template, and the tokenizer has none")
         try:
             tokenizer = tokenizer.with_template_kwargs(obj.get("chat_template_kwargs"))

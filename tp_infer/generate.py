@@ -464,7 +464,7 @@ def load_tokenizer(ckpt_path: str, required: bool) -> ChatTokenizer | None:
     if not (Path(ckpt_path) / "tokenizer.json").exists() and not required:
         return None  # raw token ids only
     tokenizer = ChatTokenizer(ckpt_path)
-    if required and tokenizer.template is None:
+    if required and tokenizer.format is None:
         raise TokenizerError(f"{ckpt_path}/tokenizer_config.json has no chat_template: chat needs one")
     return tokenizer
 

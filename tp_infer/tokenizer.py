@@ -1,15 +1,20 @@
-"""The checkpoint's tokenizer (tokenizer.json) and chat template (tokenizer_config.json), rendered as Hugging Face
-renders them, so a conversation becomes exactly the ids DeepSeek's own tooling would produce."""
+"""The checkpoint's tokenizer (tokenizer.json) and chat format: its Jinja chat template (tokenizer_config.json),
+rendered as Hugging Face renders it, or for DeepSeek-V3.2, which ships none, DeepSeek's Python encoder
+(dsv32_format), so a conversation becomes exactly the ids DeepSeek's own tooling would produce."""
 
 import copy
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
+from typing import Any, Protocol
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+from tp_infer import dsv32_format
 
 ROLES = ("system", "user", "assistant", "tool")  # what a chat message's role may be
 
@@ -29,6 +34,88 @@ def _raise_exception(message: str):
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatFormat(Protocol):
+    """How a checkpoint writes a conversation as text: a Jinja template, or DeepSeek-V3.2's encoder."""
+
+    def check_kwargs(self, kwargs: dict) -> None:
+        """Raise TokenizerError naming a chat_template_kwargs key or value this format cannot take."""
+
+    def render_tracked(
+        self, messages: list[dict], add_generation_prompt: bool, kwargs: dict
+    ) -> tuple[str, dict[int, int]]:
+        """The text, and {i: length of the text written before message i} (see ChatTokenizer.render_tracked)."""
+
+
+@dataclass
+class JinjaFormat:
+    """A chat template, given the special tokens' names and the request's kwargs as more variables."""
+
+    template: Any  # a compiled jinja2.Template (anything with its generate())
+    special: dict
+
+    def check_kwargs(self, kwargs: dict) -> None:
+        for key in TEMPLATE_OWN:
+            if key in kwargs:
+                raise TokenizerError(f"chat_template_kwargs cannot set {key!r}: the request sets it")
+
+    def render_tracked(
+        self, messages: list[dict], add_generation_prompt: bool, kwargs: dict
+    ) -> tuple[str, dict[int, int]]:
+        pieces, written = [], [0]
+        tracked = _Tracked(messages, lambda: written[0])
+        try:
+            for piece in self.template.generate(
+                **{**self.special, **kwargs}, messages=tracked, add_generation_prompt=add_generation_prompt
+            ):
+                pieces.append(piece)
+                written[0] += len(piece)
+        except jinja2.exceptions.TemplateError as e:
+            raise TokenizerError(f"chat template: {e}") from None
+        return "".join(pieces), tracked.taken
+
+
+class Dsv32Format:
+    """DeepSeek-V3.2's encoder (dsv32_format); kwargs: thinking (or enable_thinking) and drop_thinking."""
+
+    def check_kwargs(self, kwargs: dict) -> None:
+        self.options(kwargs)
+
+    @staticmethod
+    def options(kwargs: dict) -> dsv32_format.Dsv32Options:
+        try:
+            return dsv32_format.Dsv32Options.from_kwargs(kwargs)
+        except dsv32_format.EncodingError as e:
+            raise TokenizerError(str(e)) from None
+
+    def render_tracked(
+        self, messages: list[dict], add_generation_prompt: bool, kwargs: dict
+    ) -> tuple[str, dict[int, int]]:
+        try:
+            text, starts = dsv32_format.render_tracked(messages, self.options(kwargs), add_generation_prompt)
+        except dsv32_format.EncodingError as e:
+            raise TokenizerError(f"DeepSeek-V3.2 chat format: {e}") from None
+        return text, dict(enumerate(starts))
+
+
+def chat_format(folder: Path, config: dict, special: dict) -> ChatFormat | None:
+    """The folder's chat template; DeepSeek-V3.2's encoder where config.json says deepseek_v32 and no template is
+    shipped; None without either."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja_file = folder / "chat_template.jinja"
+    if template is None and jinja_file.exists():
+        template = jinja_file.read_text()
+    if template:
+        return JinjaFormat(ChatTokenizer._compile(template), special)
+    model_config = folder / "config.json"
+    try:
+        model_type = json.loads(model_config.read_text()).get("model_type") if model_config.exists() else None
+    except (OSError, ValueError, AttributeError):
+        model_type = None  # the model's loader says what is wrong with it
+    return Dsv32Format() if model_type == "deepseek_v32" else None
 
 
 class ChatTokenizer:
@@ -51,14 +138,8 @@ class ChatTokenizer:
         self.special = {
             name: _token_text(config.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        jinja_file = folder / "chat_template.jinja"
-        if template is None and jinja_file.exists():
-            template = jinja_file.read_text()
-        self.template = self._compile(template) if template else None
-        self.template_kwargs: dict = {}  # more variables for the template (a request's chat_template_kwargs)
+        self.format: ChatFormat | None = chat_format(folder, config, self.special)
+        self.template_kwargs: dict = {}  # a request's chat_template_kwargs: more template variables, V3.2's options
         bos = self.special["bos_token"]
         self.bos_token_id = self.tokenizer.token_to_id(bos) if bos else None
         eos = self.special["eos_token"]
@@ -66,17 +147,26 @@ class ChatTokenizer:
             (self.tokenizer.token_to_id(eos),) if eos and self.tokenizer.token_to_id(eos) is not None else ()
         )
 
+    @property
+    def template(self):
+        """The Jinja chat template (None for DeepSeek-V3.2's encoder or no chat format)."""
+        return self.format.template if isinstance(self.format, JinjaFormat) else None
+
+    @template.setter
+    def template(self, template) -> None:
+        self.format = JinjaFormat(template, self.special) if template is not None else None
+
     def with_template_kwargs(self, kwargs: dict | None) -> "ChatTokenizer":
-        """This tokenizer rendering with `kwargs` as more template variables (vLLM's chat_template_kwargs: DeepSeek
-        V3.1's template reads `thinking`); they may replace the special tokens' names, not messages or
-        add_generation_prompt. Raises TokenizerError naming a key it cannot take."""
+        """This tokenizer rendering with `kwargs` (vLLM's chat_template_kwargs): for a Jinja template, more variables
+        (DeepSeek V3.1's reads `thinking`), which may replace the special tokens' names, not messages or
+        add_generation_prompt; for DeepSeek-V3.2, `thinking` (or `enable_thinking`) and `drop_thinking`. Raises
+        TokenizerError naming a key it cannot take."""
         if not kwargs:
             return self
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
             raise TokenizerError("chat_template_kwargs must be an object whose keys are names")
-        for key in TEMPLATE_OWN:
-            if key in kwargs:
-                raise TokenizerError(f"chat_template_kwargs cannot set {key!r}: the request sets it")
+        if self.format is not None:
+            self.format.check_kwargs(kwargs)
         other = copy.copy(self)
         other.template_kwargs = {**self.template_kwargs, **kwargs}
         return other
@@ -109,26 +199,14 @@ class ChatTokenizer:
         """The text, and where the template took each message in its last loop over them: {i: length of the text
         written before}. A template that writes message i in the loop's i-th pass, after what comes before it,
         writes there exactly what it writes for messages[:i]; render_cuts checks that."""
-        if self.template is None:
+        if self.format is None:
             raise TokenizerError("the tokenizer has no chat template (tokenizer_config.json chat_template)")
         for i, message in enumerate(messages):
             if message.get("role") not in ROLES:
                 raise TokenizerError(f"message {i}: unknown role {message.get('role')!r}")
             if not isinstance(message.get("content"), str):
                 raise TokenizerError(f"message {i}: content must be a string")
-        pieces, written = [], [0]
-        tracked = _Tracked(messages, lambda: written[0])
-        try:
-            for piece in self.template.generate(
-                **{**self.special, **self.template_kwargs},
-                messages=tracked,
-                add_generation_prompt=add_generation_prompt,
-            ):
-                pieces.append(piece)
-                written[0] += len(piece)
-        except jinja2.exceptions.TemplateError as e:
-            raise TokenizerError(f"chat template: {e}") from None
-        return "".join(pieces), tracked.taken
+        return self.format.render_tracked(messages, add_generation_prompt, self.template_kwargs)
 
     def render_cuts(
         self, messages: list[dict], points: list[tuple[int, bool]], add_generation_prompt: bool = True
