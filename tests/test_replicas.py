@@ -189,7 +189,7 @@ def test_each_conversation_keeps_its_replica_and_its_history(replicas):
 def test_the_gateway_reads_each_replica_as_it_is(replicas):
     """What smg registered from /server_info and /model_info, and the load it polls from /v1/loads: an idle replica
     whose pool holds the conversations' cache reports no token in use (the cache is evicted on demand, and smg
-    leaves a replica at 0.8 of it out of routing); the cache flush is refused by name."""
+    leaves a replica at 0.8 of it out of routing). The gateway's cache flush empties every replica's cache."""
     workers = {w["url"]: w for w in httpx.get(f"{replicas.gateway}/workers", timeout=5).json()["workers"]}
     for replica, ranks in ((0, 1), (1, 2)):
         worker = workers[replicas.url(replica)]
@@ -201,11 +201,19 @@ def test_the_gateway_reads_each_replica_as_it_is(replicas):
         assert (load["num_running_reqs"], load["num_waiting_reqs"], load["num_used_tokens"]) == (0, 0, 0), load
         assert load["token_usage"] == 0 and 0 <= load["cache_hit_rate"] < 1 and load["max_total_num_tokens"] > 0
         if replica == 0:  # it ran the one-server oracle: its pool does hold the conversations' cache
-            metrics = httpx.get(f"{replicas.url(replica)}/metrics", timeout=5).text
-            cached = next(line for line in metrics.splitlines() if line.startswith("tp_infer_pool_cached_tokens "))
-            assert float(cached.split()[1]) > 0 and load["cache_hit_rate"] > 0
-        flush = httpx.post(f"{replicas.url(replica)}/flush_cache", timeout=5)
-        assert flush.status_code == 400 and "does not flush" in flush.json()["error"]["message"]
+            assert cached_tokens(replicas.url(replica)) > 0 and load["cache_hit_rate"] > 0
+    flush = httpx.post(f"{replicas.gateway}/flush_cache", timeout=30)  # smg passes it on to every replica
+    assert flush.status_code == 200 and flush.json()["workers_flushed"] == 2, flush.text
+    for replica in (0, 1):
+        assert cached_tokens(replicas.url(replica)) == 0
+
+
+def cached_tokens(url: str) -> float:
+    """The tokens a replica's prefix tree holds."""
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(
+        next(line for line in metrics.splitlines() if line.startswith("tp_infer_pool_cached_tokens ")).split()[1]
+    )
 
 
 def test_a_replica_that_dies_mid_run_hands_its_conversations_to_the_other(replicas):

@@ -15,7 +15,7 @@ from tp_infer.engine.runner import ModelRunner, StepPlan
 from tp_infer.engine.sampling import SamplingParams, check_seed, sample
 from tp_infer.engine.scheduler import Scheduler
 from tp_infer.engine.session import Session, Totals
-from tp_infer.kv.manager import Admission, BlockManager
+from tp_infer.kv.manager import Admission, BlockManager, Dropped
 
 
 class TurnRefused(ValueError):
@@ -163,6 +163,15 @@ class Engine:
         if transfers:
             self.runner.forward(StepPlan.from_rows([], transfers=transfers))
         return saved
+
+    def drop_cache(self) -> Dropped:
+        """A cache flush between steps: drop every cached block no running turn holds, in the pool and the tiers
+        below; the files deleted are deleted on every rank."""
+        dropped = self.manager.drop_cache()
+        transfers = self.manager.take_transfers()
+        if transfers:
+            self.runner.forward(StepPlan.from_rows([], transfers=transfers))
+        return dropped
 
     def feed(self, turn: Turn, n: int) -> tuple[list[int], int, list[int]]:
         """A plan row: the blocks covering the turn's next n positions, where they start, and their tokens."""

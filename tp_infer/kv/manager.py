@@ -55,6 +55,17 @@ class Restored:
     from_disk: int = 0
 
 
+@dataclass
+class Dropped:
+    """What a cache flush dropped: tree blocks of the pool, host memory blocks and disk files; and the tokens the
+    tree still holds (running turns' prefixes)."""
+
+    pool_blocks: int
+    host_blocks: int
+    disk_blocks: int
+    kept_tokens: int
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, tiers: Tiers | None = None):
         if block_size < 1 or block_size & (block_size - 1):
@@ -277,6 +288,23 @@ class BlockManager:
         for op, source, key in blocks:
             self.save(op, source, key)
         return len(blocks)
+
+    def drop_cache(self) -> Dropped:
+        """A cache flush: drop every cached block that no running turn holds, from the tree (deepest first, so that
+        a node goes once its children have), host memory and disk (DELETE transfers for its files). Nothing is
+        demoted: the tiers below are emptied too. What running turns hold stays in the tree, with its ancestors,
+        and they go on committing to it; later turns recompute what was dropped. Call between steps (no copies
+        or transfers pending)."""
+        tree, tiers = self.tree, self.tiers
+        pool = 0
+        for node in sorted(tree.nodes(), key=lambda n: n.depth, reverse=True):
+            if tree.evictable(node):
+                tree.remove(node)
+                pool += 1
+        host = tiers.host.clear() if tiers is not None and tiers.host is not None else 0
+        files = tiers.disk.clear() if tiers is not None and tiers.disk is not None else []
+        self.transfers += [(Transfer.DELETE, 0, 0, key) for key in files]
+        return Dropped(pool_blocks=pool, host_blocks=host, disk_blocks=len(files), kept_tokens=tree.cached_tokens)
 
     def take_transfers(self) -> list[tuple[Transfer, int, int, bytes]]:
         """The tier transfers the next plan must run, in the order they were decided."""

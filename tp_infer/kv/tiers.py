@@ -106,6 +106,14 @@ class HostTier:
         without it, are evicted before it)."""
         touch(self.entries, keys)
 
+    def clear(self) -> int:
+        """Forget every block held (a cache flush): their slots are free again. Slots taken for a promotion under
+        way are not in the index and stay reserved. Returns the blocks forgotten."""
+        count = len(self.entries)
+        self.free.extend(entry.slot for entry in self.entries.values())
+        self.entries.clear()
+        return count
+
 
 class DiskTier:
     """The keys whose files are on disk (rank 0's own files, or the shared ones), at most `capacity`, LRU."""
@@ -140,6 +148,12 @@ class DiskTier:
     def touch(self, keys: list[bytes]) -> None:
         """Just used, the first key newest (as HostTier.touch)."""
         touch(self.index, keys)
+
+    def clear(self) -> list[bytes]:
+        """Forget every file (a cache flush); returns their keys, whose files must be deleted."""
+        keys = list(self.index)
+        self.index.clear()
+        return keys
 
 
 @dataclass

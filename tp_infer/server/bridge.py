@@ -40,6 +40,29 @@ class Call:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+@dataclass(eq=False)
+class Command:
+    """Work for the engine's thread between two steps (a cache flush): run(engine) there; its result, or its
+    exception, is set on `future` in the HTTP server's loop."""
+
+    run: Callable[[Engine], object]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def execute(self, engine: Engine) -> None:
+        """Run it; an exception is the engine's failure (it only keeps books and runs transfers on every rank):
+        told to the caller, then raised on."""
+        try:
+            result = self.run(engine)
+        except BaseException as e:
+            self.fail(e)
+            raise
+        self.loop.call_soon_threadsafe(lambda: self.future.done() or self.future.set_result(result))
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.future.done() or self.future.set_exception(error))
+
+
 class EngineLoop:
     def __init__(self, engine: Engine, max_waiting: int):
         self.engine = engine
@@ -61,6 +84,16 @@ class EngineLoop:
             self.in_flight += 1
         self.inbox.put(("submit", call))
 
+    async def command(self, run: Callable[[Engine], object]) -> object:
+        """Run `run(engine)` on the engine's thread between two steps, and return what it returns."""
+        loop = asyncio.get_running_loop()
+        command = Command(run, loop, loop.create_future())
+        with self.lock:
+            if not self.healthy:
+                raise Busy("the engine has stopped")
+            self.inbox.put(("command", command))
+        return await command.future
+
     def cancel(self, call: Call) -> None:
         """The client went away (or a stop string was met): stop the turn on every rank, release its blocks."""
         self.inbox.put(("cancel", call))
@@ -81,6 +114,7 @@ class EngineLoop:
                 self.engine.cancel(call.turn)
                 self.settle(call, "done", call.turn)
             self.calls.clear()
+            self.stop_all("the server is stopping")  # what is still in the inbox
         except BaseException as e:
             told = self.stop_all(f"the server has failed and is stopping ({type(e).__name__}: {e})")
             deadline = time.monotonic() + grace_s
@@ -108,6 +142,8 @@ class EngineLoop:
                 break
             if kind == "submit":
                 told.append(call)
+            elif kind == "command":
+                call.fail(Busy(message))
         for call in told:
             self.settle(call, "stopped", message, close=False)
         return told
@@ -121,6 +157,8 @@ class EngineLoop:
             kind, call = item
             if kind == "submit":
                 self.start(call)
+            elif kind == "command":
+                call.execute(self.engine)
             elif call.turn is not None and not call.settled:
                 self.engine.cancel(call.turn)
                 self.calls.pop(id(call.turn), None)

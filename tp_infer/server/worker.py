@@ -1,20 +1,22 @@
 """What a gateway in front of several replicas reads from each (the Shepherd Model Gateway, `smg`, and SGLang's
 router before it): /server_info and /model_info when it registers the replica (and their older names /get_*), the
 load it polls for load-aware routing, /v1/loads in SGLang's shape (running and waiting requests, KV pool use, cache
-hit rate), and the cache flush it may pass on. /health and /v1/models are the app's own.
+hit rate), and the cache flush it may pass on (carried out on the engine's thread, between two steps). /health
+and /v1/models are the app's own.
 
 The numbers are read from the engine's thread without a lock, as /metrics reads them: each is a length or a counter
 that Python reads whole, and a snapshot a few microseconds old is what a load poll can use anyway."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 
-from tp_infer.server.bridge import EngineLoop
+from tp_infer.server.bridge import Busy, EngineLoop
 from tp_infer.server.protocol import APIError, ErrorResponse
 
 if TYPE_CHECKING:
@@ -109,15 +111,16 @@ def worker_router(loop: EngineLoop, settings: ServerSettings) -> APIRouter:
         stamp = datetime.now(timezone.utc).isoformat()
         return {"timestamp": stamp, "version": package_version(), "dp_rank_count": 1, "loads": [load]}
 
-    @router.post("/flush_cache", include_in_schema=False)  # a gateway's control call, not the API
+    @router.api_route("/flush_cache", methods=["GET", "POST"], include_in_schema=False)  # a control call
     async def flush_cache() -> dict:
-        """A gateway's cache flush (SGLang empties its radix cache when idle). tp_infer keeps its cache: a reused
-        prefix gives the reply that recomputing it gives, prefixes are shared only within one cache_salt, and the
-        least recently used are evicted as the pool fills, so there is nothing stale to flush. Refused by name."""
-        raise APIError(
-            400,
-            "this server does not flush its prefix cache: cached prefixes are exact and evicted least recently used "
-            "as the pool fills (use cache_salt to keep clients' prefixes apart)",
-        )
+        """SGLang's cache flush, which a gateway passes on to every replica (smg's POST /flush_cache): drops every
+        cached block that no running turn holds, in the pool and in the host and disk tiers, between two steps of
+        the engine. Running turns go on undisturbed; later turns recompute what they no longer find, to the same
+        replies. Remembered reply ids are kept: they are the conversations' text, not cache."""
+        try:
+            dropped = await loop.command(lambda engine: engine.drop_cache())
+        except Busy as e:
+            raise APIError(503, f"the cache was not flushed: {e}", kind="server_error") from None
+        return {"message": "Cache flushed.", **asdict(dropped)}
 
     return router
