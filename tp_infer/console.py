@@ -20,6 +20,9 @@ HELP = """commands:
   /stats         reuse statistics of this conversation and of the whole engine
   /save FILE     write the conversation (messages and exact token ids) as JSON
   /load FILE     continue a saved conversation (what the cache still holds of it is reused)
+  /think on|off|keep
+                 thinking mode from the next turn (chat_template_kwargs thinking); keep: on, and earlier turns keep
+                 their reasoning (drop_thinking false), so each turn reuses the whole history
 Ctrl-C stops a reply (what was generated stays in the history); at the prompt it exits."""
 
 
@@ -45,6 +48,7 @@ class Console:
         stdout: TextIO | None = None,
     ):
         self.engine, self.tokenizer, self.sampling = engine, tokenizer, sampling
+        self.plain_tokenizer = tokenizer  # without /think's kwargs
         self.show_stats, self.seed = show_stats, seed
         self.stdin = stdin if stdin is not None else sys.stdin.buffer
         self.out = stdout or sys.stdout
@@ -162,6 +166,8 @@ class Console:
             self.say(format_totals("conversation", self.conversation.session.totals))
             self.say(format_totals("engine", self.engine.totals))
             self.say(self.engine.cache_usage().describe())
+        elif name == "/think":
+            self.think(arg)
         elif name in ("/save", "/load"):
             if not arg:
                 self.say(f"(usage: {name} FILE)")
@@ -170,6 +176,21 @@ class Console:
         else:
             self.say(f"(unknown command {name}; /help lists the commands)")
         return True
+
+    def think(self, mode: str) -> None:
+        """Render from the next turn on in thinking mode (on), without it (off), or in it with earlier turns' reasoning
+        kept (keep), as chat_template_kwargs would."""
+        kwargs = THINK_MODES.get(mode)
+        if kwargs is None:
+            self.say("(usage: /think on|off|keep)")
+            return
+        try:
+            self.tokenizer = self.plain_tokenizer.with_template_kwargs(kwargs)
+        except TokenizerError as e:
+            self.say(f"(cannot change thinking mode: {e})")
+            return
+        self.conversation.tokenizer = self.tokenizer
+        self.say(f"(thinking {mode} from the next turn)")
 
     def save(self, path: str) -> None:
         try:
@@ -196,6 +217,9 @@ class Console:
         self.conversations += 1
         self.conversation = restored
         self.say(f"(loaded {len(saved['messages'])} messages, {len(saved['token_ids'])} tokens from {path})")
+
+
+THINK_MODES = {"on": {"thinking": True}, "off": {"thinking": False}, "keep": {"thinking": True, "drop_thinking": False}}
 
 
 def _is_int(value) -> bool:
