@@ -114,7 +114,8 @@ def test_cpu_backend_matches_the_torch_backend(options):
 
 def test_auto_picks_the_kernels_for_fp32_on_the_cpu_only():
     assert pick("auto", "cpu", "fp32").name == ("cpu")
-    assert pick("auto", "cpu", "bf16").name == pick("auto", "cuda", "fp32").name == "torch"
+    assert pick("auto", "cpu", "bf16").name == "torch"
+    assert pick("auto", "cuda", "fp32").name in ("cuda", "torch")  # cuda where Triton imports (test_triton_kernels)
     assert pick("torch", "cpu", "fp32").name == "torch"
     with pytest.raises(ValueError, match="backend 'triton'"):
         pick("triton", "cpu", "fp32")

@@ -1,0 +1,229 @@
+"""The cuda backend's Triton kernels against independent oracles and the torch backend: paged MLA decode (absorb and
+naive form) over blocks scattered in the pool, in fp32, fp16 and FP8 caches, histories split into pieces or not;
+block-FP8 products of ragged shapes; and whole steps of the tiny model through the cuda backend. Without a GPU every
+kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set here before Triton is imported); with
+one (scripts/cuda_check.sh) the same tests compile them for real."""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from test_backends import BLOCK, STEPS, plan, pool_for, tiny  # noqa: E402
+
+from tp_infer.backends import pick, reference  # noqa: E402
+from tp_infer.backends import triton_kernels as tk  # noqa: E402
+from tp_infer.backends.cuda import CudaBackend  # noqa: E402
+from tp_infer.engine.runner import build_batch  # noqa: E402
+from tp_infer.kv.pool import CacheTensor, LayerCache  # noqa: E402
+from tp_infer.model import fp8  # noqa: E402
+from tp_infer.model.batch import AttentionGroup  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+NUM_BLOCKS, BLOCK_SIZE = 128, 16
+HISTORIES = [1, 15, 16, 17, 300]  # one token, around a block's edge, and several hundred
+CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
+def scattered_tables(rows: int, blocks_per_row: int, seed: int) -> torch.Tensor:
+    """Each row's blocks all different, scattered over the pool and out of order."""
+    order = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed))
+    return order[: rows * blocks_per_row].view(rows, blocks_per_row).to(DEVICE)
+
+
+def filled(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> CacheTensor:
+    """A cache quantity of the pool's layout with random entries in every slot (FP8: quantised per token, as the pool
+    stores them)."""
+    tensor = CacheTensor(NUM_BLOCKS, BLOCK_SIZE, shape, dtype, DEVICE)
+    values = torch.randn(NUM_BLOCKS * BLOCK_SIZE, *shape, generator=torch.Generator().manual_seed(seed))
+    tensor.write(torch.arange(NUM_BLOCKS * BLOCK_SIZE, device=DEVICE), values.to(DEVICE))
+    return tensor
+
+
+def history(tensor: CacheTensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """One row's first `length` cached entries in float64, dequantised: the oracle's keys."""
+    return tensor.read(table[None], torch.float64)[0, :length]
+
+
+def attention_oracle(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(scores [..., S]) times values [..., S, D] in float64."""
+    return scores.softmax(-1) @ values
+
+
+def lengths_for(histories: list[int]) -> torch.Tensor:
+    return torch.tensor(histories, device=DEVICE)
+
+
+# decode rows: one row of each history, and all of them in one launch
+ROW_SETS = [[h] for h in HISTORIES] + [HISTORIES]
+
+
+@pytest.mark.parametrize("histories", ROW_SETS, ids=lambda h: "-".join(map(str, h)))
+@pytest.mark.parametrize("cache", ["fp32", "fp16", "fp8"])
+@pytest.mark.parametrize("split_tokens", [None, 64], ids=["one-piece", "pieces-of-64"])
+def test_absorbed_decode_matches_softmax_over_the_gathered_history(histories, cache, split_tokens):
+    """mla_decode over latents [C] and rope keys [P] read through scattered block tables: each head's softmax over
+    its row's first `length` positions of (q_latent . latent + q_pe . rope) * scale, times the latents, in float64
+    (the dequantised cache as keys). Split into pieces of 64 tokens, the combine joins up to five pieces per row."""
+    heads, latent_dim, rope_dim, scale = 20, 64, 16, 0.125  # 20 heads: two head groups, the second part-filled
+    rows = len(histories)
+    latent = filled((latent_dim,), CACHE_DTYPES[cache], seed=1)
+    rope = filled((rope_dim,), CACHE_DTYPES[cache], seed=2)
+    table = scattered_tables(rows, -(-max(histories) // BLOCK_SIZE) + 1, seed=rows + max(histories))
+    generator = torch.Generator().manual_seed(3)
+    q_latent = torch.randn(rows, heads, latent_dim, generator=generator).to(DEVICE)
+    q_pe = torch.randn(rows, heads, rope_dim, generator=generator).to(DEVICE)
+    got = tk.mla_decode(
+        q_latent, q_pe, latent.data, latent.scale, rope.data, rope.scale, table, lengths_for(histories), scale,
+        split_tokens=split_tokens,
+    )  # fmt: skip
+    assert got.shape == (rows, heads, latent_dim) and got.dtype == torch.float32
+    for r, length in enumerate(histories):
+        keys, rope_keys = history(latent, table[r], length), history(rope, table[r], length)
+        scores = (q_latent[r].double() @ keys.T + q_pe[r].double() @ rope_keys.T) * scale
+        expected = attention_oracle(scores, keys)
+        assert torch.allclose(got[r].double(), expected, atol=1e-5, rtol=1e-5), (r, length)
+
+
+@pytest.mark.parametrize("histories", [[1], [17], HISTORIES], ids=lambda h: "-".join(map(str, h)))
+@pytest.mark.parametrize("cache", ["fp32", "fp8"])
+@pytest.mark.parametrize("split_tokens", [None, 64], ids=["one-piece", "pieces-of-64"])
+def test_per_head_decode_matches_softmax_over_the_gathered_history(histories, cache, split_tokens):
+    """mha_decode over per-head keys [H, D] and values [H, V] (scales per token and head when FP8): each head's
+    softmax over its own keys, times its own values, in float64."""
+    heads, key_dim, value_dim, scale = 3, 48, 32, 0.125
+    rows = len(histories)
+    keys = filled((heads, key_dim), CACHE_DTYPES[cache], seed=4)
+    values = filled((heads, value_dim), CACHE_DTYPES[cache], seed=5)
+    table = scattered_tables(rows, -(-max(histories) // BLOCK_SIZE) + 1, seed=7 * rows + max(histories))
+    q = torch.randn(rows, heads, key_dim, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    got = tk.mha_decode(
+        q, keys.data, keys.scale, values.data, values.scale, table, lengths_for(histories), scale,
+        split_tokens=split_tokens,
+    )  # fmt: skip
+    assert got.shape == (rows, heads, value_dim)
+    for r, length in enumerate(histories):
+        k, v = history(keys, table[r], length).transpose(0, 1), history(values, table[r], length).transpose(0, 1)
+        scores = (q[r].double()[:, None] @ k.mT)[:, 0] * scale  # [H, S]
+        expected = (scores.softmax(-1)[:, None] @ v)[:, 0]
+        assert torch.allclose(got[r].double(), expected, atol=1e-5, rtol=1e-5), (r, length)
+
+
+def test_a_row_whose_history_ends_before_a_piece_leaves_that_piece_empty():
+    """Pieces past a row's length hold nothing (log-sum-exp -inf, weight 0 in the combine): a one-token row beside a
+    300-token row in pieces of 32 gives that token's latent exactly (softmax over one position)."""
+    latent, rope = filled((32,), torch.float32, seed=8), filled((16,), torch.float32, seed=9)
+    table = scattered_tables(2, 20, seed=10)
+    q_latent, q_pe = torch.randn(2, 4, 32, device=DEVICE), torch.randn(2, 4, 16, device=DEVICE)
+    got = tk.mla_decode(
+        q_latent, q_pe, latent.data, None, rope.data, None, table, lengths_for([1, 300]), 0.1, split_tokens=32
+    )
+    first = latent.data[table[0, 0], 0]
+    assert torch.allclose(got[0], first.expand(4, -1), atol=1e-6)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 256, 384), (5, 200, 300), (33, 576, 128), (3, 7, 5), (17, 130, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_fp8_linear_matches_the_dequantised_product(m, n, k, dtype):
+    """x [M, K] times an FP8 weight [N, K] with 128x128 block scales: the dequantised weight's product (fp8.dequantize
+    then F.linear, in fp32), for whole blocks, ragged N and K (wkv_a's 576 rows; K not a multiple of 128) and one
+    row. fp16 activations come back in fp16, within its rounding."""
+    generator = torch.Generator().manual_seed(m + n + k)
+    weight, scale = fp8.quantize(torch.randn(n, k, generator=generator))
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    weight, scale, x = weight.to(DEVICE), scale.to(DEVICE), x.to(DEVICE)
+    got = tk.fp8_linear(x, weight, scale)
+    expected = torch.nn.functional.linear(x.float(), fp8.dequantize(weight, scale, torch.float32))
+    assert got.shape == (m, n) and got.dtype == dtype
+    tolerance = (1e-5 if dtype == torch.float32 else 2e-3) * expected.abs().max().item()
+    assert torch.allclose(got.float(), expected, atol=tolerance, rtol=0)
+
+
+def decode_layer(attn_impl: str, kv_cache_dtype: str):
+    """The tiny model's first attention layer (fp32), a pool layer holding two rows' histories (17 and 300 tokens of
+    random entries, scattered blocks), and one new query per row."""
+    model = tiny(DEVICE, attn_impl=attn_impl, kv_cache_dtype=kv_cache_dtype)
+    mla = model.layers[0].attn
+    shapes = [(mla.kv_lora_rank,), (mla.rope_dim,)]
+    if attn_impl == "naive":
+        shapes = [(mla.local_heads, mla.nope_dim + mla.rope_dim), (mla.local_heads, mla.v_dim)]
+    cache = LayerCache(NUM_BLOCKS, BLOCK_SIZE, shapes, CACHE_DTYPES.get(kv_cache_dtype, torch.float32), DEVICE)
+    generator = torch.Generator().manual_seed(11)
+    for tensor, shape in zip(cache.tensors, shapes, strict=True):
+        entries = torch.randn(NUM_BLOCKS * BLOCK_SIZE, *shape, generator=generator).to(DEVICE)
+        tensor.write(torch.arange(NUM_BLOCKS * BLOCK_SIZE, device=DEVICE), entries)
+    lengths = lengths_for([17, 300])
+    table = scattered_tables(2, 19, seed=12)
+    visible = torch.arange(19 * BLOCK_SIZE, device=DEVICE) < lengths[:, None, None]
+    group = AttentionGroup(start=1, rows=2, width=1, block_table=table, visible=visible, lengths=lengths)
+    q = torch.randn(4, mla.local_heads, mla.nope_dim + mla.rope_dim, generator=generator).to(DEVICE)
+    return mla, q, mla.wkv_b_heads(torch.float32), cache, group
+
+
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+@pytest.mark.parametrize("kv_cache_dtype", ["fp32", "fp8"])
+def test_the_cuda_backend_attends_decode_rows_as_the_torch_backend(attn_impl, kv_cache_dtype):
+    """CudaBackend.attend of a decode group (rows 1 and 2 of a stream of 4 tokens) over the pool in place: the torch
+    backend's attention over the gathered blocks (same pool, same queries), to fp32 rounding."""
+    mla, q, wkv_b, cache, group = decode_layer(attn_impl, kv_cache_dtype)
+    got = CudaBackend().attend(mla, q, wkv_b, cache, group)
+    expected = reference().attend(mla, q, wkv_b, cache, group)
+    assert got.shape == expected.shape == (2, mla.local_heads, mla.v_dim)
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+def run_steps_on(model, backend) -> list[torch.Tensor]:
+    """test_backends.run_steps on DEVICE: prefills, decode, an extend beside a decode row, decode."""
+    model.use_backend(backend)
+    pool = pool_for(model, DEVICE)
+    out = []
+    for rows in STEPS:
+        step = plan(rows)
+        batch = build_batch(step, BLOCK, torch.device(DEVICE))
+        out.append(model(step.tokens.to(DEVICE), batch, pool.layers, all_logits=True))
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(attn_impl="absorb", fp8_weights=True, kv_cache_dtype="fp8"), dict(attn_impl="naive", fp8_weights=True)],
+    ids=["absorb-fp8-weights-fp8-cache", "naive-fp8-weights"],
+)
+def test_the_cuda_backend_runs_the_tiny_model_as_the_torch_backend(options):
+    """Prefill, decode, extend beside decode, and decode again through the cuda backend (every FP8 product in the
+    Triton kernel, decode attention in the paged kernels, the rest the reference's): the torch backend's logits."""
+    model = tiny(DEVICE, **options)
+    expected = run_steps_on(model, reference())
+    got = run_steps_on(model, CudaBackend())
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item(), rtol=0), f"step {step}"
+        assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
+
+
+def test_the_kernels_are_offered_decode_groups_and_fp8_products_only(monkeypatch):
+    """In a step of the tiny model the cuda backend sends each decode group to the paged kernel (one per layer per
+    step with decode rows) and each FP8 product to the Triton product; prefill groups go to the reference."""
+    calls = []
+    for name in ("mla_decode", "fp8_linear"):
+        original = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    model = tiny(DEVICE, attn_impl="absorb", fp8_weights=True)
+    run_steps_on(model, CudaBackend())
+    layers = model.args.n_layers
+    assert calls.count("mla_decode") == 3 * layers  # the decode steps, and the decode row beside the extend
+    assert calls.count("fp8_linear") > 0
+
+
+def test_auto_picks_the_cuda_backend_on_cuda_and_torch_forces_the_reference(monkeypatch):
+    assert pick("auto", "cuda", "bf16").name == pick("auto", "cuda", "fp32").name == "cuda"
+    assert pick("torch", "cuda", "bf16").name == "torch"
+    assert pick("auto", "cpu", "bf16").name == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA, not on cpu"):
+        pick("cuda", "cpu", "fp32")

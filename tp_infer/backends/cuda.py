@@ -1,0 +1,103 @@
+"""The cuda backend: the torch reference with Triton kernels where torch's own ops are not enough on a GPU
+(tp_infer.backends.triton_kernels, imported on first use, so that tp_infer imports where Triton is missing).
+
+- Decode attention (groups of rows with one new token each) runs in one paged MLA decode launch (plus the launch
+  that joins the pieces of long histories) reading every row's cache where it lies in the pool: absorb form in latent
+  space (the query taken into latent space and the result back out per head by wkv_b, as the reference's
+  MLA.absorbed does), naive form per head. Prefill and extend groups keep the reference's SDPA or latent products
+  over the gathered blocks: there the gather is one read of the history for many new tokens, which the products
+  then reuse.
+- Products with FP8 weights use torch's block-scaled F.scaled_mm where the reference's block_fp8_product allows
+  (sm90+, bf16, whole 128-blocks), else the Triton block-FP8 kernel, which reads the FP8 weight in place (wkv_a's 576
+  rows, fp32 compute, GPUs before sm90) instead of dequantising it into a full-size copy first.
+- Everything else is the reference's.
+
+Every launch is made from shapes alone, nothing read back from the device. Under TRITON_INTERPRET=1 the kernels also
+take CPU tensors, which is how the tests run this backend without a GPU."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from tp_infer.backends.reference import Backend, block_fp8_product
+
+if TYPE_CHECKING:
+    from tp_infer.kv.pool import LayerCache
+    from tp_infer.model.attention import MLA
+    from tp_infer.model.batch import AttentionGroup
+
+
+def triton_kernels():
+    """The kernels' module (importing Triton on first use)."""
+    from tp_infer.backends import triton_kernels as module
+
+    return module
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1), on CPU tensors too."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """Whether Triton can be imported here."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def prepare(self) -> str:
+        triton_kernels()  # imported (and under the interpreter, made to take numpy 2.4) at start-up
+        import triton
+
+        where = "Triton's interpreter (TRITON_INTERPRET=1)" if interpreting() else "compiled on first use"
+        return (
+            f"backend cuda: Triton {triton.__version__} kernels ({where}) for paged MLA decode and block-FP8 "
+            "products; PyTorch's ops for the rest"
+        )
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """FP8 weights: torch's block-scaled product where it serves, else the Triton kernel reading the weight in
+        place; other weights as the reference."""
+        if scale is None or block_fp8_product(x, weight) or not triton_kernels().runs_on(x):
+            return super().linear(x, weight, scale)
+        return triton_kernels().fp8_linear(x, weight, scale)
+
+    def attend(
+        self, mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup, index=None
+    ) -> torch.Tensor:
+        """Decode rows (width 1) in the paged decode kernels over the pool in place; other groups, and rows whose
+        positions V3.2's indexer may narrow (index given), as the reference."""
+        if group.width != 1 or index is not None or not triton_kernels().runs_on(q):
+            return super().attend(mla, q, wkv_b, cache, group, *(() if index is None else (index,)))
+        rows = q[group.start : group.end]  # [R, H, nope + rope], rotated
+        if mla.attn_impl == "naive":
+            keys, values = cache.tensors[:2]
+            return triton_kernels().mha_decode(
+                rows, keys.data, keys.scale, values.data, values.scale, group.block_table, group.lengths,
+                mla.softmax_scale,
+            )  # fmt: skip
+        latent, rope_key = cache.tensors[:2]  # the absorb layout's first two quantities (model.attention.cache_layout)
+        return absorbed_decode(mla, rows, wkv_b, latent, rope_key, group)
+
+
+def absorbed_decode(mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, latent, rope_key, group: AttentionGroup):
+    """Decode rows' queries q [R, H, nope + rope] into latent space by w_k (one batched product over the heads),
+    attended over the cached latents and rope keys (CacheTensors) in place, and back out per head by w_v;
+    out [R, H, V]."""
+    q_nope, q_pe = q.split([mla.nope_dim, mla.rope_dim], dim=-1)
+    w_k, w_v = wkv_b[:, : mla.nope_dim], wkv_b[:, mla.nope_dim :]
+    q_latent = torch.bmm(q_nope.transpose(0, 1), w_k)  # [H, R, C]
+    mixed = triton_kernels().mla_decode(
+        q_latent.transpose(0, 1), q_pe, latent.data, latent.scale, rope_key.data, rope_key.scale, group.block_table,
+        group.lengths, mla.softmax_scale,
+    )  # fmt: skip
+    return torch.bmm(mixed.transpose(0, 1), w_v.mT).transpose(0, 1)

@@ -1,0 +1,546 @@
+"""The cuda backend's Triton kernels, and the Python that launches them (shapes, strides, grids; nothing is read back
+from the device, so every launch can be held in a CUDA graph).
+
+- Paged MLA decode (mla_decode, absorb form; mha_decode, naive form): each row's one new query attends over its
+  cached history where it lies in the pool, through the row's block table and length (no gather into a dense
+  tensor), the history split into pieces attended in parallel (flash-decoding: each piece's softmax-weighted sum and
+  log-sum-exp, then a combine kernel), all rows in one launch. Cache entries are read in their own dtype (bf16, fp16,
+  fp32, or float8_e4m3fn with one fp32 scale per token and head: the pool's CacheTensor); an FP8 scale is applied to
+  the scores and probabilities rather than to each value (the same numbers, one multiply per token).
+- Block-FP8 products (fp8_linear): x [M, K] times an FP8 weight [N, K] with one fp32 scale per 128x128 block. Each
+  weight tile is read once as FP8, converted exactly (e4m3 fits bf16 and fp32) into the activations' dtype for the
+  tensor cores, and its block scale applied to the tile's partial sums: the activations keep their precision (no
+  1x128 quantisation), any GPU Triton runs on will do (no FP8 tensor cores needed: this serves where torch's
+  block-scaled F.scaled_mm does not, before sm90 and for shapes it refuses), and a decode-sized product, bound by
+  reading its weight, reads it once. K and N need not be multiples of 128.
+
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors (the tests). The interpreter's tl.dot is wrong on bf16
+operands (triton issue 11584), so there every product's operands are upcast to fp32 (UPCAST)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tp_infer.backends.cuda import interpreting
+
+FP8_BLOCK = 128  # the weights' scale blocks (tp_infer.model.fp8.BLOCK)
+
+
+def _interpreter_takes_numpy_2_4() -> None:
+    """Triton 3.6's interpreter turns a scalar (a one-element array there) into a loop bound with int(array), which
+    numpy 2.4 refuses ("only 0-dimensional arrays can be converted"): any loop with a bound known at run time fails.
+    Fixed upstream after 3.6 (triton issue 9171, pull request 9172) by squeezing the array first; until then the
+    same fix is applied here, under the interpreter only."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return  # an older numpy still converts it
+    except TypeError:
+        pass
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "squeezes", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch.squeezes = True
+    interpreter._patch_lang_tensor = patch
+
+
+if interpreting():
+    _interpreter_takes_numpy_2_4()
+
+
+def runs_on(t: torch.Tensor) -> bool:
+    """Whether these kernels take tensors where t lies: CUDA, or anywhere under the interpreter."""
+    return t.is_cuda or interpreting()
+
+
+def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, PRECISION) for products whose operands come in `dtype`: fp32 operands under the interpreter or when
+    the activations are fp32, multiplied in IEEE fp32 (not TF32, so that fp32 agrees with torch's fp32 products)."""
+    upcast = interpreting() or dtype == torch.float32
+    return upcast, "ieee" if upcast else "tf32"
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def decode_splits(rows: int, groups: int, max_tokens: int, device: torch.device, block_n: int) -> int:
+    """Tokens per piece of history, from shapes alone: enough pieces that the launch fills the GPU (about two
+    programs per multiprocessor), none shorter than 256 tokens, and one piece under the interpreter."""
+    if device.type != "cuda" or interpreting():
+        pieces = 1
+    else:
+        wanted = -(-2 * _multiprocessors(device.index or 0) // (rows * groups))
+        pieces = max(1, min(wanted, -(-max_tokens // 256)))
+    tokens = -(-max_tokens // pieces)
+    return -(-tokens // block_n) * block_n
+
+
+# -- paged MLA decode, absorb form -----------------------------------------------------------------------------------
+@triton.jit
+def _absorbed_split(
+    q_latent,
+    q_pe,
+    latent,
+    latent_scale,
+    rope,
+    rope_scale,
+    table,
+    lengths,
+    partial,
+    partial_lse,
+    sm_scale,
+    stride_qlr,
+    stride_qlh,
+    stride_qpr,
+    stride_qph,
+    stride_lb,
+    stride_lt,
+    stride_rb,
+    stride_rt,
+    stride_lsb,
+    stride_rsb,
+    stride_tr,
+    stride_pr,
+    stride_ph,
+    stride_ps,
+    heads,
+    latent_dim,
+    rope_dim,
+    block_size,
+    split_tokens,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    FP8: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One row, BLOCK_H heads, one piece of its history: the heads' queries in latent space against the piece's
+    latents and rope keys read through the block table; writes the piece's normalised weighted sum of latents and its
+    log-sum-exp (-inf for a piece past the row's length)."""
+    row = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    piece = tl.program_id(2)
+    c = tl.arange(0, BLOCK_C)
+    p = tl.arange(0, BLOCK_P)
+    hm, cm, pm = h < heads, c < latent_dim, p < rope_dim
+    qlm, qpm = hm[:, None] & cm[None, :], hm[:, None] & pm[None, :]
+    ql = tl.load(q_latent + row * stride_qlr + h[:, None] * stride_qlh + c[None, :], mask=qlm, other=0.0)
+    qp = tl.load(q_pe + row * stride_qpr + h[:, None] * stride_qph + p[None, :], mask=qpm, other=0.0)
+    if UPCAST:
+        ql, qp = ql.to(tl.float32), qp.to(tl.float32)
+    length = tl.load(lengths + row)
+    start = piece * split_tokens
+    end = tl.minimum(start + split_tokens, length)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        tm = t < end
+        block = tl.load(table + row * stride_tr + t // block_size, mask=tm, other=0)
+        slot = t % block_size
+        k = tl.load(
+            latent + block[:, None] * stride_lb + slot[:, None] * stride_lt + c[None, :],
+            mask=tm[:, None] & cm[None, :],
+            other=0.0,
+        )
+        kp = tl.load(
+            rope + block[:, None] * stride_rb + slot[:, None] * stride_rt + p[None, :],
+            mask=tm[:, None] & pm[None, :],
+            other=0.0,
+        )
+        k, kp = k.to(ql.dtype), kp.to(ql.dtype)
+        scores = tl.dot(ql, tl.trans(k), input_precision=PRECISION)
+        rope_scores = tl.dot(qp, tl.trans(kp), input_precision=PRECISION)
+        if FP8:
+            ks = tl.load(latent_scale + block * stride_lsb + slot, mask=tm, other=0.0)
+            ps = tl.load(rope_scale + block * stride_rsb + slot, mask=tm, other=0.0)
+            scores = scores * ks[None, :] + rope_scores * ps[None, :]
+        else:
+            scores = scores + rope_scores
+        scores = tl.where(tm[None, :], scores * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp(m_i - m_new)
+        probs = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(probs, 1)
+        if FP8:
+            probs = probs * ks[None, :]  # the values' scales, one per token
+        acc = acc * alpha[:, None] + tl.dot(probs.to(k.dtype), k, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    base = row * stride_pr + h * stride_ph + piece * stride_ps
+    tl.store(partial + base[:, None] + c[None, :], out, mask=hm[:, None] & cm[None, :])
+    tl.store(partial_lse + row * heads * tl.num_programs(2) + h * tl.num_programs(2) + piece, lse, mask=hm)
+
+
+@triton.jit
+def _combine(
+    partial,
+    partial_lse,
+    out,
+    stride_pr,
+    stride_ph,
+    stride_ps,
+    stride_or,
+    stride_oh,
+    heads,
+    pieces,
+    dim,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One row and head: the pieces' weighted sums joined by their log-sum-exps (weights exp(lse - max))."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    sm = s < pieces
+    lse = tl.load(partial_lse + row * heads * pieces + h * pieces + s, mask=sm, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weights = tl.where(sm & (lse > float("-inf")), tl.exp(lse - top), 0.0)
+    weights = weights / tl.sum(weights, 0)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < dim
+        parts = tl.load(
+            partial + row * stride_pr + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+            mask=sm[:, None] & dm[None, :],
+            other=0.0,
+        )
+        mixed = tl.sum(parts * weights[:, None], 0)
+        tl.store(out + row * stride_or + h * stride_oh + d, mixed.to(out.dtype.element_ty), mask=dm)
+
+
+def _scale_strides(scale: torch.Tensor | None) -> int:
+    """The block stride of an FP8 cache's scales [num_blocks, block_size] (their token stride is 1)."""
+    if scale is None:
+        return 0
+    assert scale.stride(1) == 1, "an FP8 cache's scales are contiguous within a block"
+    return scale.stride(0)
+
+
+def _combined(partial: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The pieces [R, H, S, D] joined by their log-sum-exps [R, H, S]: out [R, H, D] in `dtype`."""
+    rows, heads, pieces, dim = partial.shape
+    out = torch.empty(rows, heads, dim, dtype=dtype, device=partial.device)
+    _combine[(rows, heads)](
+        partial,
+        lse,
+        out,
+        *partial.stride()[:3],
+        *out.stride()[:2],
+        heads,
+        pieces,
+        dim,
+        BLOCK_S=max(2, triton.next_power_of_2(pieces)),
+        BLOCK_D=min(128, triton.next_power_of_2(dim)),
+    )
+    return out
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent: torch.Tensor,
+    latent_scale: torch.Tensor | None,
+    rope: torch.Tensor,
+    rope_scale: torch.Tensor | None,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    sm_scale: float,
+    split_tokens: int | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA decode over the paged pool in place: each row's queries in latent space q_latent [R, H, C] and
+    rope part q_pe [R, H, P] (any strides with the last dimension contiguous, not yet scaled), over the cached latents
+    latent [num_blocks, block_size, C] and rope keys rope [num_blocks, block_size, P] (with fp32 scales
+    [num_blocks, block_size] each when FP8, else None) of the blocks block_table [R, nb] lists, the first lengths [R]
+    positions of each row; out [R, H, C]: each head's softmax-weighted sum of latents, in q_latent's dtype.
+    split_tokens: tokens per piece of history (decode_splits by default)."""
+    rows, heads, latent_dim = q_latent.shape
+    rope_dim = q_pe.shape[-1]
+    fp8 = latent_scale is not None
+    assert q_latent.stride(-1) == q_pe.stride(-1) == latent.stride(-1) == rope.stride(-1) == 1
+    block_h, block_n = 16, 32 if latent_dim > 256 else 64
+    groups = -(-heads // block_h)
+    max_tokens = block_table.shape[1] * latent.shape[1]
+    split_tokens = split_tokens or decode_splits(rows, groups, max_tokens, q_latent.device, block_n)
+    pieces = -(-max_tokens // split_tokens)
+    partial = torch.empty(rows, heads, pieces, latent_dim, dtype=torch.float32, device=q_latent.device)
+    lse = torch.empty(rows, heads, pieces, dtype=torch.float32, device=q_latent.device)
+    upcast, precision = _dot_settings(q_latent.dtype)
+    _absorbed_split[(rows, groups, pieces)](
+        q_latent,
+        q_pe,
+        latent,
+        latent_scale if fp8 else latent,
+        rope,
+        rope_scale if fp8 else rope,
+        block_table,
+        lengths,
+        partial,
+        lse,
+        sm_scale,
+        q_latent.stride(0),
+        q_latent.stride(1),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        latent.stride(0),
+        latent.stride(1),
+        rope.stride(0),
+        rope.stride(1),
+        _scale_strides(latent_scale),
+        _scale_strides(rope_scale),
+        block_table.stride(0),
+        *partial.stride()[:3],
+        heads,
+        latent_dim,
+        rope_dim,
+        latent.shape[1],
+        split_tokens,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_C=triton.next_power_of_2(latent_dim),
+        BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
+        FP8=fp8,
+        UPCAST=upcast,
+        PRECISION=precision,
+        num_warps=8 if latent_dim > 256 else 4,
+    )
+    return _combined(partial, lse, q_latent.dtype)
+
+
+# -- paged MLA decode, naive form ------------------------------------------------------------------------------------
+@triton.jit
+def _per_head_split(
+    q,
+    keys,
+    key_scale,
+    values,
+    value_scale,
+    table,
+    lengths,
+    partial,
+    partial_lse,
+    sm_scale,
+    stride_qr,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ksb,
+    stride_kst,
+    stride_vsb,
+    stride_vst,
+    stride_tr,
+    stride_pr,
+    stride_ph,
+    stride_ps,
+    heads,
+    key_dim,
+    value_dim,
+    block_size,
+    split_tokens,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    FP8: tl.constexpr,
+):
+    """One row, one head, one piece of its history: the head's query against its own keys and values read through
+    the block table (products as sums in fp32: one query row gains nothing from tensor cores); writes the piece's
+    normalised weighted sum of values and its log-sum-exp."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    piece = tl.program_id(2)
+    d = tl.arange(0, BLOCK_D)
+    v = tl.arange(0, BLOCK_V)
+    dm, vm = d < key_dim, v < value_dim
+    query = tl.load(q + row * stride_qr + h * stride_qh + d, mask=dm, other=0.0).to(tl.float32) * sm_scale
+    length = tl.load(lengths + row)
+    start = piece * split_tokens
+    end = tl.minimum(start + split_tokens, length)
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        tm = t < end
+        block = tl.load(table + row * stride_tr + t // block_size, mask=tm, other=0)
+        slot = t % block_size
+        k = tl.load(
+            keys + block[:, None] * stride_kb + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
+            mask=tm[:, None] & dm[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        val = tl.load(
+            values + block[:, None] * stride_vb + slot[:, None] * stride_vt + h * stride_vh + v[None, :],
+            mask=tm[:, None] & vm[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        scores = tl.sum(k * query[None, :], 1)
+        if FP8:
+            scores = scores * tl.load(key_scale + block * stride_ksb + slot * stride_kst + h, mask=tm, other=0.0)
+        scores = tl.where(tm, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 0))
+        alpha = tl.exp(m_i - m_new)
+        probs = tl.exp(scores - m_new)
+        l_i = l_i * alpha + tl.sum(probs, 0)
+        if FP8:
+            probs = probs * tl.load(value_scale + block * stride_vsb + slot * stride_vst + h, mask=tm, other=0.0)
+        acc = acc * alpha + tl.sum(probs[:, None] * val, 0)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(partial + row * stride_pr + h * stride_ph + piece * stride_ps + v, out, mask=vm)
+    tl.store(partial_lse + row * heads * tl.num_programs(2) + h * tl.num_programs(2) + piece + tl.arange(0, 1), lse)
+
+
+def mha_decode(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    values: torch.Tensor,
+    value_scale: torch.Tensor | None,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    sm_scale: float,
+    split_tokens: int | None = None,
+) -> torch.Tensor:
+    """Naive MLA decode (per-head keys and values) over the paged pool in place: each row's query q [R, H, D] (last
+    dimension contiguous, not yet scaled) over the keys [num_blocks, block_size, H, D] and values
+    [num_blocks, block_size, H, V] (with fp32 scales [num_blocks, block_size, H] each when FP8, else None) of the
+    blocks block_table [R, nb] lists, the first lengths [R] positions of each row; out [R, H, V] in q's dtype."""
+    rows, heads, key_dim = q.shape
+    value_dim = values.shape[-1]
+    fp8 = key_scale is not None
+    assert q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
+    block_n = 32
+    max_tokens = block_table.shape[1] * keys.shape[1]
+    split_tokens = split_tokens or decode_splits(rows, heads, max_tokens, q.device, block_n)
+    pieces = -(-max_tokens // split_tokens)
+    partial = torch.empty(rows, heads, pieces, value_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(rows, heads, pieces, dtype=torch.float32, device=q.device)
+    scale_strides = (key_scale.stride()[:2] + value_scale.stride()[:2]) if fp8 else (0, 0, 0, 0)
+    _per_head_split[(rows, heads, pieces)](
+        q,
+        keys,
+        key_scale if fp8 else keys,
+        values,
+        value_scale if fp8 else values,
+        block_table,
+        lengths,
+        partial,
+        lse,
+        sm_scale,
+        q.stride(0),
+        q.stride(1),
+        *keys.stride()[:3],
+        *values.stride()[:3],
+        *scale_strides,
+        block_table.stride(0),
+        *partial.stride()[:3],
+        heads,
+        key_dim,
+        value_dim,
+        keys.shape[1],
+        split_tokens,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(key_dim),
+        BLOCK_V=triton.next_power_of_2(value_dim),
+        FP8=fp8,
+    )
+    return _combined(partial, lse, q.dtype)
+
+
+# -- block-FP8 products ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fp8_linear(
+    x,
+    w,
+    scale,
+    y,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """y[m, n] = sum over k of x[m, k] * w[n, k] * scale[n // 128, k // 128]: per tile of BLOCK_K (a divisor of 128,
+    so one scale per output column), the FP8 weight tile converted to the activations' dtype, one product, its
+    partial sums times the column's block scale."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, nm = m < M, n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        a = tl.load(x + m[:, None] * stride_xm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        b = tl.load(w + n[None, :] * stride_wn + k[:, None], mask=nm[None, :] & km[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        s = tl.load(scale + (n // SCALE_BLOCK) * stride_sn + k0 // SCALE_BLOCK, mask=nm, other=0.0)
+        acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s[None, :]
+    tl.store(y + m[:, None] * stride_ym + n[None, :], acc.to(y.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] times an FP8 weight [N, K] (float8_e4m3fn) with fp32 block scales [ceil(N / 128), ceil(K / 128)]
+    transposed: [..., N] in x's dtype. Any N and K."""
+    *lead, k = x.shape
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    assert weight.stride(-1) == 1 and scale.stride(-1) == 1 and weight.shape[1] == k
+    rows = x2.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    block_m = 16 if rows <= 16 else 64
+    block_n, block_k = 64, 128 if x.dtype != torch.float32 else 64
+    upcast, precision = _dot_settings(x.dtype)
+    _fp8_linear[(triton.cdiv(rows, block_m), triton.cdiv(n, block_n))](
+        x2,
+        weight,
+        scale,
+        y,
+        rows,
+        n,
+        k,
+        x2.stride(0),
+        weight.stride(0),
+        scale.stride(0),
+        y.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SCALE_BLOCK=FP8_BLOCK,
+        UPCAST=upcast,
+        PRECISION=precision,
+        num_warps=4,
+    )
+    return y.view(*lead, n)
