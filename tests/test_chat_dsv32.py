@@ -6,6 +6,7 @@ and reuse: with earlier reasoning dropped a turn's prompt is not an extension of
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -378,3 +379,56 @@ def test_real_deepseek_tokenizer_writes_the_format_tokens_as_single_tokens(tmp_p
     assert ids == expected
     reply = tokenizer.encode("hmm</think>Hello") + single[EOS]
     assert tokenizer.decode(reply) == "hmm</think>Hello"
+
+
+# ---- the server ----
+@pytest.fixture(scope="module")
+def v32_server(chat_ckpt, tmp_path_factory):
+    """The chat checkpoint's model behind a V3.2 folder's tokenizer: its config.json says deepseek_v32 (so the
+    tokenizer renders through the encoder) and the model's own config comes with --config."""
+    from test_server import Server
+
+    root = tmp_path_factory.mktemp("dsv32-server")
+    folder = root / "ckpt"
+    shutil.copytree(chat_ckpt, folder)
+    (folder / "config.json").rename(root / "model.json")
+    write_dsv32_tokenizer(folder)
+    server = Server(1, folder, "--config", str(root / "model.json"))
+    yield server, ChatTokenizer(folder)
+    server.stop()
+
+
+def test_server_chat_template_kwargs_reach_the_encoder(v32_server):
+    """Through the openai client: the prompt the server counts is the encoder's, in chat mode, thinking mode, and a
+    bad option is a 400 naming chat_template_kwargs. Reuse: with reasoning kept, the next turn finds the whole
+    previous prompt in the cache; dropped, the previous prompt's last token (<think>, now </think>) is not there."""
+    import openai
+
+    server, tokenizer = v32_server
+    client = server.client(timeout=60)
+    first = [{"role": "user", "content": "Hello there,"}]
+
+    def ask(messages, **kwargs):
+        body = {"chat_template_kwargs": kwargs} if kwargs else None
+        return client.chat.completions.create(
+            model="ckpt", messages=messages, max_tokens=4, temperature=0, extra_body=body
+        )
+
+    for kwargs in ({}, {"thinking": True}):
+        prompt = tokenizer.encode(render(first, Dsv32Options.from_kwargs(kwargs)))
+        assert ask(first, **kwargs).usage.prompt_tokens == len(prompt)
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(first, thinking="yes")
+    assert refused.value.body["param"] == "chat_template_kwargs" and "thinking must be true or false" in str(
+        refused.value
+    )
+
+    for kwargs, keeps in (({"thinking": True, "drop_thinking": False}, True), ({"thinking": True}, False)):
+        options = Dsv32Options.from_kwargs(kwargs)
+        history = [{"role": "user", "content": "My name is Ada"}, {"role": "assistant", "content": "x</think>Hi"}]
+        history.append({"role": "user", "content": "how are you today?" if keeps else "The code is 4821."})
+        reply = ask(history, **kwargs).choices[0].message.content
+        second = [*history, {"role": "assistant", "content": reply}, {"role": "user", "content": "Bye"}]
+        prompt = len(tokenizer.encode(render(history, options)))
+        cached = ask(second, **kwargs).usage.prompt_tokens_details.cached_tokens
+        assert (cached >= prompt) is keeps, (cached, prompt)
