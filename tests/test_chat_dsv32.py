@@ -7,6 +7,7 @@ import io
 import json
 import random
 import shutil
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,6 +50,17 @@ def test_published_case_is_byte_identical():
     expected = (DATA / "test_output.txt").read_text(encoding="utf-8").strip()
     assert render(published_case(), THINKING) == expected
     assert render(published_case(), THINKING, add_generation_prompt=False) == expected  # it ends with a reply
+
+
+def test_tool_loops_extend_their_prompt_even_with_reasoning_dropped():
+    """Within one user turn nothing is rewritten: each prompt of a tool loop (after each batch of tool results) is the
+    previous prompt, the reply with its reasoning and the results, so the cache holds all of it."""
+    messages = published_case()
+    for loop in ([1, 3, 6], [8, 11]):  # the indices of the last message before each prompt of the turn
+        prompts = [render(messages[: i + 1], THINKING) for i in loop]
+        for before, after in pairwise(prompts):
+            assert after.startswith(before) and len(after) > len(before)
+    assert not render(messages[:9], THINKING).startswith(render(messages[:7], THINKING)), "a new user turn rewrites"
 
 
 def test_published_case_in_chat_mode_and_with_reasoning_kept():
