@@ -192,13 +192,14 @@ class ChatTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to `messages` ({"role", "content"} dicts), as text."""
+        """The chat format applied to `messages` ({"role", "content"} dicts), as text."""
         return self.render_tracked(messages, add_generation_prompt)[0]
 
     def render_tracked(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, dict[int, int]]:
-        """The text, and where the template took each message in its last loop over them: {i: length of the text
-        written before}. A template that writes message i in the loop's i-th pass, after what comes before it,
-        writes there exactly what it writes for messages[:i]; render_cuts checks that."""
+        """The text, and where the chat format took each message: {i: length of the text written before}. A Jinja
+        template: where its last loop over the messages took message i; one that writes message i in the loop's i-th
+        pass, after what comes before it, writes there exactly what it writes for messages[:i]. V3.2's encoder: where
+        message i begins. render_cuts checks either."""
         if self.format is None:
             raise TokenizerError("the tokenizer has no chat template (tokenizer_config.json chat_template)")
         for i, message in enumerate(messages):
