@@ -35,9 +35,14 @@ path gathers them; a lone row on consecutive blocks is read in place instead).
      the activations quantised per 1x128 by counted ops, then one product reading the FP8 weight, its scales and the
      quantised activations once, writing the output); the routed experts as the backend runs them (dequantised). A
      product that F.scaled_mm's shape checks refuse (run on meta) is counted the same and listed.
-   And a modelled line for the goal, `CUDA, experts in one scaled grouped product`: the CUDA path with the routed
-   experts' measured bytes replaced by their FP8 weights of the expected distinct experts read once, plus the
-   activations in and out.
+   - `cuda backend` (issue 29): tp_infer.backends.cuda on the same sm90 assumptions, its Triton kernels modelled
+     (ModelledKernels: they cannot run on meta): decode attention reads each row's cached history once where it
+     lies in the pool (no gather, no padding), plus its pieces' partial sums written and read back by the combine;
+     an FP8 product torch's block-wise recipes refuse (wkv_a's 576 rows) reads its FP8 weight once in the Triton
+     product instead of dequantising it; the rest (the routed experts among it) as the torch backend.
+   And modelled lines for the goal, `..., experts in one ... grouped product`: the CUDA path and the cuda backend
+   with the routed experts' measured bytes replaced by their FP8 weights of the expected distinct experts read
+   once, plus the activations in and out (no such kernel exists yet).
 
 Progress goes to stderr, the tables to stdout; --out gets every figure as JSON.
 """
@@ -65,6 +70,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves
 
 import tp_infer.distributed as distributed
+from tp_infer.backends import cuda as cuda_backend
+from tp_infer.backends import reference as reference_backend
 from tp_infer.config import ModelArgs, load_config
 from tp_infer.engine.runner import StepPlan, build_batch
 from tp_infer.kv.pool import KVPool
@@ -76,6 +83,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG_671B = ROOT / "configs" / "config_671B.json"
 WORLD_SIZE = 8
 BLOCK_SIZE = 16
+MULTIPROCESSORS = 132  # an H100 SXM's or H200's: how many pieces the cuda backend splits a decode history into
+CUDA_BACKEND = "cuda backend"
+CUDA_BACKEND_GROUPED = "cuda backend, experts in one FP8 grouped product (modelled)"
 SMALL_WIDTHS = dict(
     dim=128,
     inter_dim=1024,
@@ -671,6 +681,72 @@ def cuda_products(counter: StepCounter, refused: list[str]) -> Iterator[None]:
         reference.block_fp8_product, F.scaled_mm = original_check, original_mm
 
 
+class ModelledKernels:
+    """The cuda backend's Triton kernels (tp_infer.backends.triton_kernels) on meta, where they cannot run: each
+    returns an empty output of its shape and is counted as the kernel moves bytes. Paged decode reads each row's
+    `history` cached positions once where they lie (values and FP8 scales; the pieces past a row's length read
+    nothing), the queries, block table and lengths, writes each piece's partial sums and log-sum-exp in fp32, which
+    the combine reads back, and writes the output; pieces as on a GPU of MULTIPROCESSORS (cuda.decode_split_tokens).
+    The block-FP8 product reads x, the FP8 weight and its scales once and writes y."""
+
+    def __init__(self, counter: StepCounter, history: int):
+        self.counter, self.history = counter, history
+
+    def runs_on(self, t: torch.Tensor) -> bool:
+        return True
+
+    def _pieces(self, rows: int, groups: int, max_tokens: int, block_n: int) -> int:
+        split = cuda_backend.decode_split_tokens(rows, groups, max_tokens, MULTIPROCESSORS, block_n)
+        return -(-max_tokens // split)
+
+    def _decode(self, queries, cached, table, lengths, heads: int, out_dim: int, pieces: int, dtype) -> torch.Tensor:
+        rows = table.shape[0]
+        per_token = sum(t.numel() // (t.shape[0] * t.shape[1]) * t.element_size() for t in cached if t is not None)
+        read = sum(distinct_bytes(t) for t in (*queries, table, lengths)) + rows * self.history * per_token
+        partial = rows * heads * pieces * (out_dim + 1) * 4
+        out = torch.empty(rows, heads, out_dim, dtype=dtype, device=table.device)
+        self.counter.record("paged decode (modelled)", read, partial)
+        self.counter.record("decode combine (modelled)", partial, out.numel() * out.element_size())
+        return out
+
+    def mla_decode(self, q_latent, q_pe, latent, latent_scale, rope, rope_scale, table, lengths, sm_scale, **_):
+        rows, heads, latent_dim = q_latent.shape
+        groups = -(-heads // cuda_backend.DECODE_BLOCK_H)
+        max_tokens = table.shape[1] * latent.shape[1]
+        pieces = self._pieces(rows, groups, max_tokens, cuda_backend.decode_block_n(latent_dim))
+        cached = (latent, latent_scale, rope, rope_scale)
+        return self._decode((q_latent, q_pe), cached, table, lengths, heads, latent_dim, pieces, q_latent.dtype)
+
+    def mha_decode(self, q, keys, key_scale, values, value_scale, table, lengths, sm_scale, **_):
+        rows, heads, _ = q.shape
+        pieces = self._pieces(rows, heads, table.shape[1] * keys.shape[1], 32)
+        cached = (keys, key_scale, values, value_scale)
+        return self._decode((q,), cached, table, lengths, heads, values.shape[-1], pieces, q.dtype)
+
+    def fp8_linear(self, x, weight, scale):
+        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        read = distinct_bytes(x) + distinct_bytes(weight) + distinct_bytes(scale)
+        self.counter.record("Triton block-FP8 product (modelled)", read, out.numel() * out.element_size())
+        return out
+
+
+@contextlib.contextmanager
+def cuda_backend_kernels(counter: StepCounter, history: int) -> Iterator[None]:
+    """The cuda backend as on an sm90 GPU, on meta: its Triton kernels modelled (ModelledKernels), and torch's
+    block-scaled product where the backend's rule takes it (bf16, whole 128-blocks: every FP8 weight but wkv_a's),
+    counted as cuda_products counts it."""
+    kernels, rule = cuda_backend.triton_kernels, cuda_backend.block_fp8_product
+    modelled = ModelledKernels(counter, history)
+    cuda_backend.triton_kernels = lambda: modelled
+    cuda_backend.block_fp8_product = lambda x, weight: (
+        x.dtype == torch.bfloat16 and weight.shape[0] % fp8.BLOCK == weight.shape[1] % fp8.BLOCK == 0
+    )
+    try:
+        yield
+    finally:
+        cuda_backend.triton_kernels, cuda_backend.block_fp8_product = kernels, rule
+
+
 def bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
     """Bytes moved per decode step at the real widths on meta, torch backend, CPU and CUDA paths, against the
     minimum."""
@@ -683,20 +759,29 @@ def bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
             pool = make_pool(args, step.blocks, "meta")
             minimum = minimum_bytes(model, rows, context)
             entry = {"rows": rows, "context": context, "minimum": minimum, "paths": {}}
-            for path in ("torch, CPU path", "torch, CUDA path"):
+            for path in ("torch, CPU path", "torch, CUDA path", CUDA_BACKEND):
                 log(f"bytes: {rows} rows, {context} context, {path}")
                 tally, refused = Tally(), []
                 counter = StepCounter(tally)
-                products = cuda_products(counter, refused) if "CUDA" in path else contextlib.nullcontext()
+                on_gpu = path != "torch, CPU path"
+                products = cuda_products(counter, refused) if on_gpu else contextlib.nullcontext()
+                kernels = contextlib.nullcontext()
+                if path == CUDA_BACKEND:
+                    model.use_backend(cuda_backend.CudaBackend())
+                    kernels = cuda_backend_kernels(counter, context + 1)
                 batch = build_batch(step.plan, BLOCK_SIZE, torch.device("meta"))
-                with (
-                    collectives_as_identity(),
-                    counting_dequantisations(tally),
-                    labelled(model, counter),
-                    products,
-                    counter,
-                ):
-                    model(step.plan.tokens.to("meta"), batch, pool.layers)
+                try:
+                    with (
+                        collectives_as_identity(),
+                        counting_dequantisations(tally),
+                        labelled(model, counter),
+                        products,
+                        kernels,
+                        counter,
+                    ):
+                        model(step.plan.tokens.to("meta"), batch, pool.layers)
+                finally:
+                    model.use_backend(reference_backend())
                 entry["paths"][path] = {
                     "read": dict(tally.read),
                     "written": dict(tally.written),
@@ -715,6 +800,10 @@ def bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
                 "routed_measured": routed_measured,
                 "moe_measured": cuda["read"].get(moe, 0) + cuda["written"].get(moe, 0),
             }
+            # the cuda backend runs the routed experts as the torch backend does (no Triton MoE kernel yet): the same
+            # routed bytes, replaced likewise by the FP8 grouped product's
+            ours = entry["paths"][CUDA_BACKEND]["total"] - routed_measured
+            entry["paths"][CUDA_BACKEND_GROUPED] = {"total": ours + routed_expert_products(model, rows)}
             entry["minimum_total"] = sum(minimum.values())
             out.append(entry)
             del pool
@@ -781,24 +870,25 @@ def print_counts(results: dict) -> None:
 
 def print_bytes(results: list[dict]) -> None:
     print("\n2. bytes moved per decode step at DeepSeek-V3's real widths, rank 0 of 8 (GB; on the meta device)")
-    print(
-        "| rows | context | minimum | torch, CPU path | ratio | torch, CUDA path | ratio "
-        "| CUDA, experts in one scaled grouped product (modelled) | ratio |"
+    columns = (
+        "torch, CPU path",
+        "torch, CUDA path",
+        "CUDA, experts in one scaled grouped product (modelled)",
+        CUDA_BACKEND,
+        CUDA_BACKEND_GROUPED,
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| rows | context | minimum | " + " | ".join(f"{c} | ratio" for c in columns) + " |")
+    print("|---" * (3 + 2 * len(columns)) + "|")
     for e in results:
         lo = e["minimum_total"]
-        cpu, cuda = e["paths"]["torch, CPU path"]["total"], e["paths"]["torch, CUDA path"]["total"]
-        model = e["paths"]["CUDA, experts in one scaled grouped product (modelled)"]["total"]
-        print(
-            f"| {e['rows']} | {e['context']:,} | {gb(lo)} | {gb(cpu)} | {cpu / lo:.2f}x "
-            f"| {gb(cuda)} | {cuda / lo:.2f}x | {gb(model)} | {model / lo:.2f}x |"
-        )
+        moved = [e["paths"][c]["total"] for c in columns]
+        cells = " | ".join(f"{gb(m)} | {m / lo:.2f}x" for m in moved)
+        print(f"| {e['rows']} | {e['context']:,} | {gb(lo)} | {cells} |")
     for e in results:
         print(f"\nby part, {e['rows']} rows at {e['context']:,} of context (GB moved; minimum)")
-        paths = ("torch, CPU path", "torch, CUDA path")
+        paths = ("torch, CPU path", "torch, CUDA path", CUDA_BACKEND)
         print("| part | minimum | " + " | ".join(paths) + " |")
-        print("|---|---|---|---|")
+        print("|---" * (2 + len(paths)) + "|")
         parts = sorted({*e["minimum"], *e["paths"][paths[0]]["read"]})
         for part in parts:
             moved = [e["paths"][p]["read"].get(part, 0) + e["paths"][p]["written"].get(part, 0) for p in paths]

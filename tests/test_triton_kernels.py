@@ -227,3 +227,30 @@ def test_auto_picks_the_cuda_backend_on_cuda_and_torch_forces_the_reference(monk
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA, not on cpu"):
         pick("cuda", "cpu", "fp32")
+
+
+def test_the_byte_model_counts_paged_decode_as_one_read_of_each_rows_history():
+    """scripts/step_counts.py's model of the cuda backend's decode kernel on meta, at V3's widths (16 local heads,
+    latent 512, rope 64, bf16 cache): the queries, table and lengths, and each row's history of latents and rope
+    keys once; the pieces' fp32 partial sums and log-sum-exps written, read back by the combine, and the output."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from step_counts import ModelledKernels, StepCounter, Tally
+
+    rows, heads, history, blocks = 2, 16, 1000, 64
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q_latent, q_pe = torch.empty(rows, heads, 512, **meta), torch.empty(rows, heads, 64, **meta)
+    latent, rope = torch.empty(300, 16, 512, **meta), torch.empty(300, 16, 64, **meta)
+    table = torch.empty(rows, blocks, dtype=torch.long, device="meta")
+    lengths = torch.empty(rows, dtype=torch.long, device="meta")
+    tally = Tally()
+    kernels = ModelledKernels(StepCounter(tally), history)
+    out = kernels.mla_decode(q_latent, q_pe, latent, None, rope, None, table, lengths, 0.1)
+    assert out.shape == (rows, heads, 512) and out.dtype == torch.bfloat16
+    pieces = 4  # 2 rows x 1 head group fill no H100: as many pieces as 256-token ones fit the 1,024 table positions
+    partial = rows * heads * pieces * 513 * 4
+    queries = rows * heads * (512 + 64) * 2 + rows * blocks * 8 + rows * 8
+    assert tally.read["other"] == queries + rows * history * (512 + 64) * 2 + partial
+    assert tally.written["other"] == partial + rows * heads * 512 * 2

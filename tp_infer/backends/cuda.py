@@ -51,6 +51,28 @@ def available() -> bool:
     return True
 
 
+# paged decode's tiles: heads per program in absorb form (tl.dot's least width), and tokens per tile
+DECODE_BLOCK_H = 16
+
+
+def decode_block_n(latent_dim: int) -> int:
+    """Tokens per tile of absorbed decode: 32 at DeepSeek's 512-wide latent (a tile of latents then fits shared
+    memory beside the queries), 64 for narrower ones."""
+    return 32 if latent_dim > 256 else 64
+
+
+def decode_split_tokens(rows: int, groups: int, max_tokens: int, multiprocessors: int, block_n: int) -> int:
+    """Tokens per piece of history for a paged decode launch of rows x groups programs per piece, from shapes alone
+    (nothing read back, so a CUDA graph can hold it): enough pieces that the launch fills the GPU (about two programs
+    per multiprocessor), none shorter than 256 tokens; one piece where multiprocessors is 0 (the interpreter)."""
+    pieces = 1
+    if multiprocessors:
+        wanted = -(-2 * multiprocessors // (rows * groups))
+        pieces = max(1, min(wanted, -(-max_tokens // 256)))
+    tokens = -(-max_tokens // pieces)
+    return -(-tokens // block_n) * block_n
+
+
 class CudaBackend(Backend):
     name = "cuda"
 

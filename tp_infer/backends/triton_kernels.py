@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tp_infer.backends.cuda import interpreting
+from tp_infer.backends.cuda import DECODE_BLOCK_H, decode_block_n, decode_split_tokens, interpreting
 
 FP8_BLOCK = 128  # the weights' scale blocks (tp_infer.model.fp8.BLOCK)
 
@@ -76,16 +76,10 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def decode_splits(rows: int, groups: int, max_tokens: int, device: torch.device, block_n: int) -> int:
-    """Tokens per piece of history, from shapes alone: enough pieces that the launch fills the GPU (about two
-    programs per multiprocessor), none shorter than 256 tokens, and one piece under the interpreter."""
-    if device.type != "cuda" or interpreting():
-        pieces = 1
-    else:
-        wanted = -(-2 * _multiprocessors(device.index or 0) // (rows * groups))
-        pieces = max(1, min(wanted, -(-max_tokens // 256)))
-    tokens = -(-max_tokens // pieces)
-    return -(-tokens // block_n) * block_n
+def split_tokens_for(rows: int, groups: int, max_tokens: int, device: torch.device, block_n: int) -> int:
+    """Tokens per piece of history (cuda.decode_split_tokens) on this device: one piece under the interpreter."""
+    multiprocessors = 0 if device.type != "cuda" or interpreting() else _multiprocessors(device.index or 0)
+    return decode_split_tokens(rows, groups, max_tokens, multiprocessors, block_n)
 
 
 # -- paged MLA decode, absorb form -----------------------------------------------------------------------------------
@@ -270,15 +264,15 @@ def mla_decode(
     latent [num_blocks, block_size, C] and rope keys rope [num_blocks, block_size, P] (with fp32 scales
     [num_blocks, block_size] each when FP8, else None) of the blocks block_table [R, nb] lists, the first lengths [R]
     positions of each row; out [R, H, C]: each head's softmax-weighted sum of latents, in q_latent's dtype.
-    split_tokens: tokens per piece of history (decode_splits by default)."""
+    split_tokens: tokens per piece of history (split_tokens_for by default)."""
     rows, heads, latent_dim = q_latent.shape
     rope_dim = q_pe.shape[-1]
     fp8 = latent_scale is not None
     assert q_latent.stride(-1) == q_pe.stride(-1) == latent.stride(-1) == rope.stride(-1) == 1
-    block_h, block_n = 16, 32 if latent_dim > 256 else 64
+    block_h, block_n = DECODE_BLOCK_H, decode_block_n(latent_dim)
     groups = -(-heads // block_h)
     max_tokens = block_table.shape[1] * latent.shape[1]
-    split_tokens = split_tokens or decode_splits(rows, groups, max_tokens, q_latent.device, block_n)
+    split_tokens = split_tokens or split_tokens_for(rows, groups, max_tokens, q_latent.device, block_n)
     pieces = -(-max_tokens // split_tokens)
     partial = torch.empty(rows, heads, pieces, latent_dim, dtype=torch.float32, device=q_latent.device)
     lse = torch.empty(rows, heads, pieces, dtype=torch.float32, device=q_latent.device)
@@ -433,7 +427,7 @@ def mha_decode(
     assert q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
     block_n = 32
     max_tokens = block_table.shape[1] * keys.shape[1]
-    split_tokens = split_tokens or decode_splits(rows, heads, max_tokens, q.device, block_n)
+    split_tokens = split_tokens or split_tokens_for(rows, heads, max_tokens, q.device, block_n)
     pieces = -(-max_tokens // split_tokens)
     partial = torch.empty(rows, heads, pieces, value_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(rows, heads, pieces, dtype=torch.float32, device=q.device)
