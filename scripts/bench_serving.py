@@ -1,6 +1,8 @@
-"""Serving benchmark: simulated chat users against the OpenAI-compatible server, history reuse on and off.
+"""Serving benchmark: simulated chat users against the OpenAI-compatible server, history reuse on and off; or, with
+--replicas, one replica against two behind the gateway (smg), routed round robin or by conversation.
 
 python scripts/bench_serving.py --users 8,16 --out serving.json --plot serving.png
+python scripts/bench_serving.py --replicas --model demo --out replicas.json
     [--model bench|demo] [--rounds N] [--turns 8] [--max-new-tokens N] [--system-tokens N] [--user-tokens LO-HI]
     [--think 1.0] [--arrival S] [--max-batch-size 32] [--max-num-batched-tokens 512] [--max-seq-len N]
     [--server-threads N] [--device cpu|cuda] [--attn-impl absorb|naive] [--ckpt-path CONVERTED] [--seed 0]
@@ -49,6 +51,21 @@ runs. Replies of one length and short think times put the users in step: by the 
 within a second of each other and are prefilled in the same steps, so with reuse TTFT still grows over the turns
 (each turn waits for the whole group's new tokens, which attend over growing histories) although only the new tokens
 are computed (see per_request in --out).
+
+--replicas (issue 31's benchmark): every user's conversation opens with one shared system prompt (--system-tokens,
+default 400) and goes on with user messages of --user-tokens (default 30-50) and 16-token replies (demo model): ~900
+tokens by turn 8 of --turns. Two replicas are started (each `python -m tp_infer.serve`, world size 1, reuse on, its
+own --server-threads), then two gateways in front of both (`smg launch`, as launch/replicas.sh starts it): one with
+--policy round_robin, one with consistent_hashing, where each user sends its conversation's id in the
+X-SMG-Routing-Key header (the affinity the README's "Many replicas" ships). Three configurations, for each round and
+users count (default 32), the order rotating: "1 replica" (the users talk straight to replica 0), "2, round robin"
+and "2, affinity" (through the gateway); before each, every replica's cache is emptied (POST /flush_cache), so each
+starts from nothing cached. Figures as above, side by side: cache hit rate, how many later turns found their whole
+history cached, p50/p99 TTFT, throughput; then the ratios against the goals (affinity's hit rate within 2 points of
+one replica's; p99 TTFT round robin / affinity >= 2) and checks (no errors, /metrics agree with the usage seen,
+replies the same as one replica's: greedy, they differ only where a turn lands on a replica that did not generate the
+history's replies and re-encodes their text to other ids). Two replicas on two cores share them with the gateway, the
+users' threads and whatever else runs: compare the configurations of one run, and read the load average printed.
 """
 
 import contextlib
@@ -91,6 +108,8 @@ MODEL_DEFAULTS = {
         "max_seq_len": 1024, "server_threads": 1,
     },
 }  # fmt: skip
+# --replicas' defaults over --model's: conversations that reach ~900 tokens by turn 8 within the demo model's 1024
+REPLICAS_DEFAULTS = {"rounds": 3, "system_tokens": 400, "user_tokens": (30, 50), "arrival": 5.0}
 TTFT_TURN_GOAL = 1.5  # with reuse: TTFT of the last turn / TTFT of turn 1 at most this
 P99_RATIO_GOAL = 5.0  # p99 TTFT no-reuse / reuse at P99_RATIO_USERS users at least this
 P99_RATIO_USERS = 16
@@ -258,8 +277,15 @@ class Server:
             self.log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def client(self) -> openai.OpenAI:
+    def client(self, user: int | None = None) -> openai.OpenAI:
+        """A client of its own for `user` (a replica needs no routing key)."""
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=300)
+
+    def flush(self) -> dict:
+        """Empty its cache (SGLang's /flush_cache): every configuration starts from nothing cached."""
+        answer = httpx.post(f"{self.url}/flush_cache", timeout=60)
+        answer.raise_for_status()
+        return answer.json()
 
     def counters(self) -> dict[str, float]:
         """The server's counters (name without _total -> value), gauges too."""
@@ -361,7 +387,7 @@ def run_users(
 
     def user(i: int) -> list[TurnRecord]:
         rng = random.Random(f"{seed}-{round_}-{n}-{i}")  # arrival and think times: the same on both servers
-        client = server.client()
+        client = server.client(i)
         system = scripts[i].system
         messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
         records = []
@@ -487,6 +513,216 @@ def summarize(records: list[TurnRecord], wall: float, turns: int, max_new_tokens
     }
 
 
+# ---- replicas behind the gateway -------------------------------------------------------------------------------------
+REPLICA_CONFIGS = {  # name -> (replicas, smg policy or None: straight to the replica)
+    "1 replica": (1, None),
+    "2, round robin": (2, "round_robin"),
+    "2, affinity": (2, "consistent_hashing"),
+}
+ROUTING_KEY = "X-SMG-Routing-Key"  # consistent_hashing's key: the conversation's id, as README "Many replicas" says
+HIT_RATE_GOAL_POINTS = 2.0  # affinity's hit rate over 2 replicas within this many points of one replica's
+P99_AFFINITY_GOAL = 2.0  # p99 TTFT round robin / affinity at least this
+
+
+class Gateway:
+    """smg in front of the replicas with one routing policy, on loopback, started as launch/replicas.sh starts it
+    (no overload veto, health checks every 2 s). With consistent_hashing each user sends its conversation's id as
+    the routing key."""
+
+    def __init__(self, replicas: list[Server], policy: str, log_dir: Path):
+        smg = Path(sys.executable).with_name("smg")
+        smg = str(smg) if smg.exists() else "smg"
+        self.policy, self.port, self.model = policy, free_port(), replicas[0].model
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            smg, "launch", "--worker-urls", *(r.url for r in replicas), "--policy", policy,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+            "--health-check-interval-secs", "2", "--health-failure-threshold", "2",
+            "--disable-worker-overload-protection",
+        ]  # fmt: skip
+        self.command = cmd
+        self.log_path = log_dir / f"gateway-{policy}-{self.port}.log"
+        with open(self.log_path, "w") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                workers = httpx.get(f"{self.url}/workers", timeout=2).json()["workers"]
+                if len(workers) == len(replicas) and all(w["is_healthy"] for w in workers):
+                    return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.stop()
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise click.ClickException(f"the gateway did not come up ({' '.join(cmd)}):\n{tail}")
+
+    def client(self, user: int | None = None) -> openai.OpenAI:
+        headers = {ROUTING_KEY: f"conversation-{user}"} if self.policy == "consistent_hashing" else None
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=300, default_headers=headers
+        )
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def shared_system(scripts: dict, system_tokens: int, seed: int, encode: Callable[[str], list[int]]) -> str:
+    """One system prompt of about `system_tokens` tokens, given to every user of `scripts` (in place)."""
+    head = "You are the assistant of the Example company's help desk. What the users told you in earlier chats:"
+    system = fill_to(head, demo_sentences(random.Random(f"{seed}-system")), system_tokens, lambda t: len(encode(t)))
+    for k in scripts:
+        scripts[k] = [dataclasses.replace(u, system=system) for u in scripts[k]]
+    return system
+
+
+def compare_replicas(
+    ckpt: Path, scripts: dict, options: list[str], threads: int, work: Path, users: list[int], rounds: int,
+    think: float, arrival: float, seed: int,
+) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Two replicas (world size 1 each, reuse on) and a gateway per policy in front of them; for each round and
+    users count, every configuration of REPLICA_CONFIGS in turn (the order rotating), each replica's cache flushed
+    before each. Returns ([configuration, users, records, wall, counters]...) pooled per configuration, and what
+    each process was started with and how it ended."""
+    replicas: list[Server] = []
+    gateways: dict[str, Gateway] = {}
+    pool: dict[tuple[str, int], dict] = {}
+    servers: list[dict] = []
+    try:
+        for i in range(2):
+            log(f"starting replica {i}")
+            replicas.append(Server(ckpt, True, options, threads, work))
+            warm = TurnRecord(-1, -1, 0, time.perf_counter())
+            with replicas[-1].client() as client:
+                chat_turn(client, replicas[-1].model, [{"role": "user", "content": "Warm up, please."}], warm)
+        for name, (_, policy) in REPLICA_CONFIGS.items():
+            if policy is not None:
+                log(f"starting the gateway, policy {policy}")
+                gateways[name] = Gateway(replicas, policy, work)
+        names = list(REPLICA_CONFIGS)
+        for k in range(rounds):
+            for index, n in enumerate(users):
+                shift = (k * len(users) + index) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    count, _ = REPLICA_CONFIGS[name]
+                    target = gateways.get(name) or replicas[0]
+                    for replica in replicas:
+                        replica.flush()
+                    log(f"  round {k + 1}/{rounds}: {n} users x {len(scripts[k, n][0].messages)} turns, {name}")
+                    before = [r.counters() for r in replicas[:count]]
+                    records, wall = run_users(target, scripts[k, n], think, arrival, seed, k)
+                    after = [r.counters() for r in replicas[:count]]
+                    acc = pool.setdefault((name, n), {"records": [], "wall": 0.0, "counters": {}})
+                    acc["records"] += records
+                    acc["wall"] += wall
+                    for a, b in zip(after, before, strict=True):
+                        for c in COUNTERS:
+                            acc["counters"][c] = acc["counters"].get(c, 0) + a[c] - b.get(c, 0)
+                    acc["per_replica_generated"] = [a["tp_infer_generated_tokens"] for a in after]
+                    errors = sum(r.error is not None for r in records)
+                    ttft = percentile([r.ttft for r in records if r.error is None], 50) * 1e3
+                    log(f"    {wall:.1f} s, TTFT p50 {fmt(ttft)} ms, errors {errors}, load {os.getloadavg()[0]:.2f}")
+    finally:
+        for gateway in gateways.values():
+            gateway.stop()
+        for i, replica in enumerate(replicas):
+            info = {"replica": i, "command": replica.command, "startup_s": round(replica.startup_s, 1)}
+            info.update(replica.stop())
+            info["log_tail"] = replica.output()[-2000:]
+            servers.append(info)
+            log(f"replica {i} stopped: exit code {info['exit_code']}")
+    return [{"name": name, "users": n, **acc} for (name, n), acc in pool.items()], servers
+
+
+def replica_report(pooled: list[dict], turns: int, max_new_tokens: int) -> tuple[list[dict], dict]:
+    """The figures of each configuration, a table of them side by side, and the ratios against the goals."""
+    runs = []
+    for p in pooled:
+        summary = summarize(p["records"], p["wall"], turns, max_new_tokens, True)
+        summary["config"] = p["name"]
+        summary["server_counters"] = p["counters"]
+        summary["server_agrees"] = p["counters"] == {
+            "tp_infer_prompt_tokens": summary["prompt_tokens"],
+            "tp_infer_cached_tokens": summary["cached_tokens"],
+            "tp_infer_generated_tokens": summary["output_tokens"],
+        }
+        runs.append(summary)
+    order = list(REPLICA_CONFIGS)
+    runs.sort(key=lambda r: (r["users"], order.index(r["config"])))
+    head = (
+        f"{'config':<22}{'hit rate':>10}{'history':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
+        f"{'out tok/s':>11}{'req/s':>8}{'reqs':>6}{'errs':>6}"
+    )
+    print("latencies in ms; history: later turns that found their whole history cached")
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        c = r["cache_check"]
+        later = c["turns_history_covered"] + c["turns_history_missed"]
+        print(
+            f"{r['config'] + ' x' + str(r['users']):<22}{fmt(r['cache_hit_rate'] * 100):>9}%"
+            f"{str(c['turns_history_covered']) + '/' + str(later):>11}{fmt(r['ttft_p50_ms']):>10}"
+            f"{fmt(r['ttft_p99_ms']):>10}{fmt(r['tpot_p50_ms']):>10}{fmt(r['output_tokens_per_s']):>11}"
+            f"{fmt(r['requests_per_s'], 2):>8}{r['requests']:>6}{len(r['errors']):>6}"
+        )
+    print()
+    print("mean time to first token per turn (ms)")
+    head = f"{'config':<22}" + "".join(f"{'t' + str(t):>8}" for t in range(1, turns + 1))
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        cells = "".join(f"{fmt(x):>8}" for x in r["ttft_by_turn_ms"])
+        print(f"{r['config'] + ' x' + str(r['users']):<22}{cells}")
+    print()
+    print("ratios and goals")
+    out: dict = {}
+    for users in sorted({r["users"] for r in runs}):
+        find = {r["config"]: r for r in runs if r["users"] == users}
+        one, rr, aff = (find.get(name) for name in REPLICA_CONFIGS)
+        if not (one and rr and aff):
+            continue
+        gap = (one["cache_hit_rate"] - aff["cache_hit_rate"]) * 100
+        rr_gap = (one["cache_hit_rate"] - rr["cache_hit_rate"]) * 100
+        p99 = rr["ttft_p99_ms"] / aff["ttft_p99_ms"]
+        p50 = rr["ttft_p50_ms"] / aff["ttft_p50_ms"]
+        throughput = aff["output_tokens_per_s"] / one["output_tokens_per_s"]
+        entry = {
+            "hit_rate_points_below_one_replica": {"affinity": gap, "round_robin": rr_gap},
+            "hit_rate_met": gap <= HIT_RATE_GOAL_POINTS,
+            "p99_ttft_round_robin_over_affinity": p99,
+            "p99_met": p99 >= P99_AFFINITY_GOAL,
+            "p50_ttft_round_robin_over_affinity": p50,
+            "p99_ttft_one_replica_over_affinity": one["ttft_p99_ms"] / aff["ttft_p99_ms"],
+            "throughput_affinity_over_one_replica": throughput,
+            "throughput_affinity_over_round_robin": aff["output_tokens_per_s"] / rr["output_tokens_per_s"],
+        }
+        out[str(users)] = entry
+        print(
+            f"  x{users}: hit rate 1 replica {fmt(one['cache_hit_rate'] * 100)}%, 2 with affinity "
+            f"{fmt(aff['cache_hit_rate'] * 100)}% ({fmt(gap)} points below; goal <= {HIT_RATE_GOAL_POINTS:g}): "
+            f"{'met' if entry['hit_rate_met'] else 'MISSED'}; round robin {fmt(rr['cache_hit_rate'] * 100)}% "
+            f"({fmt(rr_gap)} points below)"
+        )
+        print(
+            f"  x{users}: p99 TTFT round robin / affinity = {fmt(rr['ttft_p99_ms'])} / {fmt(aff['ttft_p99_ms'])} = "
+            f"{fmt(p99, 2)} (goal >= {P99_AFFINITY_GOAL:g}): {'met' if entry['p99_met'] else 'MISSED'}; p50 "
+            f"{fmt(p50, 2)}; 1 replica / affinity p99 {fmt(entry['p99_ttft_one_replica_over_affinity'], 2)}"
+        )
+        print(
+            f"  x{users}: output tokens/s affinity / 1 replica = {fmt(throughput, 2)}, affinity / round robin = "
+            f"{fmt(entry['throughput_affinity_over_round_robin'], 2)}"
+        )
+    return runs, out
+
+
 # ---- report ----------------------------------------------------------------------------------------------------------
 def no_nan(value):
     """NaN (a figure without samples) as null: strict JSON."""
@@ -601,7 +837,9 @@ def plot(runs: list[dict], turns: int, path: Path, title: str) -> None:
 
 
 # ---- the command -----------------------------------------------------------------------------------------------------
-def users_list(ctx, param, value: str) -> list[int]:
+def users_list(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
     try:
         counts = [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
@@ -714,12 +952,18 @@ class LoadSampler:
     "tokenizer, long shared-nothing conversations; demo: the shipped demo model (hidden 192, 4 layers) and short "
     "demo chats. Sets the defaults marked [model].",
 )
-@click.option("--users", default="8,16", show_default=True, callback=users_list, help="Users counts, e.g. 8,16,32.")
+@click.option(
+    "--replicas",
+    is_flag=True,
+    help="Compare one replica with two behind the gateway (smg), round robin and affinity by routing key, every "
+    "user opening with one shared system prompt, instead of reuse on and off. Sets the defaults marked [replicas].",
+)
+@click.option("--users", callback=users_list, help="Users counts, e.g. 8,16,32. [default 8,16; replicas: 32]")
 @click.option(
     "--rounds",
     type=click.IntRange(min=1),
     help="Runs per users count and configuration, each with fresh conversations; their figures are pooled. "
-    "[model: bench 1, demo 3]",
+    "[model: bench 1, demo 3; replicas: 3]",
 )
 @click.option("--turns", default=8, show_default=True, type=click.IntRange(min=1), help="Turns per conversation.")
 @click.option(
@@ -729,13 +973,14 @@ class LoadSampler:
     "--system-tokens",
     type=click.IntRange(min=0),
     help="Each user's own system prompt, about this many tokens of demo-chat text beginning with a word no other "
-    "user's begins with; 0: none. [model: bench 150, demo 0]",
+    "user's begins with; 0: none. With --replicas one system prompt of this many tokens that every user shares. "
+    "[model: bench 150, demo 0; replicas: 400]",
 )
 @click.option(
     "--user-tokens",
     callback=user_tokens_range,
     help="LO-HI: each user message chains demo-chat messages to a seeded LO..HI tokens; 0: one demo message per "
-    "turn. [model: bench 60-100, demo 0]",
+    "turn. [model: bench 60-100, demo 0; replicas: 30-50]",
 )
 @click.option(
     "--think", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Scale of the 0.2-1.0 s think time."
@@ -744,7 +989,7 @@ class LoadSampler:
     "--arrival",
     type=click.FloatRange(min=0),
     help="Users arrive at seeded uniform times within this many seconds (then think before turn 1 too). "
-    "[model: bench 10, demo 0]",
+    "[model: bench 10, demo 0; replicas: 5]",
 )
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Server's.")
 @click.option(
@@ -769,7 +1014,7 @@ class LoadSampler:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the per-turn TTFT plot here (PNG).")
 @click.option("--work-dir", type=click.Path(file_okay=False), help="Keep the converted model and server logs here.")
 def main(
-    model, users, rounds, turns, max_new_tokens, system_tokens, user_tokens, think, arrival, max_batch_size,
+    model, replicas, users, rounds, turns, max_new_tokens, system_tokens, user_tokens, think, arrival, max_batch_size,
     max_num_batched_tokens, max_seq_len, server_threads, device, attn_impl, ckpt_path, seed, out, plot_path, work_dir,
 ):  # fmt: skip
     """Simulated chat users against tp_infer's server, history reuse on and off: TTFT, ITL, throughput, cache hits."""
@@ -781,7 +1026,9 @@ def main(
         "rounds": rounds, "max_new_tokens": max_new_tokens, "system_tokens": system_tokens, "user_tokens": user_tokens,
         "arrival": arrival, "max_seq_len": max_seq_len, "server_threads": server_threads,
     }  # fmt: skip
-    s = {k: MODEL_DEFAULTS[model][k] if v is None else v for k, v in given.items()}
+    defaults = {**MODEL_DEFAULTS[model], **(REPLICAS_DEFAULTS if replicas else {})}
+    s = {k: defaults[k] if v is None else v for k, v in given.items()}
+    users = users or ([32] if replicas else [8, 16])
     rounds, max_new_tokens, max_seq_len, server_threads = (
         s["rounds"], s["max_new_tokens"], s["max_seq_len"], s["server_threads"]
     )  # fmt: skip
@@ -806,7 +1053,8 @@ def main(
                 run_child(code, str(ckpt), str(seed), what="building the bench model")
         phases["model"] = time.monotonic() - began
         encode = encoder(ckpt)
-        scripts = user_scripts(users, rounds, turns, seed, s["system_tokens"], s["user_tokens"], encode)
+        own_system = 0 if replicas else s["system_tokens"]  # with --replicas, one shared below
+        scripts = user_scripts(users, rounds, turns, seed, own_system, s["user_tokens"], encode)
         shared = shared_prefix(scripts, encode)
         options = [
             "--device", device.type, "--dtype", "fp32", "--attn-impl", attn_impl, "--ignore-eos",
@@ -814,6 +1062,24 @@ def main(
             "--max-batch-size", str(max_batch_size), "--max-num-batched-tokens", str(max_num_batched_tokens),
             "--max-seq-len", str(max_seq_len),
         ]  # fmt: skip
+        if replicas:
+            system = shared_system(scripts, s["system_tokens"], seed, encode)
+            sampler = LoadSampler()
+            try:
+                pooled, servers = compare_replicas(
+                    ckpt, scripts, options, server_threads, work, users, rounds, think, s["arrival"], seed
+                )
+            finally:
+                loads = sampler.stop()
+            settings = {
+                "model": model, "checkpoint": str(ckpt_path or ckpt), "users": users, "rounds": rounds, "turns": turns,
+                "max_new_tokens": max_new_tokens, "system_tokens": len(encode(system)),
+                "user_tokens": list(s["user_tokens"]), "arrival_s": s["arrival"],
+                "think_s": [THINK_RANGE[0] * think, THINK_RANGE[1] * think], "max_batch_size": max_batch_size,
+                "max_seq_len": max_seq_len, "server_threads": server_threads, "device": device.type, "seed": seed,
+            }  # fmt: skip
+            replicas_output(pooled, servers, settings, loads, load_before, began, out)
+            return
         pool: dict[tuple[bool, int], dict] = {}
         live: dict[bool, Server] = {}
         servers = []
@@ -951,6 +1217,85 @@ def main(
         )
         plot(runs, turns, Path(plot_path), title)
         print(f"wrote {plot_path}")
+
+
+def replicas_output(
+    pooled: list[dict], servers: list[dict], settings: dict, loads: list[float], load_before, began: float, out
+) -> None:
+    """--replicas: the settings, the table side by side, ratios and goals, checks, time and load; --out as JSON."""
+    turns, max_new_tokens = settings["turns"], settings["max_new_tokens"]
+    lo, hi = settings["user_tokens"]
+    messages = f"{lo}-{hi} tokens" if hi else "one demo message"
+    print()
+    print(
+        f"model {Path(settings['checkpoint']).name}, replicas of world size 1 ({settings['device']} fp32, "
+        f"{settings['server_threads']} OMP thread{'s' if settings['server_threads'] > 1 else ''} each, max batch "
+        f"{settings['max_batch_size']}, max seq len {settings['max_seq_len']}); 1 replica: straight to it; 2: "
+        f"behind smg (round_robin, or consistent_hashing with {ROUTING_KEY} = the conversation's id); every "
+        f"replica's cache flushed before each run"
+    )
+    print(
+        f"{settings['rounds']} round{'s' if settings['rounds'] > 1 else ''} of {turns}-turn conversations opening with "
+        f"one shared system prompt of {settings['system_tokens']} tokens, user messages of {messages}, "
+        f"{max_new_tokens}-token replies (eos ignored); users arrive within {settings['arrival_s']:g} s, think "
+        f"{settings['think_s'][0]:.2f}-{settings['think_s'][1]:.2f} s before each turn"
+    )
+    runs, ratios = replica_report(pooled, turns, max_new_tokens)
+    print()
+    print("checks")
+    checks = []
+    for r in runs:
+        name = f"{r['config']} x{r['users']}"
+        problems = []
+        if r["errors"]:
+            problems.append(f"{len(r['errors'])} failed requests, first: {r['errors'][0]}")
+        if r["replies_not_max_new_tokens"]:
+            problems.append(f"{r['replies_not_max_new_tokens']} replies without {max_new_tokens} completion tokens")
+        if r["cache_check"]["turns_cached_beyond_history"]:
+            problems.append(f"{r['cache_check']['turns_cached_beyond_history']} turns cached beyond their history")
+        if not r["server_agrees"]:
+            problems.append(f"/metrics counters {r['server_counters']} differ from the usage seen")
+        checks.append(f"{name}: " + ("; ".join(problems) if problems else "ok (/metrics agree with usage)"))
+    by_users: dict[int, list[dict]] = {}
+    for r in runs:
+        by_users.setdefault(r["users"], []).append(r)
+    for users, group in by_users.items():  # greedy: the same replies, but for histories re-encoded from text
+        one = next(r for r in group if r["config"] == "1 replica")
+        for r in group:
+            if r is not one:
+                keys = set(one["replies"]) & set(r["replies"])
+                same = sum(one["replies"][k] == r["replies"][k] for k in keys)
+                checks.append(f"{r['config']} x{users}: replies identical to 1 replica's: {same} of {len(keys)}")
+    for info in servers:
+        status = "ok" if info["exit_code"] == 0 and not info["killed"] else f"exit code {info['exit_code']}"
+        checks.append(f"replica {info['replica']}: {status}, exited {info['exit_s']} s after SIGTERM")
+    for line in checks:
+        print(f"  {line}")
+    elapsed = time.monotonic() - began
+    load_after = os.getloadavg()
+    print()
+    walls = ", ".join(f"{r['config']} x{r['users']} {r['wall_s']:.0f} s" for r in runs)
+    print(f"elapsed {elapsed:.0f} s; runs {walls}")
+    print(
+        f"load average (1 min) before {load_before[0]:.2f}, during the run min {min(loads):.2f} mean "
+        f"{mean(loads):.2f} max {max(loads):.2f} ({len(loads)} samples), after {load_after[0]:.2f} "
+        f"({os.cpu_count()} CPUs)"
+    )
+    if out:
+        for r in runs:
+            r.pop("replies")
+        result = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "settings": settings,
+            "runs": runs,
+            "ratios": ratios,
+            "servers": servers,
+            "checks": checks,
+            "elapsed_s": elapsed,
+            "load_average": {"before": load_before, "during_1min": loads, "after": load_after, "cpus": os.cpu_count()},
+        }
+        Path(out).write_text(json.dumps(no_nan(result), indent=1, allow_nan=False) + "\n")
+        print(f"wrote {out}")
 
 
 def check_lines(runs: list[dict], servers: list[dict], max_new_tokens: int) -> list[str]:
