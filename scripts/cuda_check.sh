@@ -4,13 +4,21 @@
 # then the benchmarks with --device cuda. Every step gets a deadline inside TOTAL seconds; one that fails or runs out
 # of time does not stop the next. Logs, JSON and plots go to OUT_DIR; stdout gets one line per step, each step's
 # closing lines and the suite's summary.
-# Usage: bash scripts/cuda_check.sh OUT_DIR [TOTAL seconds, default 540] [pytest workers, default 12]
-# ONLY="suite bench_serving" runs only the steps named (demo-fp32 demo-bf16 demo-bf16-graphs suite profile_step
-# bench_vs_vllm bench_multiturn bench_serving bench_pool bench_tiers bench_kv_cache).
+# Usage: bash scripts/cuda_check.sh [--dry-run] OUT_DIR [TOTAL seconds, default 540] [pytest workers, default 12]
+# ONLY="suite bench_serving" runs only the steps named (triton bench_decode demo-fp32 demo-bf16 demo-bf16-graphs
+# suite profile_step bench_vs_vllm bench_multiturn bench_serving bench_pool bench_tiers bench_kv_cache).
+# --dry-run, for a machine without a GPU: checks the script's own plumbing (steps, deadlines, logs) in about a
+# minute: the cuda backend's kernel tests run under Triton's interpreter and bench_decode.py on tiny shapes on the
+# CPU; every other step logs the command it would run.
 # Runs $PYTHON (default python3) with this checkout importable; it needs the test and bench extras' packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=$(realpath -m "${1:?usage: bash scripts/cuda_check.sh OUT_DIR [TOTAL] [WORKERS]}")
+dry=0
+if [[ ${1:-} == --dry-run ]]; then
+	dry=1
+	shift
+fi
+out=$(realpath -m "${1:?usage: bash scripts/cuda_check.sh [--dry-run] OUT_DIR [TOTAL] [WORKERS]}")
 total=${2:-540}
 workers=${3:-12}
 py=${PYTHON:-python3}
@@ -18,7 +26,17 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 deadline=$((SECONDS + total))
 
-# step NAME SECONDS COMMAND...: run with at most SECONDS (and no later than the deadline), log to OUT_DIR/NAME.log
+# run COMMAND...: the command, or in a dry run the line saying what it would run
+run() {
+	if ((dry)); then
+		echo "(dry run) would run: $*"
+	else
+		"$@"
+	fi
+}
+
+# step NAME SECONDS COMMAND...: run with at most SECONDS (and no later than the deadline), log to OUT_DIR/NAME.log;
+# in a dry run only logged (DRY_REAL=1 runs it anyway: the steps that have a CPU form)
 step() {
 	local name=$1 cap=$2 left=$((deadline - SECONDS)) start=$SECONDS rc
 	shift 2
@@ -28,24 +46,49 @@ step() {
 		echo "== $name: skipped, no time left"
 		return
 	fi
-	timeout -k 5 "$cap" "$@" >"$out/$name.log" 2>&1
+	if ((dry)) && [[ -z ${DRY_REAL:-} ]]; then
+		run "$@" >"$out/$name.log" 2>&1
+	else
+		timeout -k 5 "$cap" "$@" >"$out/$name.log" 2>&1
+	fi
 	rc=$?
 	echo "== $name: exit $rc in $((SECONDS - start)) s (limit $cap s)"
 	tail -n "${TAIL:-12}" "$out/$name.log"
 }
 
 {
-	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-	"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-	# whether the torch backend's block-FP8 products run as F.scaled_mm here (its self-check), or dequantise
-	"$py" -c "from tp_infer.backends.reference import scaled_mm_works; print('block-FP8 scaled_mm:', scaled_mm_works(0))"
-	nproc
+	if ((dry)); then
+		echo "dry run: no GPU used; $(nproc) CPUs"
+		"$py" -c "import torch; print('torch', torch.__version__)"
+		"$py" -c "import triton; print('triton', triton.__version__)"
+	else
+		nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+		"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+		"$py" -c "import triton; print('triton', triton.__version__)"
+		# whether the torch backend's block-FP8 products run as F.scaled_mm here (its self-check), or dequantise
+		"$py" -c "from tp_infer.backends.reference import scaled_mm_works; print('block-FP8 scaled_mm:', scaled_mm_works(0))"
+		"$py" -c "from tp_infer.backends import pick; print('backend auto on cuda:', pick('auto', 'cuda', 'bf16').name)"
+		nproc
+	fi
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
+# the cuda backend's Triton kernels compiled for real (the test file takes the GPU when there is one) against float64
+# oracles and the torch backend; in a dry run under Triton's interpreter on the CPU
+if ((dry)); then
+	DRY_REAL=1 TRITON_INTERPRET=1 TAIL=5 step triton 120 "$py" -m pytest -q -p no:cacheprovider -rfE \
+		tests/test_triton_kernels.py
+	DRY_REAL=1 TAIL=20 step bench_decode 120 "$py" scripts/bench_decode.py --dry-run --out "$out/decode.json"
+else
+	TAIL=8 step triton 150 "$py" -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_kernels.py
+	# paged MLA decode, the Triton kernel against the torch backend, at V2-Lite's and V3's widths, batch 1 and 64,
+	# 1K and 16K of history: time per decode group against the bytes it must read over the measured bandwidth
+	TAIL=22 step bench_decode 120 "$py" scripts/bench_decode.py --out "$out/decode.json"
+fi
+
 # the demo's conversation on the GPU: its answers name what earlier turns said
 demo=$out/demo-mp1
-"$py" scripts/convert.py --hf-ckpt-path demo/model --save-path "$demo" --model-parallel 1 >"$out/convert.log" 2>&1
+run "$py" scripts/convert.py --hf-ckpt-path demo/model --save-path "$demo" --model-parallel 1 >"$out/convert.log" 2>&1
 for dtype in fp32 bf16; do
 	printf '%s\n' "My name is Alice." "I live in Lisbon." "The code for door is 4821." "What is my name?" \
 		"Where do I live?" "What is the code for door?" "/stats" >"$out/demo.in"

@@ -314,6 +314,7 @@ def mla_decode(
         UPCAST=upcast,
         PRECISION=precision,
         num_warps=8 if latent_dim > 256 else 4,
+        num_stages=1 if upcast else 2,  # fp32 tiles of a 512-wide latent: one in shared memory at a time
     )
     return _combined(partial, lse, q_latent.dtype)
 
