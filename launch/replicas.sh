@@ -81,7 +81,7 @@ stop_all() {
 	for pid in ${gateway:-} "${pids[@]}"; do kill -s TERM "$pid" 2>/dev/null || true; done
 	for pid in ${gateway:-} "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
-# shellcheck disable=SC2317
+# shellcheck disable=SC2317,SC2329  # called by the traps (SC2329 from shellcheck 0.11 on)
 on_signal() {
 	stopping=1
 	echo "replicas: SIG$1 received, stopping the gateway and the replicas" >&2

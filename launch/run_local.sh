@@ -53,7 +53,7 @@ status_file=$(mktemp "${TMPDIR:-/tmp}/tp_infer_exit.XXXXXX")
 trap 'rm -f "$pid_file" "$status_file"' EXIT
 
 signalled='' child='' traps=0
-# shellcheck disable=SC2317  # called by the traps
+# shellcheck disable=SC2317,SC2329  # called by the traps (SC2329 from shellcheck 0.11 on)
 on_signal() {
 	traps=$((traps + 1))
 	if [ "${mode[0]:-}" = --interactive ] && [ "$1" = INT ]; then
