@@ -41,13 +41,23 @@ COMMON = dict(
     eos_token_id=1,
 )
 
+INDEX_TOPK = 8
+INDEXER = dict(index_n_heads=64, index_head_dim=32, index_topk=INDEX_TOPK)
+
 
 def hf_model(kind: str, seed: int = 0):
-    """kind "v3": q_lora, sigmoid routing with bias, groups; "v2": plain wq, softmax, group-limited greedy."""
+    """kind "v3": q_lora, sigmoid routing with bias, groups; "v2": plain wq, softmax, group-limited greedy; "v32":
+    v3 with DeepSeek Sparse Attention, its indexer keeping INDEX_TOPK positions (so that sparsity matters from the
+    ninth token on)."""
     import transformers
 
     torch.manual_seed(seed)
-    if kind == "v3":
+    if kind == "v32":
+        config = transformers.DeepseekV32Config(
+            **COMMON, q_lora_rank=48, routed_scaling_factor=2.5, rope_parameters=YARN_V3, **INDEXER
+        )
+        model = transformers.DeepseekV32ForCausalLM(config)
+    elif kind == "v3":
         config = transformers.DeepseekV3Config(
             **COMMON, q_lora_rank=48, routed_scaling_factor=2.5, rope_parameters=YARN_V3
         )

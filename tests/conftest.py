@@ -12,9 +12,9 @@ from tp_infer.convert import convert
 
 @pytest.fixture(scope="session")
 def hf_ckpt(tmp_path_factory):
-    """Hugging Face folders of the two tiny variants, {"v3": path, "v2": path}."""
+    """Hugging Face folders of the tiny variants, {"v3": path, "v2": path, "v32": path}."""
     root = tmp_path_factory.mktemp("hf")
-    return {kind: write_hf_checkpoint(kind, root / kind) for kind in ("v3", "v2")}
+    return {kind: write_hf_checkpoint(kind, root / kind) for kind in ("v3", "v2", "v32")}
 
 
 @pytest.fixture(scope="session")

@@ -103,15 +103,20 @@ def long_prefill_suite(ctx, ckpt_dir):
     return out
 
 
-def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32", max_seq_len=128):
+def greedy(ctx, ckpt_dir, prompt, new_tokens, attn_impl="absorb", dtype="fp32", max_seq_len=128, **options):
     """Prefill logits for every prompt position, and `new_tokens` greedy tokens decoded one by one."""
-    runner = load(ctx, ckpt_dir, slots=1, max_seq_len=max_seq_len, attn_impl=attn_impl, dtype=dtype)
+    runner = load(ctx, ckpt_dir, slots=1, max_seq_len=max_seq_len, attn_impl=attn_impl, dtype=dtype, **options)
     prefill = forward(runner, [(0, 0, prompt)], all_logits=True)
     seq, logits = list(prompt), prefill[-1]
     for _ in range(new_tokens):
         seq.append(int(logits.argmax()))
         logits = forward(runner, [(0, len(seq) - 1, [seq[-1]])])[0]
     return prefill, seq[len(prompt) :]
+
+
+def greedy_with(ctx, ckpt_dir, prompt, new_tokens, options):
+    """greedy() with load options given as one dict (run_ranks passes positional arguments only)."""
+    return greedy(ctx, ckpt_dir, prompt, new_tokens, **options)
 
 
 def serve(ctx, ckpt_dir, options, driver, *driver_args):

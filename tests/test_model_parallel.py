@@ -39,7 +39,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 IMPLS = ["naive", "absorb", "absorb_expanded"]
 
 
-@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("kind", ["v3", "v2", "v32"])
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_world_sizes_agree(suites, kind, world_size, impl):
@@ -49,7 +49,7 @@ def test_world_sizes_agree(suites, kind, world_size, impl):
         assert max_diff(base[key], other[key]) <= TOL, key
 
 
-@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("kind", ["v3", "v2", "v32"])
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("impl", ["absorb", "absorb_expanded"])
 def test_naive_and_absorb_agree(suites, kind, world_size, impl):
@@ -68,7 +68,7 @@ def test_absorb_expands_the_latent_for_long_prefills_only():
     assert mla.expanding_is_cheaper(2048, 2048)
 
 
-@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("kind", ["v3", "v2", "v32"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_whole_chunked_and_token_by_token_agree(suites, kind, impl):
     s = suites[kind][2][impl]

@@ -27,7 +27,11 @@ HF_NAMES = {
     "qk_rope_head_dim": "qk_rope_head_dim",
     "v_head_dim": "v_head_dim",
     "rms_norm_eps": "norm_eps",
+    "index_n_heads": "index_n_heads",
+    "index_head_dim": "index_head_dim",
+    "index_topk": "index_topk",
 }
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 
 
 class ConfigError(ValueError):
@@ -72,6 +76,11 @@ class ModelArgs:
     rope_factor: float = 40.0
     beta_fast: int = 32
     beta_slow: int = 1
+    # DeepSeek Sparse Attention (V3.2): a lightning indexer of index_n_heads x index_head_dim per layer picks the
+    # index_topk positions each query attends to; index_topk 0 is dense attention (V2, V3)
+    index_n_heads: int = 0
+    index_head_dim: int = 128
+    index_topk: int = 0
     mscale: float = 1.0  # softmax mscale (mscale_all_dim in Hugging Face configs)
     rope_mscale: float = 1.0  # factor on cos/sin (yarn attention_factor in Hugging Face configs)
     # weights on disk
@@ -105,10 +114,26 @@ class ModelArgs:
                 raise ConfigError(f"n_activated_experts={self.n_activated_experts}: must be in 1..n_routed_experts")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim={self.qk_rope_head_dim}: must be even")
+        if self.sparse:
+            if self.index_n_heads <= 0:
+                raise ConfigError(f"index_n_heads={self.index_n_heads}: must be positive with index_topk > 0")
+            if not self.qk_rope_head_dim <= self.index_head_dim:
+                raise ConfigError(
+                    f"index_head_dim={self.index_head_dim}: must hold the rope part ({self.qk_rope_head_dim})"
+                )
+            if self.q_lora_rank <= 0:
+                raise ConfigError("index_topk > 0 needs q_lora_rank > 0: the indexer reads the query latent")
+        elif self.index_topk < 0:
+            raise ConfigError(f"index_topk={self.index_topk}: must be 0 (dense) or positive")
 
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def sparse(self) -> bool:
+        """DeepSeek Sparse Attention: each query attends to the index_topk positions its indexer scores highest."""
+        return self.index_topk > 0
 
     @property
     def yarn(self) -> bool:
@@ -173,15 +198,21 @@ def _from_reference(raw: dict) -> ModelArgs:
 
 def _from_hf(raw: dict) -> ModelArgs:
     model_type = raw["model_type"]
-    if model_type not in ("deepseek_v2", "deepseek_v3"):
-        raise ConfigError(f"model_type={model_type!r}: only deepseek_v2 and deepseek_v3 are supported")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type={model_type!r}: only {', '.join(MODEL_TYPES)} are supported")
     if raw.get("rope_interleave") is False:
         raise ConfigError(
             "rope_interleave=false: DeepSeek weights rotate interleaved pairs; no other layout is supported"
         )
     kw = {ours: raw[theirs] for theirs, ours in HF_NAMES.items() if raw.get(theirs) is not None}
     kw["q_lora_rank"] = raw.get("q_lora_rank") or 0
-    kw["score_func"] = "sigmoid" if model_type == "deepseek_v3" else raw.get("scoring_func", "softmax")
+    kw["score_func"] = raw.get("scoring_func", "softmax") if model_type == "deepseek_v2" else "sigmoid"
+    if model_type == "deepseek_v32":
+        kw.setdefault("index_n_heads", 64)
+        kw.setdefault("index_topk", 2048)
+    else:
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            kw.pop(name, None)
     if model_type == "deepseek_v2" and raw.get("topk_method", "greedy") == "greedy":
         kw["n_expert_groups"] = kw["n_limited_groups"] = 1  # plain greedy top-k ignores the groups
     if raw.get("moe_layer_freq", 1) != 1:

@@ -20,7 +20,7 @@ from tp_infer.model import kernels
 
 if TYPE_CHECKING:
     from tp_infer.kv.pool import LayerCache
-    from tp_infer.model.attention import MLA
+    from tp_infer.model.attention import MLA, IndexQueries
     from tp_infer.model.batch import AttentionGroup, ForwardBatch
     from tp_infer.model.moe import MLP, Experts, Gate
 
@@ -85,45 +85,83 @@ class CpuBackend(Backend):
         return super().experts(x, weights, indices, experts, shared)
 
     def attention(
-        self, mla: MLA, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations
+        self,
+        mla: MLA,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        batch: ForwardBatch,
+        cache: LayerCache,
+        rotations,
+        index: IndexQueries | None = None,
     ) -> torch.Tensor:
-        """A step of decode rows alone: one compiled call that also stores the new entries (normalised, rotated;
-        naive: taken to keys and values) and rotates the queries, where it applies (it declines before storing
-        anything). Otherwise the reference's store, then each group here."""
+        """A step of decode rows alone, over no more positions than the indexer (if any) lets a query see: one
+        compiled call that also stores the new entries (normalised, rotated; naive: taken to keys and values) and
+        rotates the queries, where it applies (it declines before storing anything); an indexer key is stored
+        beside. Otherwise the reference's store, then each group here."""
         wkv_b = mla.wkv_b_heads(q.dtype)
         group = batch.groups[0]
-        if len(batch.groups) == 1 and group.width == 1:
+        if len(batch.groups) == 1 and group.width == 1 and not mla.narrows(group.visible.shape[-1]):
             q_nope, q_pe = q.split([mla.nope_dim, mla.rope_dim], dim=-1)
             pairs = torch.view_as_complex(rotations)
             new = kernels.NewEntries(kv, mla.kv_norm.weight, mla.kv_norm.eps, pairs, batch.slots)
             decode = kernels.mla_decode if mla.attn_impl == "absorb" else kernels.mha_decode
-            out = decode(q_nope, q_pe, wkv_b, *cache.data, group.block_table, group.lengths, mla.softmax_scale, new)
+            attended = cache.data[: mla.attended]
+            out = decode(q_nope, q_pe, wkv_b, *attended, group.block_table, group.lengths, mla.softmax_scale, new)
             if out is not None:
+                if index is not None:
+                    cache.tensors[mla.attended].write(batch.slots, index.key)
                 return out
-        return self.store_and_attend(mla, q, kv, batch, cache, rotations, wkv_b)
+        return self.store_and_attend(mla, q, kv, batch, cache, rotations, wkv_b, index)
 
     def attend(
-        self, mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup
+        self,
+        mla: MLA,
+        q: torch.Tensor,
+        wkv_b: torch.Tensor,
+        cache: LayerCache,
+        group: AttentionGroup,
+        index: IndexQueries | None = None,
     ) -> torch.Tensor:
-        """Decode rows in the compiled kernels, reading the pool in place; other rows in extend_attention or oneDNN's
-        products where they apply (fp32), else SDPA with v padded for its fused kernel."""
+        """Decode rows in the compiled kernels, reading the pool in place (or, where V3.2's indexer narrows what they
+        see, over their selected entries gathered); other rows in extend_attention or oneDNN's products where they
+        apply (fp32, no narrowing), else the reference's."""
+        narrowed = mla.narrows(group.visible.shape[-1])
         if group.width == 1:
-            rows = q[group.start : group.end]
-            q_nope, q_pe = rows.split([mla.nope_dim, mla.rope_dim], dim=-1)
-            decode = kernels.mla_decode if mla.attn_impl == "absorb" else kernels.mha_decode
-            operands = (wkv_b,) if mla.attn_impl == "absorb" else (None,)
-            out = decode(q_nope, q_pe, *operands, *cache.data, group.block_table, group.lengths, mla.softmax_scale)
+            out = self.decode(mla, q[group.start : group.end], wkv_b, cache, group, index if narrowed else None)
             if out is not None:
                 return out
-        if not kernels.onednn_for(q, wkv_b):
-            return super().attend(mla, q, wkv_b, cache, group)
+        if narrowed or not kernels.onednn_for(q, wkv_b):
+            return super().attend(mla, q, wkv_b, cache, group, index)
         q = rows_of(q, group)
-        cached = cache.read(group.block_table, q.dtype, group.first_block)
+        cached = cache.read(group.block_table, q.dtype, group.first_block, mla.attended)
         if mla.attn_impl == "naive":
             return self.dense(mla, q, *cached, group).flatten(0, 1)
         if mla.expanding_is_cheaper(group.width, group.visible.shape[-1]):
             return self.dense(mla, *mla.expanded(q, wkv_b, *cached), group).flatten(0, 1)
         return latent_attention(mla, q, wkv_b, *cached, group)
+
+    def decode(
+        self,
+        mla: MLA,
+        q: torch.Tensor,
+        wkv_b: torch.Tensor,
+        cache: LayerCache,
+        group: AttentionGroup,
+        index: IndexQueries | None,
+    ) -> torch.Tensor | None:
+        """Decode rows q [R, H, nope + rope] in the compiled kernels: over each row's blocks in place, or, given the
+        indexer's queries, over the entries of the positions it selects, gathered into one block per row (attention
+        over a set of positions does not depend on their order). None where the kernels do not apply."""
+        q_nope, q_pe = q.split([mla.nope_dim, mla.rope_dim], dim=-1)
+        decode = kernels.mla_decode if mla.attn_impl == "absorb" else kernels.mha_decode
+        operands = (wkv_b,) if mla.attn_impl == "absorb" else (None,)
+        attended, block_table, lengths = cache.data[: mla.attended], group.block_table, group.lengths
+        if index is not None:
+            if cache.tensors[0].fp8:
+                return None  # the kernels read the compute dtype only
+            attended, lengths = selected_entries(mla, cache, group, index)
+            block_table = torch.arange(q.shape[0]).unsqueeze(1)
+        return decode(q_nope, q_pe, *operands, *attended, block_table, lengths, mla.softmax_scale)
 
     def dense(self, mla: MLA, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """Per-head attention in oneDNN's products (chunked_attention) where they apply, else SDPA."""
@@ -131,6 +169,23 @@ class CpuBackend(Backend):
             return chunked_attention(q, k, v, group, mla.softmax_scale)
         visible = None if group.causal else group.visible
         return mla.dense(q, k, v, visible, pad_v=q.shape[1] >= PAD_V_FROM)
+
+
+def selected_entries(
+    mla: MLA, cache: LayerCache, group: AttentionGroup, index: IndexQueries
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """For decode rows whose view the indexer narrows: each attended quantity's entries at the positions a row
+    selects, in ascending order, as one block per row [R, topk, ...], and how many each row selected [R] (int64)."""
+    keys = cache.tensors[mla.attended].read(group.block_table, torch.float32, group.first_block)
+    chosen = mla.indexer.select(rows_of(index.q, group), rows_of(index.weights, group), keys, group.visible)[:, 0]
+    rows, positions = chosen.shape
+    span = torch.arange(positions)
+    order = torch.where(chosen, span, span + positions)  # the chosen positions first, each part ascending
+    picked = order.topk(mla.indexer.topk, dim=-1, largest=False, sorted=True).indices
+    block_size = cache.tensors[0].data.shape[1]
+    slots = (group.block_table.gather(1, picked // block_size) * block_size + picked % block_size).flatten()
+    entries = [t.flatten(0, 1).index_select(0, slots).view(rows, -1, *t.shape[2:]) for t in cache.data[: mla.attended]]
+    return entries, chosen.sum(dim=-1)
 
 
 def chunked_attention(

@@ -17,7 +17,7 @@ from tp_infer.model.rope import apply_rope
 
 if TYPE_CHECKING:
     from tp_infer.kv.pool import LayerCache
-    from tp_infer.model.attention import MLA
+    from tp_infer.model.attention import MLA, IndexQueries
     from tp_infer.model.batch import AttentionGroup, ForwardBatch
     from tp_infer.model.moe import MLP, Experts, Gate
 
@@ -141,35 +141,67 @@ class Backend:
 
     # -- attention -------------------------------------------------------------------------------------------------
     def attention(
-        self, mla: MLA, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations
+        self,
+        mla: MLA,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        batch: ForwardBatch,
+        cache: LayerCache,
+        rotations,
+        index: IndexQueries | None = None,
     ) -> torch.Tensor:
         """Store the step's new cache entries and attend: q [N, H, nope + rope] (not yet rotated), kv [N, C + P]
-        (wkv_a's output); out [N, H, V]."""
-        return self.store_and_attend(mla, q, kv, batch, cache, rotations, mla.wkv_b_heads(q.dtype))
+        (wkv_a's output), index the V3.2 indexer's queries and keys (None without sparse attention); out [N, H, V]."""
+        return self.store_and_attend(mla, q, kv, batch, cache, rotations, mla.wkv_b_heads(q.dtype), index)
 
     def store_and_attend(
-        self, mla: MLA, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations, wkv_b
+        self,
+        mla: MLA,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        batch: ForwardBatch,
+        cache: LayerCache,
+        rotations,
+        wkv_b,
+        index: IndexQueries | None = None,
     ) -> torch.Tensor:
-        """attention()'s work with wkv_b [H, nope + v, C] given: the new entries stored, then each group attended."""
+        """attention()'s work with wkv_b [H, nope + v, C] given: the new entries stored (the indexer keys after
+        attention's own), then each group attended."""
         new = mla.new_entries(q, kv, rotations, wkv_b)
-        cache.write(batch.slots, *new.entries)
-        outs = [self.attend(mla, new.q, wkv_b, cache, group) for group in batch.groups]
+        cache.write(batch.slots, *new.entries, *(() if index is None else (index.key,)))
+        outs = [self.attend(mla, new.q, wkv_b, cache, group, index) for group in batch.groups]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def attend(
-        self, mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup
+        self,
+        mla: MLA,
+        q: torch.Tensor,
+        wkv_b: torch.Tensor,
+        cache: LayerCache,
+        group: AttentionGroup,
+        index: IndexQueries | None = None,
     ) -> torch.Tensor:
-        """One group's attention over its rows' blocks (read through the block table, the rows' lengths as the mask):
-        naive per head; absorbed in latent space, or by expanding the latent where that costs fewer FLOPs;
-        out [rows * width, H, V]."""
+        """One group's attention over its rows' blocks (read through the block table, the rows' lengths as the mask,
+        narrowed by the indexer's selection where it applies): naive per head; absorbed in latent space, or by
+        expanding the latent where that costs fewer FLOPs; out [rows * width, H, V]."""
         q = rows_of(q, group)
-        visible = None if group.causal else group.visible
-        cached = cache.read(group.block_table, q.dtype, group.first_block)
+        visible = self.selected(mla, cache, group, index)
+        causal = group.causal and visible is group.visible
+        cached = cache.read(group.block_table, q.dtype, group.first_block, mla.attended)
         if mla.attn_impl == "naive":
-            return mla.dense(q, *cached, visible).flatten(0, 1)
-        if mla.expanding_is_cheaper(group.width, group.visible.shape[-1]):
-            return mla.dense(*mla.expanded(q, wkv_b, *cached), visible).flatten(0, 1)
-        return mla.absorbed(q, wkv_b, *cached, group.visible)
+            return mla.dense(q, *cached, None if causal else visible).flatten(0, 1)
+        if mla.expanding_is_cheaper(group.width, visible.shape[-1]):
+            return mla.dense(*mla.expanded(q, wkv_b, *cached), None if causal else visible).flatten(0, 1)
+        return mla.absorbed(q, wkv_b, *cached, visible)
+
+    def selected(self, mla: MLA, cache: LayerCache, group: AttentionGroup, index: IndexQueries | None) -> torch.Tensor:
+        """The positions each of the group's queries attends to, [rows, width, S]: group.visible itself, or, where
+        V3.2's indexer narrows it, the top-k of each query's visible positions by index score over the cached
+        indexer keys."""
+        if index is None or not mla.narrows(group.visible.shape[-1]):
+            return group.visible
+        keys = cache.tensors[mla.attended].read(group.block_table, torch.float32, group.first_block)
+        return mla.indexer.select(rows_of(index.q, group), rows_of(index.weights, group), keys, group.visible)
 
 
 def rows_of(x: torch.Tensor, group: AttentionGroup) -> torch.Tensor:

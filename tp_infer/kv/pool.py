@@ -67,8 +67,8 @@ def blocks_of(tensor: torch.Tensor, block_table: torch.Tensor, first_block: int 
 
 
 class LayerCache:
-    """One layer's share of the pool: one CacheTensor per quantity attention caches (absorb: latent and rope key;
-    naive: this rank's heads' keys and values)."""
+    """One layer's share of the pool: one CacheTensor per quantity the layer caches, in the cache layout's order
+    (absorb: latent and rope key; naive: this rank's heads' keys and values; then V3.2's indexer keys)."""
 
     def __init__(
         self, num_blocks: int, block_size: int, shapes: list[tuple[int, ...]], dtype: torch.dtype, device, pin=False
@@ -85,9 +85,12 @@ class LayerCache:
         for tensor, value in zip(self.tensors, values, strict=True):
             tensor.write(slots, value)
 
-    def read(self, block_table: torch.Tensor, dtype: torch.dtype, first_block: int | None = None) -> list[torch.Tensor]:
-        """Every quantity over the rows' blocks, [R, nb * block_size, *shapes[i]] (see CacheTensor.read)."""
-        return [tensor.read(block_table, dtype, first_block) for tensor in self.tensors]
+    def read(
+        self, block_table: torch.Tensor, dtype: torch.dtype, first_block: int | None = None, count: int | None = None
+    ) -> list[torch.Tensor]:
+        """The first `count` quantities (all by default) over the rows' blocks, [R, nb * block_size, *shapes[i]]
+        each (see CacheTensor.read)."""
+        return [tensor.read(block_table, dtype, first_block) for tensor in self.tensors[:count]]
 
 
 class KVPool:

@@ -1,36 +1,54 @@
 """Multi-head latent attention (MLA) in DeepSeek's two forms, side by side: naive (each head's keys and values
-cached) and absorb (the shared latent and rope key cached, wkv_b folded into the query and the output). The model
-says the math; the backend stores each step's new entries in the pool and attends over it (tp_infer.backends)."""
+cached) and absorb (the shared latent and rope key cached, wkv_b folded into the query and the output), and V3.2's
+lightning indexer, which narrows what each query attends to (DeepSeek Sparse Attention). The model says the math;
+the backend stores each step's new entries in the pool and attends over it (tp_infer.backends)."""
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tp_infer.config import ModelArgs
 from tp_infer.kv.layout import CacheLayout, CacheQuantity
 from tp_infer.kv.pool import CACHE_DTYPES, LayerCache
 from tp_infer.model.batch import ForwardBatch
-from tp_infer.model.layers import ColumnParallelLinear, Layer, Linear, RMSNorm, RowParallelLinear, TensorParallel
+from tp_infer.model.layers import (
+    ColumnParallelLinear,
+    Layer,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    RowParallelLinear,
+    TensorParallel,
+)
+from tp_infer.model.rope import apply_rope_halves
+
+# index scores computed at once (query rows x indexer heads x positions): bounds the fp32 scratch of a long prefill
+INDEX_SCORE_ELEMENTS = 1 << 24
 
 
 def cache_layout(args: ModelArgs, world_size: int) -> CacheLayout:
     """What each token leaves in each layer's cache on each rank, in the cache dtype (`kv_cache_dtype`, or the compute
     dtype for auto): absorb, the latent and the rope key, the same on every rank; naive, the local heads' keys and
-    values. The one declaration the pool, the tiers and sizing follow."""
+    values; with V3.2's sparse attention, then the indexer's key (the same on every rank). Attention's own
+    quantities come first (MLA.attended of them). The one declaration the pool, the tiers and sizing follow."""
     dtype = CACHE_DTYPES[args.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype]
-    if args.attn_impl == "absorb":
+    absorb = args.attn_impl == "absorb"
+    if absorb:
         quantities = (
             CacheQuantity(name="latent", shape=(args.kv_lora_rank,)),
             CacheQuantity(name="rope_key", shape=(args.qk_rope_head_dim,)),
         )
-        return CacheLayout(layers=args.n_layers, quantities=quantities, dtype=dtype, replicated=True)
-    heads = args.n_heads // world_size
-    quantities = (
-        CacheQuantity(name="key", shape=(heads, args.qk_head_dim)),
-        CacheQuantity(name="value", shape=(heads, args.v_head_dim)),
-    )
-    return CacheLayout(layers=args.n_layers, quantities=quantities, dtype=dtype, replicated=False)
+    else:
+        heads = args.n_heads // world_size
+        quantities = (
+            CacheQuantity(name="key", shape=(heads, args.qk_head_dim)),
+            CacheQuantity(name="value", shape=(heads, args.v_head_dim)),
+        )
+    if args.sparse:
+        quantities += (CacheQuantity(name="index_key", shape=(args.index_head_dim,)),)
+    return CacheLayout(layers=args.n_layers, quantities=quantities, dtype=dtype, replicated=absorb)
 
 
 @dataclass
@@ -42,9 +60,77 @@ class NewEntries:
     entries: tuple[torch.Tensor, ...]
 
 
+@dataclass
+class IndexQueries:
+    """What V3.2's lightning indexer brings for a step's new tokens: queries q [N, Hi, Di] (rope part rotated), their
+    per-head weights [N, Hi] in fp32 (1/sqrt(Hi) and the 1/sqrt(Di) score scale folded in), and the key each token
+    leaves in the cache, key [N, Di] (normalised, rope part rotated)."""
+
+    q: torch.Tensor
+    weights: torch.Tensor
+    key: torch.Tensor
+
+
+class Indexer(nn.Module):
+    """DeepSeek Sparse Attention's lightning indexer, the same on every rank (as in DeepSeek's reference): a query per
+    head from the MLA query latent, one key per token, and per-head weights. A query's score for a position it may see
+    is sum_h w[h] relu(q_h . k); attention covers the `topk` highest only (all it sees while that is fewer). Rope
+    rotates the first rope_dim dims of query and key in the half-split layout. Scores are computed in fp32 from the
+    keys as cached (transformers' form: DeepSeek's Hadamard rotation preserves the products, its FP8 scoring is a
+    precision choice)."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype):
+        super().__init__()
+        self.heads, self.head_dim, self.rope_dim = args.index_n_heads, args.index_head_dim, args.qk_rope_head_dim
+        self.topk = args.index_topk
+        self.wq_b = Linear(args.q_lora_rank, self.heads * self.head_dim, dtype, args.fp8_weights)
+        self.wk = Linear(args.dim, self.head_dim, dtype, args.fp8_weights)
+        self.k_norm = LayerNorm(self.head_dim)
+        self.weights_proj = Linear(args.dim, self.heads, torch.float32)  # fp32, as transformers keeps it
+        self.weight_scale = self.heads**-0.5 * self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rotations: torch.Tensor) -> IndexQueries:
+        """x [N, dim] and the MLA query latent q_latent [N, q_lora_rank] (q_norm(wq_a(x))) of the step's tokens."""
+        q = self.rotate(self.wq_b(q_latent).view(x.shape[0], self.heads, self.head_dim), rotations)
+        key = self.rotate(self.k_norm(self.wk(x)), rotations)
+        return IndexQueries(q=q, weights=self.weights_proj(x.float()) * self.weight_scale, key=key)
+
+    def rotate(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        rope, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope_halves(rope, rotations), rest], dim=-1)
+
+    def narrows(self, positions: int) -> bool:
+        """Whether a query over `positions` keys can see more than topk of them (else attention stays dense)."""
+        return positions > self.topk
+
+    def scores(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Index scores [R, T, S] in fp32 of queries q [R, T, Hi, Di] with weights [R, T, Hi] over keys [R, S, Di]."""
+        rows, width, heads, _ = q.shape
+        products = torch.bmm(q.float().flatten(1, 2), keys.float().mT).relu_()  # [R, T*Hi, S]
+        per_query = products.view(rows * width, heads, -1)
+        return torch.bmm(weights.float().reshape(rows * width, 1, heads), per_query).view(rows, width, -1)
+
+    def select(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """visible [R, T, S] narrowed to each query's topk best-scoring visible positions (queries q [R, T, Hi, Di],
+        weights [R, T, Hi], cached keys [R, S, Di]). Equal scores go to the earlier position, so a query selects the
+        same positions whatever else shares its step. Computed a slice of queries at a time."""
+        rows, width, _, _ = q.shape
+        chosen = torch.zeros_like(visible)
+        step = max(1, INDEX_SCORE_ELEMENTS // (rows * self.heads * keys.shape[1]))
+        for start in range(0, width, step):
+            end = min(start + step, width)
+            seen = visible[:, start:end]
+            scores = self.scores(q[:, start:end], weights[:, start:end], keys).masked_fill_(~seen, float("-inf"))
+            best = scores.sort(dim=-1, descending=True, stable=True).indices[..., : self.topk]
+            chosen[:, start:end].scatter_(-1, best, True)
+        return chosen & visible
+
+
 class MLA(Layer):
     """Latent attention on this rank's heads. naive caches per-head k/v; absorb caches the shared latent and
     rope key and folds wkv_b into the query and the output."""
+
+    attended = 2  # the cache layout's quantities attention reads: the first two (an indexer key follows)
 
     def __init__(self, args: ModelArgs, tp: TensorParallel, dtype: torch.dtype):
         super().__init__()
@@ -67,15 +153,22 @@ class MLA(Layer):
             args.kv_lora_rank, args.n_heads * (self.nope_dim + self.v_dim), tp, dtype, fp8
         )
         self.wo = RowParallelLinear(args.n_heads * self.v_dim, args.dim, tp, dtype, fp8)
+        self.indexer = Indexer(args, dtype) if args.sparse else None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations: torch.Tensor) -> torch.Tensor:
         """x [N, dim]: the step's new tokens; rotations [N, rope_dim / 2, 2] (cos, sin) at their positions. The backend
-        stores their cache entries and attends: out [N, H, V]."""
+        stores their cache entries (and indexer keys) and attends: out [N, H, V]."""
         n = x.shape[0]
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_latent = None if hasattr(self, "wq") else self.q_norm(self.wq_a(x))
+        q = self.wq(x) if q_latent is None else self.wq_b(q_latent)
         q = q.view(n, self.local_heads, self.nope_dim + self.rope_dim)
-        out = self.backend.attention(self, q, self.wkv_a(x), batch, cache, rotations)
+        index = None if self.indexer is None else self.indexer(x, q_latent, rotations)
+        out = self.backend.attention(self, q, self.wkv_a(x), batch, cache, rotations, index)
         return self.wo(out.flatten(1))
+
+    def narrows(self, positions: int) -> bool:
+        """Whether the indexer narrows the attention of queries over `positions` cached positions."""
+        return self.indexer is not None and self.indexer.narrows(positions)
 
     def wkv_b_heads(self, dtype: torch.dtype) -> torch.Tensor:
         """wkv_b per head, [H, nope + v, C] in `dtype`: what takes the latent to keys and values."""

@@ -47,3 +47,13 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd, cos, sin = pairs[..., 0], pairs[..., 1], rotations[..., 0], rotations[..., 1]
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+def apply_rope_halves(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, H, D] (or [N, D]) by rotations [N, D/2, 2] (cos, sin) in the half-split layout that V3.2's
+    indexer uses (the main MLA rotates interleaved pairs): pair i is (x[i], x[i + D/2]), computed in fp32."""
+    if x.dim() == rotations.dim():
+        rotations = rotations.unsqueeze(-3)
+    first, second = x.float().chunk(2, dim=-1)
+    cos, sin = rotations[..., 0], rotations[..., 1]
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1).to(x.dtype)
