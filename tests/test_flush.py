@@ -99,6 +99,9 @@ def test_after_a_flush_the_next_turn_recomputes_its_history_to_the_same_reply(se
     assert [text for text, _ in first + last] == [text for text, _ in expected]
     assert flush(server)["pool_blocks"] > 0 and flush(server)["pool_blocks"] == 0  # a second flush finds nothing
     assert httpx.get(f"{server.url}/flush_cache", timeout=30).status_code == 200  # SGLang answers GET too
+    turns(server, USERS[:1])
+    reset = httpx.post(f"{server.url}/reset_prefix_cache", timeout=30)  # vLLM's name for it
+    assert reset.status_code == 200 and reset.json()["pool_blocks"] > 0
 
 
 def test_a_flush_while_a_turn_streams_leaves_it_alone(server):

@@ -112,6 +112,7 @@ def worker_router(loop: EngineLoop, settings: ServerSettings) -> APIRouter:
         return {"timestamp": stamp, "version": package_version(), "dp_rank_count": 1, "loads": [load]}
 
     @router.api_route("/flush_cache", methods=["GET", "POST"], include_in_schema=False)  # a control call
+    @router.post("/reset_prefix_cache", include_in_schema=False)  # vLLM's name, AIPerf's --reset-kv-cache default
     async def flush_cache() -> dict:
         """SGLang's cache flush, which a gateway passes on to every replica (smg's POST /flush_cache): drops every
         cached block that no running turn holds, in the pool and in the host and disk tiers, between two steps of
