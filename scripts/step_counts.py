@@ -39,10 +39,11 @@ path gathers them; a lone row on consecutive blocks is read in place instead).
      (ModelledKernels: they cannot run on meta): decode attention reads each row's cached history once where it
      lies in the pool (no gather, no padding), plus its pieces' partial sums written and read back by the combine;
      an FP8 product torch's block-wise recipes refuse (wkv_a's 576 rows) reads its FP8 weight once in the Triton
-     product instead of dequantising it; the rest (the routed experts among it) as the torch backend.
-   And modelled lines for the goal, `..., experts in one ... grouped product`: the CUDA path and the cuda backend
-   with the routed experts' measured bytes replaced by their FP8 weights of the expected distinct experts read
-   once, plus the activations in and out (no such kernel exists yet).
+     product instead of dequantising it; the routed experts' Triton kernels read the expected distinct local
+     experts' FP8 weights once and the expected local pairs' activations once; the rest as the torch backend.
+   And a modelled line, `CUDA, experts in one scaled grouped product`: the torch backend's CUDA path with the routed
+   experts' measured bytes replaced by their FP8 weights of the expected distinct experts read once, plus the
+   activations in and out.
 
 Progress goes to stderr, the tables to stdout; --out gets every figure as JSON.
 """
@@ -85,7 +86,6 @@ WORLD_SIZE = 8
 BLOCK_SIZE = 16
 MULTIPROCESSORS = 132  # an H100 SXM's or H200's: how many pieces the cuda backend splits a decode history into
 CUDA_BACKEND = "cuda backend"
-CUDA_BACKEND_GROUPED = "cuda backend, experts in one FP8 grouped product (modelled)"
 SMALL_WIDTHS = dict(
     dim=128,
     inter_dim=1024,
@@ -689,8 +689,8 @@ class ModelledKernels:
     the combine reads back, and writes the output; pieces as on a GPU of MULTIPROCESSORS (cuda.decode_split_tokens).
     The block-FP8 product reads x, the FP8 weight and its scales once and writes y."""
 
-    def __init__(self, counter: StepCounter, history: int):
-        self.counter, self.history = counter, history
+    def __init__(self, counter: StepCounter, history: int, args: ModelArgs | None = None):
+        self.counter, self.history, self.args = counter, history, args
 
     def runs_on(self, t: torch.Tensor) -> bool:
         return True
@@ -723,6 +723,27 @@ class ModelledKernels:
         cached = (keys, key_scale, values, value_scale)
         return self._decode((q,), cached, table, lengths, heads, values.shape[-1], pieces, q.dtype)
 
+    def fp8_experts(self, x, tokens, pair_weights, counts, weights, scales):
+        """The expert kernels of a step of `rows` tokens choosing topk of the model's experts uniformly: the
+        expected distinct local experts' FP8 weights and scales read once (a decode step's pairs per expert fit one
+        tile), the expected local pairs' tokens and hidden values read and written once, outputs written."""
+        rows, experts = x.shape[0], counts.shape[0]
+        topk = tokens.shape[0] // rows
+        share = topk / self.args.n_routed_experts
+        distinct = experts * (1 - (1 - share) ** rows)
+        per_expert = sum(w[0].numel() * w.element_size() + s[0].numel() * s.element_size() for w, s in zip(
+            weights, scales, strict=True
+        ))  # fmt: skip
+        pairs = rows * topk * experts * share / topk  # the local ones expected
+        dim, inter, size = x.shape[1], weights[0].shape[1], x.element_size()
+        read = (
+            distinct * per_expert
+            + pairs * (dim + inter) * size
+            + sum(distinct_bytes(t) for t in (tokens, pair_weights, counts))
+        )
+        self.counter.record("Triton FP8 experts (modelled)", int(read), int(pairs * (inter + dim) * size))
+        return torch.zeros(tokens.shape[0], dim, dtype=x.dtype, device=x.device)
+
     def fp8_linear(self, x, weight, scale):
         out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
         read = distinct_bytes(x) + distinct_bytes(weight) + distinct_bytes(scale)
@@ -731,12 +752,12 @@ class ModelledKernels:
 
 
 @contextlib.contextmanager
-def cuda_backend_kernels(counter: StepCounter, history: int) -> Iterator[None]:
+def cuda_backend_kernels(counter: StepCounter, history: int, args: ModelArgs) -> Iterator[None]:
     """The cuda backend as on an sm90 GPU, on meta: its Triton kernels modelled (ModelledKernels), and torch's
     block-scaled product where the backend's rule takes it (bf16, whole 128-blocks: every FP8 weight but wkv_a's),
     counted as cuda_products counts it."""
     kernels, rule = cuda_backend.triton_kernels, cuda_backend.block_fp8_product
-    modelled = ModelledKernels(counter, history)
+    modelled = ModelledKernels(counter, history, args)
     cuda_backend.triton_kernels = lambda: modelled
     cuda_backend.block_fp8_product = lambda x, weight: (
         x.dtype == torch.bfloat16 and weight.shape[0] % fp8.BLOCK == weight.shape[1] % fp8.BLOCK == 0
@@ -768,7 +789,7 @@ def bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
                 kernels = contextlib.nullcontext()
                 if path == CUDA_BACKEND:
                     model.use_backend(cuda_backend.CudaBackend())
-                    kernels = cuda_backend_kernels(counter, context + 1)
+                    kernels = cuda_backend_kernels(counter, context + 1, args)
                 batch = build_batch(step.plan, BLOCK_SIZE, torch.device("meta"))
                 try:
                     with (
@@ -800,10 +821,6 @@ def bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
                 "routed_measured": routed_measured,
                 "moe_measured": cuda["read"].get(moe, 0) + cuda["written"].get(moe, 0),
             }
-            # the cuda backend runs the routed experts as the torch backend does (no Triton MoE kernel yet): the same
-            # routed bytes, replaced likewise by the FP8 grouped product's
-            ours = entry["paths"][CUDA_BACKEND]["total"] - routed_measured
-            entry["paths"][CUDA_BACKEND_GROUPED] = {"total": ours + routed_expert_products(model, rows)}
             entry["minimum_total"] = sum(minimum.values())
             out.append(entry)
             del pool
@@ -875,7 +892,6 @@ def print_bytes(results: list[dict]) -> None:
         "torch, CUDA path",
         "CUDA, experts in one scaled grouped product (modelled)",
         CUDA_BACKEND,
-        CUDA_BACKEND_GROUPED,
     )
     print("| rows | context | minimum | " + " | ".join(f"{c} | ratio" for c in columns) + " |")
     print("|---" * (3 + 2 * len(columns)) + "|")

@@ -145,6 +145,54 @@ def test_block_fp8_linear_matches_the_dequantised_product(m, n, k, dtype):
     assert torch.allclose(got.float(), expected, atol=tolerance, rtol=0)
 
 
+def test_the_expert_schedule_gives_each_expert_with_pairs_its_tiles_and_spares_the_rest():
+    """Pairs per expert [0, 3, 17, 0, 1] in tiles of 16: expert 1's three pairs, expert 2's sixteen and one more,
+    expert 4's one; experts without pairs get no tile, and the tiles a routing may need beyond (21 pairs / 16 + 5
+    experts = 7 in all) are spare (-1, empty)."""
+    counts = torch.tensor([0, 3, 17, 0, 1], device=DEVICE)
+    expert, start, end = (t.tolist() for t in tk.expert_tiles(counts, 21, 16))
+    assert expert == [1, 2, 2, 4, -1, -1, -1]
+    assert start == [0, 3, 19, 20, 0, 0, 0]
+    assert end == [3, 19, 20, 21, 0, 0, 0]
+
+
+def fp8_experts_of(first: int, count: int, dim: int, inter: int, seed: int):
+    """Experts [first, first + count) with random FP8 weights and block scales (as test_backends.tiny fills them)."""
+    from tp_infer.model.moe import Experts
+
+    generator = torch.Generator().manual_seed(seed)
+    experts = Experts(first, count, dim, inter, torch.float32, fp8_weights=True)
+    with torch.no_grad():
+        for name in ("w1", "w2", "w3"):
+            weight, scale = getattr(experts, name), getattr(experts, f"{name}_scale")
+            weight.copy_(torch.randn(weight.shape, generator=generator).mul_(100).clamp_(-400, 400).to(weight.dtype))
+            scale.copy_(torch.rand(scale.shape, generator=generator).add_(0.5) / 100 / weight.shape[-1] ** 0.5)
+    return experts.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "first", "count", "total", "dim", "inter"),
+    [(1, 0, 8, 8, 128, 64), (40, 0, 8, 8, 128, 64), (6, 4, 4, 8, 200, 96), (300, 0, 4, 4, 128, 64)],
+    ids=["one-token", "many-tokens", "rank-1-of-2-ragged", "tiles-of-64"],
+)
+def test_fp8_experts_match_the_torch_backend(tokens, first, count, total, dim, inter):
+    """CudaBackend.experts with FP8 experts (the pairs sorted on the device, the Triton expert kernels, the routing
+    weights applied inside): the torch backend's mixture. One token (most experts without pairs), many, a rank
+    holding the second half of the experts (the other half's pairs left out) with ragged widths (dim 200, inter
+    96: no multiple of 128), and enough pairs for tiles of 64."""
+    experts = fp8_experts_of(first, count, dim, inter, seed=tokens)
+    generator = torch.Generator().manual_seed(tokens + 1)
+    x = torch.randn(tokens, dim, generator=generator).to(DEVICE)
+    indices = torch.stack([torch.randperm(total, generator=generator)[:2] for _ in range(tokens)]).to(DEVICE)
+    weights = torch.rand(tokens, 2, generator=generator).to(DEVICE)
+    got = CudaBackend().experts(x, weights, indices, experts, None)
+    expected = reference().experts(x, weights, indices, experts, None)
+    assert torch.allclose(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+    if first:  # tokens whose choices are all the other rank's get nothing here
+        others = ((indices < first) | (indices >= first + count)).all(dim=1)
+        assert others.any() and (got[others] == 0).all()
+
+
 def decode_layer(attn_impl: str, kv_cache_dtype: str):
     """The tiny model's first attention layer (fp32), a pool layer holding two rows' histories (17 and 300 tokens of
     random entries, scattered blocks), and one new query per row."""
@@ -197,7 +245,8 @@ def run_steps_on(model, backend) -> list[torch.Tensor]:
 )
 def test_the_cuda_backend_runs_the_tiny_model_as_the_torch_backend(options):
     """Prefill, decode, extend beside decode, and decode again through the cuda backend (every FP8 product in the
-    Triton kernel, decode attention in the paged kernels, the rest the reference's): the torch backend's logits."""
+    Triton kernel, the routed experts in the expert kernels, decode attention in the paged kernels, the rest the
+    reference's): the torch backend's logits."""
     model = tiny(DEVICE, **options)
     expected = run_steps_on(model, reference())
     got = run_steps_on(model, CudaBackend())
@@ -208,15 +257,17 @@ def test_the_cuda_backend_runs_the_tiny_model_as_the_torch_backend(options):
 
 def test_the_kernels_are_offered_decode_groups_and_fp8_products_only(monkeypatch):
     """In a step of the tiny model the cuda backend sends each decode group to the paged kernel (one per layer per
-    step with decode rows) and each FP8 product to the Triton product; prefill groups go to the reference."""
+    step with decode rows), each FP8 product to the Triton product and each MoE layer's routed experts to the
+    expert kernels; prefill groups go to the reference."""
     calls = []
-    for name in ("mla_decode", "fp8_linear"):
+    for name in ("mla_decode", "fp8_linear", "fp8_experts"):
         original = getattr(tk, name)
         monkeypatch.setattr(tk, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     model = tiny(DEVICE, attn_impl="absorb", fp8_weights=True)
     run_steps_on(model, CudaBackend())
     layers = model.args.n_layers
     assert calls.count("mla_decode") == 3 * layers  # the decode steps, and the decode row beside the extend
+    assert calls.count("fp8_experts") == len(STEPS) * (layers - model.args.n_dense_layers)
     assert calls.count("fp8_linear") > 0
 
 

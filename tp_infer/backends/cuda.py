@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from tp_infer.kv.pool import LayerCache
     from tp_infer.model.attention import MLA
     from tp_infer.model.batch import AttentionGroup
+    from tp_infer.model.moe import MLP, Experts
 
 
 def triton_kernels():
@@ -92,6 +93,30 @@ class CudaBackend(Backend):
         if scale is None or block_fp8_product(x, weight) or not triton_kernels().runs_on(x):
             return super().linear(x, weight, scale)
         return triton_kernels().fp8_linear(x, weight, scale)
+
+    def experts(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: Experts, shared: MLP | None
+    ) -> torch.Tensor:
+        """FP8 experts in the Triton expert kernels: the (token, choice) pairs sorted by local expert on the device
+        (other ranks' experts last, left out), each expert's pairs counted there, then two launches that read only
+        the chosen experts' FP8 weights, once per tile of their pairs, with the routing weights applied inside; the
+        pairs' outputs added to their tokens. Nothing is read back. Other weights as the reference."""
+        if not experts.fp8 or not triton_kernels().runs_on(x):
+            return super().experts(x, weights, indices, experts, shared)
+        k = indices.shape[1]
+        local = indices.flatten() - experts.first
+        mine = (local >= 0) & (local < experts.count)
+        group = torch.where(mine, local, experts.count)  # other ranks' experts after every local one
+        order = group.argsort(stable=True)
+        rows = order // k
+        counts = torch.zeros(experts.count + 1, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, group, torch.ones_like(group))
+        stacks = (experts.w1, experts.w3, experts.w2)
+        scales = (experts.w1_scale, experts.w3_scale, experts.w2_scale)
+        pair_weights = weights.flatten().index_select(0, order)
+        out = triton_kernels().fp8_experts(x.contiguous(), rows, pair_weights, counts[:-1], stacks, scales)
+        y = torch.zeros_like(x).index_add_(0, rows, out)
+        return y if shared is None else y + self.swiglu(x, shared)
 
     def attend(
         self, mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup, index=None

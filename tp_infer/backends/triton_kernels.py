@@ -539,3 +539,175 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
         num_warps=4,
     )
     return y.view(*lead, n)
+
+
+# -- routed experts with block-FP8 weights ---------------------------------------------------------------------------
+@triton.jit
+def _experts_up(
+    x,
+    tokens,
+    pair_weights,
+    w1,
+    s1,
+    w3,
+    s3,
+    tile_expert,
+    tile_start,
+    tile_end,
+    hidden,
+    dim,
+    inter,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_hm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One tile of up to BLOCK_M (token, choice) pairs of one expert, sorted by expert, and BLOCK_N hidden columns:
+    silu(x w1^T) * (x w3^T) times each pair's routing weight, the FP8 weight tiles read once with their block scales
+    (as _fp8_linear), the tokens gathered by index. A tile with no expert (-1: the schedule's spare tiles) reads
+    nothing: its loop runs no iteration."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert + tile)
+    start = tl.load(tile_start + tile)
+    end = tl.load(tile_end + tile)
+    r = start + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, nm = r < end, n < inter
+    token = tl.load(tokens + r, mask=rm, other=0)
+    e = tl.maximum(expert, 0)
+    k_end = tl.where(expert >= 0, dim, 0)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < dim
+        a = tl.load(x + token[:, None] * stride_xm + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        weight_at = e * stride_we + n[None, :] * stride_wn + k[:, None]
+        wmask = nm[None, :] & km[:, None]
+        scale_at = e * stride_se + (n // SCALE_BLOCK) * stride_sn + k0 // SCALE_BLOCK
+        b1 = tl.load(w1 + weight_at, mask=wmask, other=0.0).to(a.dtype)
+        b3 = tl.load(w3 + weight_at, mask=wmask, other=0.0).to(a.dtype)
+        acc1 += tl.dot(a, b1, input_precision=PRECISION) * tl.load(s1 + scale_at, mask=nm, other=0.0)[None, :]
+        acc3 += tl.dot(a, b3, input_precision=PRECISION) * tl.load(s3 + scale_at, mask=nm, other=0.0)[None, :]
+    routing = tl.load(pair_weights + r, mask=rm, other=0.0).to(tl.float32)
+    h = acc1 / (1.0 + tl.exp(-acc1)) * acc3 * routing[:, None]
+    tl.store(
+        hidden + r[:, None] * stride_hm + n[None, :], h.to(hidden.dtype.element_ty), mask=rm[:, None] & nm[None, :]
+    )
+
+
+@triton.jit
+def _experts_down(
+    hidden,
+    w2,
+    s2,
+    tile_expert,
+    tile_start,
+    tile_end,
+    out,
+    inter,
+    dim,
+    stride_hm,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One tile of sorted pairs' hidden values times their expert's w2 (FP8, block scales): out [pairs, dim] in the
+    pairs' sorted order; a tile with no expert writes nothing."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert + tile)
+    start = tl.load(tile_start + tile)
+    end = tl.load(tile_end + tile)
+    r = start + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, nm = r < end, n < dim
+    e = tl.maximum(expert, 0)
+    k_end = tl.where(expert >= 0, inter, 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < inter
+        a = tl.load(hidden + r[:, None] * stride_hm + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        b = tl.load(w2 + e * stride_we + n[None, :] * stride_wn + k[:, None], mask=nm[None, :] & km[:, None], other=0.0)
+        s = tl.load(s2 + e * stride_se + (n // SCALE_BLOCK) * stride_sn + k0 // SCALE_BLOCK, mask=nm, other=0.0)
+        acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s[None, :]
+    tl.store(out + r[:, None] * stride_om + n[None, :], acc.to(out.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+
+
+def expert_tiles(counts: torch.Tensor, pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The schedule of an expert launch, on the device, from each local expert's pair count counts [E] (pairs sorted
+    by expert): tiles of up to block_m pairs of one expert each, as many as any routing can need (pairs / block_m +
+    E, a shape known on the host), so that nothing is read back. Per tile: its expert (-1 for a spare tile, which
+    does nothing: experts without pairs get no tile), and its pairs [start, end)."""
+    experts = counts.shape[0]
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = tiles.cumsum(0)
+    first_tile = tile_end - tiles
+    first_pair = counts.cumsum(0) - counts
+    t = torch.arange(-(-pairs // block_m) + experts, device=counts.device)
+    expert = torch.searchsorted(tile_end, t, right=True)
+    spare = expert >= experts
+    e = expert.clamp(max=experts - 1)
+    start = first_pair[e] + (t - first_tile[e]) * block_m
+    end = torch.minimum(start + block_m, first_pair[e] + counts[e])
+    zero = torch.zeros_like(start)
+    return torch.where(spare, -1, expert), torch.where(spare, zero, start), torch.where(spare, zero, end)
+
+
+def fp8_experts(
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    pair_weights: torch.Tensor,
+    counts: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    scales: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """Routed experts with block-FP8 weights over pairs sorted by expert: pair p is token tokens[p] of x [N, dim]
+    with routing weight pair_weights[p]; the first counts[0] pairs go to local expert 0, the next counts[1] to expert
+    1, ...; pairs past sum(counts) (other ranks' experts) are left out. weights (w1, w3, w2) stacked [E, inter, dim],
+    [E, inter, dim], [E, dim, inter] in float8_e4m3fn with scales [E, ceil(rows / 128), ceil(cols / 128)]. Two
+    launches (gate and up with SwiGLU and the routing weight; down), each reading only the experts that have pairs,
+    once per tile of pairs; out [pairs, dim] in x's dtype, zero for the pairs left out."""
+    w1, w3, w2 = weights
+    s1, s3, s2 = scales
+    pairs, dim, inter = tokens.shape[0], x.shape[1], w1.shape[1]
+    assert w1.stride() == w3.stride() and s1.stride() == s3.stride() and x.stride(-1) == 1
+    block_m = 16 if pairs <= 256 else 64
+    block_n, block_k = 64, 64 if x.dtype == torch.float32 else 128
+    tile_expert, tile_start, tile_end = expert_tiles(counts, pairs, block_m)
+    tiles = tile_expert.shape[0]
+    upcast, precision = _dot_settings(x.dtype)
+    settings = dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_BLOCK=FP8_BLOCK, UPCAST=upcast, PRECISION=precision
+    )
+    hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    _experts_up[(tiles, triton.cdiv(inter, block_n))](
+        x, tokens, pair_weights, w1, s1, w3, s3, tile_expert, tile_start, tile_end, hidden, dim, inter,
+        x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0), s1.stride(1), hidden.stride(0), **settings,
+    )  # fmt: skip
+    out = torch.zeros(pairs, dim, dtype=x.dtype, device=x.device)
+    _experts_down[(tiles, triton.cdiv(dim, block_n))](
+        hidden, w2, s2, tile_expert, tile_start, tile_end, out, inter, dim,
+        hidden.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), **settings,
+    )  # fmt: skip
+    return out
