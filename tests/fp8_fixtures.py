@@ -62,11 +62,15 @@ def make_bf16_checkpoint(dst_dir: Path, max_shard_size: str = "200KB", seed: int
 
 
 def is_quantized(name: str, tensor: torch.Tensor) -> bool:
-    """Projections of attention, MLP and experts (q_a_proj, kv_a_proj_with_mqa, down_proj, ...), as DeepSeek ships.
+    """Projections of attention, MLP and experts (q_a_proj, kv_a_proj_with_mqa, down_proj, ...), as DeepSeek ships,
+    and V3.2's indexer's wq_b and wk (its weights_proj stays bf16, as in DeepSeek's reference).
 
     Embedding, lm_head, norms and the router gate stay bf16.
     """
-    return tensor.dim() == 2 and name.endswith(".weight") and "_proj" in name.split(".")[-2]
+    if tensor.dim() != 2 or not name.endswith(".weight"):
+        return False
+    module = name.split(".")[-2]
+    return module in ("wq_b", "wk") if ".indexer." in name else "_proj" in module
 
 
 def make_fp8_checkpoint(src_dir: Path, dst_dir: Path, cross_shard_scale: bool = True) -> Path:

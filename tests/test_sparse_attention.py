@@ -6,23 +6,29 @@ so multi-turn reuse equals recomputation."""
 import engine_drivers as drv
 import pytest
 import rank_fns
+import safetensors.torch
+import test_tiers as tiers
 import torch
-from checkpoints import INDEX_TOPK, hf_model
+from checkpoints import INDEX_TOPK, INDEXER, hf_model, scale_weights
+from fp8_fixtures import make_fp8_checkpoint, tiny_config
 from harness import run_ranks
 from test_backends import run_steps, tiny
+from test_convert import ALIGNED, read_folder
 from test_engine import EIGHT_TURNS, token_lists
 
 from tp_infer.backends import reference
 from tp_infer.backends.cpu import CpuBackend
 from tp_infer.config import load_config
+from tp_infer.convert import convert
 from tp_infer.kv.pool import KVPool
-from tp_infer.model import kernels
+from tp_infer.model import fp8, kernels
 from tp_infer.model.attention import cache_layout
 
 TOL = 1e-4
 NEW_TOKENS = 24
 SHORT = rank_fns.PROMPT[:6]  # fewer positions than the indexer keeps: dense attention, still through the indexer
 PROMPTS = {"short": SHORT, "long": rank_fns.PROMPT}
+ROBIN = (drv.round_robin, 6, tiers.ROUNDS)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +141,85 @@ def test_shared_prompts_and_preemption_keep_replies_exact(converted):
     out = run_ranks(2, rank_fns.serve, str(converted["v32"]), options, drv.shared_system_prompt, system, own)[0]
     assert [t["generated"] for t in out["shared"]] == [t["generated"] for t in out["alone"]]
     assert len({tuple(path[:2]) for path in out["paths"]}) == 1, "the system prompt's whole blocks are shared"
+
+
+# ---- the tiers: indexer keys move with their blocks -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("world_size", "impl"), [(1, "absorb"), (2, "naive")])
+def test_host_tier_restores_blocks_with_their_indexer_keys(converted, world_size, impl):
+    """Six conversations in round robin through a pool that holds one: each returning turn is restored from host
+    memory, indexer keys included, computes only its new tokens and replies as a pool that holds them all."""
+    base = {"max_seq_len": 64, "max_batch_size": 1, "attn_impl": impl}
+    ckpt = str(converted["v32"])
+    small = run_ranks(world_size, rank_fns.serve, ckpt, {**base, "pool_tokens": 64, "host_tokens": 512}, *ROBIN)[0]
+    roomy = run_ranks(world_size, rank_fns.serve, ckpt, {**base, "pool_tokens": 1024}, *ROBIN)[0]
+    for tiered, whole in zip(small, roomy, strict=True):
+        assert [t["generated"] for t in tiered] == [t["generated"] for t in whole]
+        assert [t["computed"] for t in tiered] == [len(r) for r in tiers.ROUNDS]
+    assert sum(t["host"] for conv in small for t in conv[1:]) > 0
+
+
+@pytest.mark.parametrize(("world_size", "cache"), [(1, "bf16"), (2, "fp8")])
+def test_a_later_job_continues_from_disk_and_never_from_a_v3_jobs_files(converted, tmp_path, world_size, cache):
+    """A V3 job and a V3.2 job write block files for the same prompts into one disk folder; a later V3.2 job
+    continues the V3.2 conversations from disk (indexer keys read back with each block: the replies of one
+    uninterrupted run, only the new tokens computed) and never reads a V3 job's file."""
+    ckpt, setup = converted["v32"], ["--attn-impl", "absorb", "--kv-cache-dtype", cache]
+    disk = ["--kv-disk-path", str(tmp_path / "kv")]
+    whole = tiers.uninterrupted(world_size, ckpt, tmp_path, *setup)
+    (tmp_path / "v3").mkdir()
+    tiers.first_job(world_size, converted["v3"], tmp_path / "v3", *setup, *disk)
+    first, _ = tiers.first_job(world_size, ckpt, tmp_path, *setup, *disk)
+    assert len(list((tmp_path / "kv").iterdir())) == 2, "one folder per checkpoint and setup"
+    second, _ = tiers.second_job(world_size, ckpt, tmp_path, first, *setup, *disk)
+    history = [len(p) + 8 for p in tiers.PROMPTS]
+    for i in range(3):
+        assert second[i]["token_ids"] == whole[i][1]["token_ids"], f"conversation {i}"
+        assert second[i]["computed_tokens"] == len(tiers.NEW[i]), f"conversation {i}"
+        assert second[i]["reused_tokens"] == history[i], f"conversation {i}"
+    assert sum(second[i]["disk_tokens"] for i in range(3)) == sum(history) - len(tiers.SHARED)
+
+
+# ---- a V3.2 FP8 folder ------------------------------------------------------------------------------------------
+
+
+def test_an_fp8_folder_converts_and_matches_transformers_on_its_dequantised_weights(tmp_path):
+    """A V3.2-shaped FP8 folder (the indexer's wq_b and wk in e4m3 with block scales, weights_proj in bf16; one scale
+    stored in another file) converts at world sizes 1 and 2, keeping FP8, the indexer whole on every rank (as
+    DeepSeek's reference keeps it); its logits are transformers' on the dequantised weights, at both world sizes."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    config = DeepseekV32Config(**{**tiny_config().to_dict(), **ALIGNED, **INDEXER, "index_head_dim": 128})
+    torch.manual_seed(0)
+    model = DeepseekV32ForCausalLM(config)
+    scale_weights(model)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="300KB")
+    src = make_fp8_checkpoint(tmp_path / "bf16", tmp_path / "fp8")
+    hf = read_folder(src)
+    assert hf["model.layers.0.self_attn.indexer.wk.weight"].dtype == torch.float8_e4m3fn
+    assert hf["model.layers.0.self_attn.indexer.weights_proj.weight"].dtype == torch.bfloat16
+    for world_size in (1, 2):
+        convert(src, tmp_path / "out", world_size)
+    state = {
+        name: fp8.dequantize(t, hf[name + "_scale_inv"], torch.float32) if t.dtype == torch.float8_e4m3fn else t.float()
+        for name, t in hf.items()
+        if not name.endswith("_scale_inv")
+    }
+    (tmp_path / "deq").mkdir()
+    (tmp_path / "deq" / "config.json").write_bytes((tmp_path / "bf16" / "config.json").read_bytes())
+    safetensors.torch.save_file(state, tmp_path / "deq" / "model.safetensors", {"format": "pt"})
+    oracle = DeepseekV32ForCausalLM.from_pretrained(tmp_path / "deq", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = oracle(torch.tensor([rank_fns.PROMPT])).logits[0]
+    for world_size in (1, 2):
+        shard = safetensors.torch.load_file(tmp_path / "out" / f"model{world_size - 1}-mp{world_size}.safetensors")
+        assert shard["layers.0.attn.indexer.wq_b.weight"].shape == (64 * 128, 96), "whole on every rank"
+        assert shard["layers.0.attn.indexer.wq_b.scale"].shape == (64, 1)
+        prefill, _ = run_ranks(world_size, rank_fns.greedy, str(tmp_path / "out"), rank_fns.PROMPT, 0)[0]
+        diff = (prefill - expected).abs().max().item()
+        print(f"v32 FP8 ws={world_size}: max |logits - transformers on dequantised weights| = {diff:.2e}")
+        assert diff <= TOL
 
 
 # ---- the indexer keys in the cache layout, the pool and the backends -------------------------------------------
