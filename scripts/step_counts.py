@@ -40,7 +40,8 @@ path gathers them; a lone row on consecutive blocks is read in place instead).
      lies in the pool (no gather, no padding), plus its pieces' partial sums written and read back by the combine;
      an FP8 product torch's block-wise recipes refuse (wkv_a's 576 rows) reads its FP8 weight once in the Triton
      product instead of dequantising it; the routed experts' Triton kernels read the expected distinct local
-     experts' FP8 weights once and the expected local pairs' activations once; the rest as the torch backend.
+     experts' FP8 weights once and the expected local pairs' activations once; wkv_b's FP8 weight is read in place
+     by the per-head products around the paged decode (no dequantised copy); the rest as the torch backend.
    And a modelled line, `CUDA, experts in one scaled grouped product`: the torch backend's CUDA path with the routed
    experts' measured bytes replaced by their FP8 weights of the expected distinct experts read once, plus the
    activations in and out.
@@ -743,6 +744,16 @@ class ModelledKernels:
         )
         self.counter.record("Triton FP8 experts (modelled)", int(read), int(pairs * (inter + dim) * size))
         return torch.zeros(tokens.shape[0], dim, dtype=x.dtype, device=x.device)
+
+    def fp8_heads(self, x, weight, scale, out_features, rows_per_head, first_row, k_along_rows):
+        """Per-head products with windows of an FP8 weight: x, each head's window (and its share of the block
+        scales) read once, y written."""
+        rows, heads, k = x.shape
+        window = heads * k * out_features
+        read = distinct_bytes(x) + window * weight.element_size() + window * scale.element_size() / fp8.BLOCK**2
+        out = torch.empty(rows, heads, out_features, dtype=x.dtype, device=x.device)
+        self.counter.record("Triton per-head FP8 products (modelled)", int(read), out.numel() * out.element_size())
+        return out
 
     def fp8_linear(self, x, weight, scale):
         out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)

@@ -14,7 +14,7 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from test_backends import BLOCK, STEPS, plan, pool_for, tiny  # noqa: E402
+from test_backends import BLOCK, STEPS, CountDequantisations, plan, pool_for, tiny  # noqa: E402
 
 from tp_infer.backends import pick, reference  # noqa: E402
 from tp_infer.backends import triton_kernels as tk  # noqa: E402
@@ -143,6 +143,44 @@ def test_block_fp8_linear_matches_the_dequantised_product(m, n, k, dtype):
     assert got.shape == (m, n) and got.dtype == dtype
     tolerance = (1e-5 if dtype == torch.float32 else 2e-3) * expected.abs().max().item()
     assert torch.allclose(got.float(), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_head_fp8_products_match_the_dequantised_heads(dtype):
+    """fp8_heads over windows of one FP8 weight [H * (nope + v), C] (wkv_b's layout) that do not start on a 128-row
+    block (nope 48, v 40): a query's nope part into latent space by each head's w_k (K along the rows), and latents
+    back out by each head's w_v (K along the columns), as the dequantised weight's per-head products."""
+    heads, nope, v, latent_dim, rows = 5, 48, 40, 200, 3
+    generator = torch.Generator().manual_seed(13)
+    weight, scale = fp8.quantize(torch.randn(heads * (nope + v), latent_dim, generator=generator))
+    weight, scale = weight.to(DEVICE), scale.to(DEVICE)
+    dense = fp8.dequantize(weight, scale, torch.float32).view(heads, nope + v, latent_dim)
+    q_nope = torch.randn(rows, heads, nope, generator=generator).to(DEVICE, dtype)
+    mixed = torch.randn(rows, heads, latent_dim, generator=generator).to(DEVICE, dtype)
+    q_latent = tk.fp8_heads(q_nope, weight, scale, latent_dim, nope + v, 0, k_along_rows=True)
+    out = tk.fp8_heads(mixed, weight, scale, v, nope + v, nope, k_along_rows=False)
+    expected_latent = torch.einsum("rhd,hdc->rhc", q_nope.float(), dense[:, :nope])
+    expected_out = torch.einsum("rhc,hjc->rhj", mixed.float(), dense[:, nope:])
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-3
+    for got, expected in ((q_latent, expected_latent), (out, expected_out)):
+        assert got.dtype == dtype
+        assert torch.allclose(got.float(), expected, atol=tolerance * expected.abs().max().item(), rtol=0)
+
+
+def test_a_decode_step_through_the_cuda_backend_dequantises_nothing(monkeypatch):
+    """With FP8 weights, one row's decode step through the cuda backend reads every FP8 weight in place: the
+    products in the Triton product, the experts in the expert kernels, wkv_b in the per-head products around the
+    paged decode; fp8.dequantize is never called (the torch backend calls it for every weight on the CPU)."""
+    model = tiny(DEVICE, fp8_weights=True)
+    model.use_backend(CudaBackend())
+    pool = pool_for(model, DEVICE)
+    for rows in ([(0, 0, list(range(2, 22)))], [(0, 20, [9])]):
+        step = plan(rows)
+        batch = build_batch(step, BLOCK, torch.device(DEVICE))
+        if rows[0][1]:  # the decode step
+            count = CountDequantisations(monkeypatch)
+        model(step.tokens.to(DEVICE), batch, pool.layers)
+    assert count.matrices == 0
 
 
 def test_the_expert_schedule_gives_each_expert_with_pairs_its_tiles_and_spares_the_rest():

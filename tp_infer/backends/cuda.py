@@ -27,7 +27,7 @@ from tp_infer.backends.reference import Backend, block_fp8_product
 if TYPE_CHECKING:
     from tp_infer.kv.pool import LayerCache
     from tp_infer.model.attention import MLA
-    from tp_infer.model.batch import AttentionGroup
+    from tp_infer.model.batch import AttentionGroup, ForwardBatch
     from tp_infer.model.moe import MLP, Experts
 
 
@@ -118,6 +118,27 @@ class CudaBackend(Backend):
         y = torch.zeros_like(x).index_add_(0, rows, out)
         return y if shared is None else y + self.swiglu(x, shared)
 
+    def attention(
+        self, mla: MLA, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations, index=None
+    ) -> torch.Tensor:
+        """A step of decode rows alone in absorb form with an FP8 wkv_b: the new entries stored, then each group's
+        queries taken into latent space and back out by wkv_b read in place as FP8 (fp8_heads), around the paged
+        decode: no dequantised copy of wkv_b is made (the reference makes one per layer per step). Otherwise the
+        reference's store, then each group here (attend)."""
+        if (
+            mla.attn_impl != "absorb"
+            or mla.wkv_b.scale is None
+            or index is not None
+            or any(group.width != 1 for group in batch.groups)
+            or not triton_kernels().runs_on(q)
+        ):
+            return super().attention(mla, q, kv, batch, cache, rotations, *(() if index is None else (index,)))
+        new = mla.new_entries(q, kv, rotations, None)  # absorb form: the entries need no wkv_b
+        cache.write(batch.slots, *new.entries)
+        latent, rope_key = cache.tensors[:2]
+        outs = [fp8_absorbed_decode(mla, new.q[g.start : g.end], latent, rope_key, g) for g in batch.groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def attend(
         self, mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup, index=None
     ) -> torch.Tensor:
@@ -134,6 +155,20 @@ class CudaBackend(Backend):
             )  # fmt: skip
         latent, rope_key = cache.tensors[:2]  # the absorb layout's first two quantities (model.attention.cache_layout)
         return absorbed_decode(mla, rows, wkv_b, latent, rope_key, group)
+
+
+def fp8_absorbed_decode(mla: MLA, q: torch.Tensor, latent, rope_key, group: AttentionGroup) -> torch.Tensor:
+    """absorbed_decode with wkv_b's FP8 weight and block scales read in place by the per-head products."""
+    kernels = triton_kernels()
+    q_nope, q_pe = q.split([mla.nope_dim, mla.rope_dim], dim=-1)
+    weight, scale = mla.wkv_b.weight, mla.wkv_b.scale
+    per_head = mla.nope_dim + mla.v_dim
+    q_latent = kernels.fp8_heads(q_nope, weight, scale, mla.kv_lora_rank, per_head, 0, k_along_rows=True)
+    mixed = kernels.mla_decode(
+        q_latent, q_pe, latent.data, latent.scale, rope_key.data, rope_key.scale, group.block_table, group.lengths,
+        mla.softmax_scale,
+    )  # fmt: skip
+    return kernels.fp8_heads(mixed, weight, scale, mla.v_dim, per_head, mla.nope_dim, k_along_rows=False)
 
 
 def absorbed_decode(mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, latent, rope_key, group: AttentionGroup):

@@ -711,3 +711,86 @@ def fp8_experts(
         hidden.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), **settings,
     )  # fmt: skip
     return out
+
+
+# -- per-head products with a block-FP8 weight (MLA's wkv_b in absorb form) ------------------------------------------
+@triton.jit
+def _fp8_heads(
+    x,
+    w,
+    scale,
+    y,
+    M,
+    N,
+    K,
+    rows_per_head,
+    first_row,
+    stride_xh,
+    stride_xm,
+    stride_yh,
+    stride_ym,
+    stride_w,
+    stride_s,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    K_ALONG_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Head h's y[h, m, n] = sum over k of x[h, m, k] * W_h[n, k], where W_h is a window of the FP8 weight w: rows
+    h * rows_per_head + first_row + (k if K_ALONG_ROWS else n), column (n if K_ALONG_ROWS else k). Each weight tile
+    is read once and dequantised in registers by its elements' block scales (a head's window need not start on a
+    128-row block), then multiplied in the activations' dtype."""
+    h = tl.program_id(2)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, nm = m < M, n < N
+    base = h * rows_per_head + first_row
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        a = tl.load(x + h * stride_xh + m[:, None] * stride_xm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+        if K_ALONG_ROWS:
+            rows, cols = base + k[:, None], n[None, :]
+        else:
+            rows, cols = base + n[None, :], k[:, None]
+        wm = km[:, None] & nm[None, :]
+        tile = tl.load(w + rows * stride_w + cols, mask=wm, other=0.0).to(tl.float32)
+        tile *= tl.load(scale + (rows // SCALE_BLOCK) * stride_s + cols // SCALE_BLOCK, mask=wm, other=0.0)
+        acc += tl.dot(a, tile.to(a.dtype), input_precision=PRECISION)
+    out = y + h * stride_yh + m[:, None] * stride_ym + n[None, :]
+    tl.store(out, acc.to(y.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+def fp8_heads(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    out_features: int,
+    rows_per_head: int,
+    first_row: int,
+    k_along_rows: bool,
+) -> torch.Tensor:
+    """Per-head products of x [R, H, K] (last dimension contiguous) with windows of one FP8 weight [H *
+    rows_per_head, C] and its 128x128 block scales, read in place: head h's window is rows h * rows_per_head +
+    first_row on. k_along_rows: the window's K rows by out_features columns, out[r, h] = x[r, h] @ W_h (MLA's w_k,
+    taking a query into latent space); else its out_features rows by K columns, out[r, h] = x[r, h] @ W_h^T (w_v,
+    taking latents back out). out [R, H, out_features] in x's dtype."""
+    rows, heads, k = x.shape
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and scale.stride(-1) == 1
+    y = torch.empty(rows, heads, out_features, dtype=x.dtype, device=x.device)
+    block_m, block_n = 16, 64
+    block_k = 32 if x.dtype == torch.float32 else 64
+    upcast, precision = _dot_settings(x.dtype)
+    _fp8_heads[(triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), heads)](
+        x, weight, scale, y, rows, out_features, k, rows_per_head, first_row, x.stride(1), x.stride(0),
+        y.stride(1), y.stride(0), weight.stride(0), scale.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_BLOCK=FP8_BLOCK, K_ALONG_ROWS=k_along_rows,
+        UPCAST=upcast, PRECISION=precision,
+    )  # fmt: skip
+    return y
