@@ -146,3 +146,43 @@ def write_chat_checkpoint(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     write_tokenizer(path)
     return path
+
+
+V32_CHAT_VOCAB = CHAT_VOCAB + 4  # the tokenizer's and <think>, </think> (ids CHAT_VOCAB, CHAT_VOCAB + 1), padded to 4
+
+
+def write_dsv32_tokenizer(path: Path) -> Path:
+    """tests' tokenizer as a DeepSeek-V3.2 checkpoint ships it: no chat template (the encoder renders), and <think>,
+    </think> single tokens; a folder without a config.json gets one saying model_type deepseek_v32."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer
+
+    write_tokenizer(path)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    if not (path / "config.json").exists():
+        (path / "config.json").write_text(json.dumps({"model_type": "deepseek_v32"}))
+    return path
+
+
+def write_v32_chat_checkpoint(path: Path, seed: int = 0) -> Path:
+    """The v32 variant with the V3.2 tokenizer folder: a whole V3.2 checkpoint, as the front end takes."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV32Config(
+        **{**COMMON, "vocab_size": V32_CHAT_VOCAB},
+        q_lora_rank=48,
+        routed_scaling_factor=2.5,
+        rope_parameters=YARN_V3,
+        **INDEXER,
+    )
+    model = transformers.DeepseekV32ForCausalLM(config)
+    scale_weights(model)
+    model.save_pretrained(path)
+    return write_dsv32_tokenizer(path)

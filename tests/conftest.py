@@ -39,3 +39,16 @@ def chat_ckpt(tmp_path_factory):
     for world_size in (1, 2, 4):
         convert(hf, root / "ckpt", world_size)
     return root / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def v32_chat_ckpt(tmp_path_factory):
+    """A converted DeepSeek-V3.2 checkpoint with the V3.2 tokenizer folder (no chat template: DeepSeek's encoder
+    renders), with shards for world sizes 1 and 2."""
+    from checkpoints import write_v32_chat_checkpoint
+
+    root = tmp_path_factory.mktemp("v32chat")
+    hf = write_v32_chat_checkpoint(root / "hf")
+    for world_size in (1, 2):
+        convert(hf, root / "ckpt", world_size)
+    return root / "ckpt"

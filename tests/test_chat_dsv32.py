@@ -6,13 +6,12 @@ and reuse: with earlier reasoning dropped a turn's prompt is not an extension of
 import io
 import json
 import random
-import shutil
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from checkpoints import write_tokenizer
+from checkpoints import write_dsv32_tokenizer, write_tokenizer
 
 from tp_infer.batch import LineError, parse_request
 from tp_infer.chat import Conversation, ReplyMemory, encode_messages
@@ -201,22 +200,6 @@ def test_starts_are_where_each_message_begins():
 
 
 # ---- the ChatTokenizer of a V3.2 folder ----
-def write_dsv32_tokenizer(path: Path) -> Path:
-    """tests' tokenizer as a DeepSeek-V3.2 checkpoint ships it: no chat template, config.json's model_type
-    deepseek_v32, and <think>, </think> single tokens."""
-    from tokenizers import AddedToken, Tokenizer
-
-    write_tokenizer(path)
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tokenizer.add_tokens([AddedToken(THINK_START, special=False), AddedToken(THINK_END, special=False)])
-    tokenizer.save(str(path / "tokenizer.json"))
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    del config["chat_template"]
-    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
-    (path / "config.json").write_text(json.dumps({"model_type": "deepseek_v32"}))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> ChatTokenizer:
     return ChatTokenizer(write_dsv32_tokenizer(tmp_path_factory.mktemp("dsv32")))
@@ -395,18 +378,12 @@ def test_real_deepseek_tokenizer_writes_the_format_tokens_as_single_tokens(tmp_p
 
 # ---- the server ----
 @pytest.fixture(scope="module")
-def v32_server(chat_ckpt, tmp_path_factory):
-    """The chat checkpoint's model behind a V3.2 folder's tokenizer: its config.json says deepseek_v32 (so the
-    tokenizer renders through the encoder) and the model's own config comes with --config."""
+def v32_server(v32_chat_ckpt):
+    """A server on a V3.2 checkpoint (its tokenizer folder renders through the encoder)."""
     from test_server import Server
 
-    root = tmp_path_factory.mktemp("dsv32-server")
-    folder = root / "ckpt"
-    shutil.copytree(chat_ckpt, folder)
-    (folder / "config.json").rename(root / "model.json")
-    write_dsv32_tokenizer(folder)
-    server = Server(1, folder, "--config", str(root / "model.json"))
-    yield server, ChatTokenizer(folder)
+    server = Server(1, v32_chat_ckpt)
+    yield server, ChatTokenizer(v32_chat_ckpt)
     server.stop()
 
 

@@ -3,6 +3,8 @@ keeps INDEX_TOPK positions per query, so from the ninth token on every query att
 shorter and much longer than that, both MLA forms, world sizes 1, 2 and 4; the indexer keys cached with the blocks,
 so multi-turn reuse equals recomputation."""
 
+import re
+
 import engine_drivers as drv
 import pytest
 import rank_fns
@@ -13,6 +15,7 @@ from checkpoints import INDEX_TOPK, INDEXER, hf_model, scale_weights
 from fp8_fixtures import make_fp8_checkpoint, tiny_config
 from harness import run_ranks
 from test_backends import run_steps, tiny
+from test_console import console
 from test_convert import ALIGNED, read_folder
 from test_engine import EIGHT_TURNS, token_lists
 
@@ -179,6 +182,43 @@ def test_a_later_job_continues_from_disk_and_never_from_a_v3_jobs_files(converte
         assert second[i]["computed_tokens"] == len(tiers.NEW[i]), f"conversation {i}"
         assert second[i]["reused_tokens"] == history[i], f"conversation {i}"
     assert sum(second[i]["disk_tokens"] for i in range(3)) == sum(history) - len(tiers.SHARED)
+
+
+# ---- the front ends on a V3.2 checkpoint (its chat format rendered by DeepSeek's encoder) -------------------------
+
+
+def test_console_on_a_v32_checkpoint_reuses_the_history(v32_chat_ckpt):
+    """The console at world size 2 on a V3.2 checkpoint: in chat mode a later turn reuses the whole history and
+    computes only its new message; switched to thinking mode with earlier reasoning kept, the next turn reuses at
+    least the whole previous prompt (this random model's replies stop before </think>, and a reply cut inside its
+    reasoning is written back as the encoder writes it, so its own tokens are recomputed)."""
+    lines = ["Hello there", "My name is Ada", "/think keep", "The code is 4821.", "how are you today?"]
+    run = console(v32_chat_ckpt, lines, world_size=2)
+    assert run.returncode == 0, run.stderr[-2000:]
+    stats = [tuple(map(int, m)) for m in re.findall(r"\[reused (\d+) · computed (\d+) · generated (\d+)", run.stdout)]
+    assert len(stats) == 4, run.stdout
+    (_, first, replied), (reused, computed, _) = stats[:2]
+    assert reused == first + replied and computed < 12, stats
+    assert stats[3][0] >= stats[2][0] + stats[2][1], stats
+
+
+def test_batch_lines_on_a_v32_checkpoint(v32_chat_ckpt, tmp_path):
+    """A batch job at world size 2: messages lines in chat and thinking mode are answered; a bad thinking option is
+    an error record naming it, and the other lines are answered."""
+    lines = [
+        {"id": "chat", "messages": [{"role": "user", "content": "Hello there"}]},
+        {
+            "id": "think",
+            "messages": [{"role": "user", "content": "Hello there"}],
+            "chat_template_kwargs": {"thinking": True},
+        },
+        {"id": "bad", "messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {"thinking": "yes"}},
+        {"id": "turns", "turns": ["My name is Ada", "how are you today?"], "chat_template_kwargs": {"thinking": True}},
+    ]
+    records, _ = tiers.batch_job(2, v32_chat_ckpt, tmp_path, "v32", lines)
+    assert "thinking must be true or false" in records["bad"]["error"]
+    assert all(records[i]["turns"] for i in ("chat", "think", "turns"))
+    assert records["turns"]["turns"][1]["reused_tokens"] > 0
 
 
 # ---- a V3.2 FP8 folder ------------------------------------------------------------------------------------------
