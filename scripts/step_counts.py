@@ -693,7 +693,7 @@ class ModelledKernels:
     def __init__(self, counter: StepCounter, history: int, args: ModelArgs | None = None):
         self.counter, self.history, self.args = counter, history, args
 
-    def runs_on(self, t: torch.Tensor) -> bool:
+    def runs_on(self, t: torch.Tensor, fp8: bool = False) -> bool:
         return True
 
     def _pieces(self, rows: int, groups: int, max_tokens: int, block_n: int) -> int:

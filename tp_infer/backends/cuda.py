@@ -90,7 +90,7 @@ class CudaBackend(Backend):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """FP8 weights: torch's block-scaled product where it serves, else the Triton kernel reading the weight in
         place; other weights as the reference."""
-        if scale is None or block_fp8_product(x, weight) or not triton_kernels().runs_on(x):
+        if scale is None or block_fp8_product(x, weight) or not triton_kernels().runs_on(x, fp8=True):
             return super().linear(x, weight, scale)
         return triton_kernels().fp8_linear(x, weight, scale)
 
@@ -101,7 +101,7 @@ class CudaBackend(Backend):
         (other ranks' experts last, left out), each expert's pairs counted there, then two launches that read only
         the chosen experts' FP8 weights, once per tile of their pairs, with the routing weights applied inside; the
         pairs' outputs added to their tokens. Nothing is read back. Other weights as the reference."""
-        if not experts.fp8 or not triton_kernels().runs_on(x):
+        if not experts.fp8 or not triton_kernels().runs_on(x, fp8=True):
             return super().experts(x, weights, indices, experts, shared)
         k = indices.shape[1]
         local = indices.flatten() - experts.first
@@ -130,7 +130,7 @@ class CudaBackend(Backend):
             or mla.wkv_b.scale is None
             or index is not None
             or any(group.width != 1 for group in batch.groups)
-            or not triton_kernels().runs_on(q)
+            or not triton_kernels().runs_on(q, fp8=True)
         ):
             return super().attention(mla, q, kv, batch, cache, rotations, *(() if index is None else (index,)))
         new = mla.new_entries(q, kv, rotations, None)  # absorb form: the entries need no wkv_b
@@ -144,7 +144,7 @@ class CudaBackend(Backend):
     ) -> torch.Tensor:
         """Decode rows (width 1) in the paged decode kernels over the pool in place; other groups, and rows whose
         positions V3.2's indexer may narrow (index given), as the reference."""
-        if group.width != 1 or index is not None or not triton_kernels().runs_on(q):
+        if group.width != 1 or index is not None or not triton_kernels().runs_on(q, fp8=cache.tensors[0].fp8):
             return super().attend(mla, q, wkv_b, cache, group, *(() if index is None else (index,)))
         rows = q[group.start : group.end]  # [R, H, nope + rope], rotated
         if mla.attn_impl == "naive":

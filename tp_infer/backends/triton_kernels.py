@@ -59,9 +59,17 @@ if interpreting():
     _interpreter_takes_numpy_2_4()
 
 
-def runs_on(t: torch.Tensor) -> bool:
-    """Whether these kernels take tensors where t lies: CUDA, or anywhere under the interpreter."""
-    return t.is_cuda or interpreting()
+def runs_on(t: torch.Tensor, fp8: bool = False) -> bool:
+    """Whether these kernels take tensors where t lies: CUDA (for FP8 operands a GPU whose Triton converts
+    float8_e4m3fn, sm89 and newer), or anywhere under the interpreter."""
+    if interpreting():
+        return True
+    return t.is_cuda and (not fp8 or _capability(t.device.index or 0) >= (8, 9))
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
@@ -137,7 +145,7 @@ def _absorbed_split(
     qp = tl.load(q_pe + row * stride_qpr + h[:, None] * stride_qph + p[None, :], mask=qpm, other=0.0)
     if UPCAST:
         ql, qp = ql.to(tl.float32), qp.to(tl.float32)
-    length = tl.load(lengths + row)
+    length = tl.load(lengths + row).to(tl.int32)
     start = piece * split_tokens
     end = tl.minimum(start + split_tokens, length)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -368,7 +376,7 @@ def _per_head_split(
     v = tl.arange(0, BLOCK_V)
     dm, vm = d < key_dim, v < value_dim
     query = tl.load(q + row * stride_qr + h * stride_qh + d, mask=dm, other=0.0).to(tl.float32) * sm_scale
-    length = tl.load(lengths + row)
+    length = tl.load(lengths + row).to(tl.int32)
     start = piece * split_tokens
     end = tl.minimum(start + split_tokens, length)
     m_i = tl.full([1], float("-inf"), tl.float32)
