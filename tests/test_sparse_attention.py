@@ -23,6 +23,7 @@ from tp_infer.backends import reference
 from tp_infer.backends.cpu import CpuBackend
 from tp_infer.config import load_config
 from tp_infer.convert import convert
+from tp_infer.engine.runner import StepPlan, build_batch
 from tp_infer.kv.pool import KVPool
 from tp_infer.model import fp8, kernels
 from tp_infer.model.attention import cache_layout
@@ -321,3 +322,38 @@ def test_equal_scores_go_to_the_earlier_position():
         visible[..., :length] = True
         chosen = indexer.select(q, weights, keys, visible)[0, 0].nonzero().flatten().tolist()
         assert chosen == expected, length
+
+
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+def test_a_sparse_decode_step_and_prefill_run_on_the_meta_device(attn_impl):
+    """The torch backend's selection (scores, a sort, a scatter) reads nothing back: decode rows past the indexer's
+    reach and a prefill run on `meta`, where any .item() or data-dependent shape raises (FP8 weights and cache)."""
+    model = tiny("meta", attn_impl=attn_impl, dtype="bf16", fp8_weights=True, kv_cache_dtype="fp8", **V32)
+    pool = KVPool.of(cache_layout(model.args, 1), 48, 16, torch.device("meta"))
+    tables = [[(r * 6 + i) % 48 for i in range(6)] for r in range(4)]
+    decode = StepPlan.from_rows([(tables[r], 70 + r, [5]) for r in range(4)])
+    prefill = StepPlan.from_rows([(tables[0][:3], 0, list(range(2, 42)))])
+    for step in (decode, prefill):
+        logits = model(step.tokens.to("meta"), build_batch(step, 16, torch.device("meta")), pool.layers)
+        assert logits.device.type == "meta" and logits.shape == (len(step.num_new), model.args.vocab_size)
+
+
+def test_the_sparse_decode_forward_compiles_whole():
+    """torch.compile(fullgraph=True) of the torch backend's decode forward, two rows past the indexer's reach (FP8
+    weights and cache): the eager logits, and what eager stores (indexer keys included)."""
+    torch._dynamo.reset()
+    model = tiny(attn_impl="absorb", fp8_weights=True, kv_cache_dtype="fp8", **V32)
+    model.use_backend(reference())
+    compiled = torch.compile(lambda *step: model(*step), fullgraph=True, dynamic=False)
+    tables = [[(r * 6 + i) % 48 for i in range(6)] for r in range(2)]
+    pools = [KVPool.of(cache_layout(model.args, 1), 48, 16, torch.device("cpu")) for _ in range(2)]
+    for pool in pools:
+        for r in range(2):
+            warm = StepPlan.from_rows([(tables[r][:2], 0, list(range(2 + r, 26 + 2 * r)))])
+            model(warm.tokens, build_batch(warm, 16, torch.device("cpu")), pool.layers)
+    step = StepPlan.from_rows([(tables[r][:2], 24 + r, [3 + r]) for r in range(2)])
+    eager = model(step.tokens, build_batch(step, 16, torch.device("cpu")), pools[0].layers)
+    graph = compiled(step.tokens, build_batch(step, 16, torch.device("cpu")), pools[1].layers)
+    assert torch.allclose(graph, eager, atol=1e-4 * eager.abs().max().item(), rtol=0)
+    for a, b in zip(pools[0].named.values(), pools[1].named.values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4)
