@@ -43,9 +43,9 @@ def _interpreter_takes_numpy_2_4() -> None:
         return  # an older numpy still converts it
     except TypeError:
         pass
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "squeezes", False):
-        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "squeezes", False):
+        return  # a Triton laid out otherwise (fixed upstream), or patched already
 
     def patch(tensor, scope):
         original(tensor, scope)
