@@ -9,8 +9,12 @@
   then reuse.
 - Products with FP8 weights use torch's block-scaled F.scaled_mm where the reference's block_fp8_product allows
   (sm90+, bf16, whole 128-blocks), else the Triton block-FP8 kernel, which reads the FP8 weight in place (wkv_a's 576
-  rows, fp32 compute, GPUs before sm90) instead of dequantising it into a full-size copy first.
-- Everything else is the reference's.
+  rows, fp32 compute, GPUs before sm90) instead of dequantising it into a full-size copy first. In a step of decode
+  rows alone (absorb form) wkv_b too is read as FP8 in place, by per-head products around the paged decode.
+- Routed experts with FP8 weights run in two Triton launches per layer over the (token, expert) pairs sorted by
+  expert on the device, reading only the chosen experts' FP8 weights.
+- Everything else is the reference's; FP8 operands on GPUs before sm89 (where Triton has no float8_e4m3fn) too.
+  A decode step with FP8 weights dequantises nothing.
 
 Every launch is made from shapes alone, nothing read back from the device. Under TRITON_INTERPRET=1 the kernels also
 take CPU tensors, which is how the tests run this backend without a GPU."""
