@@ -71,7 +71,8 @@ def log(message: str) -> None:
 
 # ---- model and weights -----------------------------------------------------------------------------------------------
 def hf_config(args: ModelArgs) -> transformers.DeepseekV3Config:
-    """The transformers config describing the same architecture as `args` (a DeepSeek-V3-shaped reference config)."""
+    """The transformers config describing the same architecture as `args` (a DeepSeek-V3-shaped reference config,
+    V3.2's with an indexer)."""
     if args.score_func != "sigmoid" or not args.yarn:
         raise click.ClickException("the benchmark config must be DeepSeek-V3-shaped: sigmoid routing and YaRN rope")
     rope = {
@@ -84,8 +85,11 @@ def hf_config(args: ModelArgs) -> transformers.DeepseekV3Config:
         "mscale": args.mscale,  # equal to mscale_all_dim: cos/sin unscaled, as the reference's rope_mscale 1.0
         "mscale_all_dim": args.mscale,
     }
-    return transformers.DeepseekV3Config(
-        **{theirs: getattr(args, ours) for theirs, ours in HF_NAMES.items()},
+    names = {theirs: getattr(args, ours) for theirs, ours in HF_NAMES.items()}
+    if not args.sparse:
+        names = {theirs: value for theirs, value in names.items() if not theirs.startswith("index_")}
+    return (transformers.DeepseekV32Config if args.sparse else transformers.DeepseekV3Config)(
+        **names,
         num_key_value_heads=args.n_heads,
         q_lora_rank=args.q_lora_rank or None,
         max_position_embeddings=args.max_seq_len,
@@ -96,8 +100,9 @@ def hf_config(args: ModelArgs) -> transformers.DeepseekV3Config:
 
 
 def random_hf_model(args: ModelArgs, dtype: torch.dtype, seed: int) -> HFModel:
-    """Random weights scaled as in tests/checkpoints.py, so activations and logits are O(1) and routing matters."""
-    model = HFModel(hf_config(args))
+    """Random weights scaled as in tests/checkpoints.py, so activations and logits are O(1) and routing matters
+    (DeepSeek-V3.2's model where the config has an indexer)."""
+    model = (transformers.DeepseekV32ForCausalLM if args.sparse else HFModel)(hf_config(args))
     fill_random(model, seed)
     model.generation_config.eos_token_id = None  # replies are a fixed number of tokens, as ours with ignore_eos
     return model.to(dtype).eval()  # every tensor in `dtype`, router included, so both engines use equal weights

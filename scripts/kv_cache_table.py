@@ -10,7 +10,12 @@ import click
 from tp_infer.config import load_config
 from tp_infer.model.attention import cache_layout
 
-CONFIGS = {"16B": "config_16B.json", "236B": "config_236B.json", "671B": "config_671B.json"}
+CONFIGS = {
+    "16B": "config_16B.json",
+    "236B": "config_236B.json",
+    "671B": "config_671B.json",
+    "671B V3.2": "config_v3.2.json",
+}
 MODES = [("naive", "bf16"), ("absorb", "bf16"), ("absorb", "fp8")]
 
 
