@@ -5,11 +5,11 @@
 # of time does not stop the next. Logs, JSON and plots go to OUT_DIR; stdout gets one line per step, each step's
 # closing lines and the suite's summary.
 # Usage: bash scripts/cuda_check.sh [--dry-run] OUT_DIR [TOTAL seconds, default 540] [pytest workers, default 12]
-# ONLY="suite bench_serving" runs only the steps named (triton bench_decode demo-fp32 demo-bf16 demo-bf16-graphs
+# ONLY="suite bench_serving" runs only the steps named (triton bench_decode bench_cuda_step demo-fp32 demo-bf16 demo-bf16-graphs
 # suite profile_step bench_vs_vllm bench_multiturn bench_serving bench_pool bench_tiers bench_kv_cache).
 # --dry-run, for a machine without a GPU: checks the script's own plumbing (steps, deadlines, logs) in about a
-# minute: the cuda backend's kernel tests run under Triton's interpreter and bench_decode.py on tiny shapes on the
-# CPU; every other step logs the command it would run.
+# minute: the cuda backend's kernel tests run under Triton's interpreter, bench_decode.py and bench_cuda_step.py on
+# tiny shapes on the CPU; every other step logs the command it would run.
 # Runs $PYTHON (default python3) with this checkout importable; it needs the test and bench extras' packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,11 +79,15 @@ if ((dry)); then
 	DRY_REAL=1 TRITON_INTERPRET=1 TAIL=5 step triton 120 "$py" -m pytest -q -p no:cacheprovider -rfE \
 		tests/test_triton_kernels.py
 	DRY_REAL=1 TAIL=20 step bench_decode 120 "$py" scripts/bench_decode.py --dry-run --out "$out/decode.json"
+	DRY_REAL=1 TAIL=8 step bench_cuda_step 120 "$py" scripts/bench_cuda_step.py --dry-run --out "$out/cuda_step.json"
 else
-	TAIL=8 step triton 150 "$py" -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_kernels.py
+	TAIL=8 step triton 120 "$py" -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_kernels.py
 	# paged MLA decode, the Triton kernel against the torch backend, at V2-Lite's and V3's widths, batch 1 and 64,
 	# 1K and 16K of history: time per decode group against the bytes it must read over the measured bandwidth
-	TAIL=22 step bench_decode 120 "$py" scripts/bench_decode.py --out "$out/decode.json"
+	TAIL=22 step bench_decode 90 "$py" scripts/bench_decode.py --out "$out/decode.json"
+	# one decode step of V2-Lite's real structure (random FP8 and bf16 weights, TP 1) at batch 1, 8 and 64, 1K and 16K
+	# of history: torch backend, cuda backend, cuda backend as a CUDA graph, against the bandwidth floor
+	TAIL=20 step bench_cuda_step 180 "$py" scripts/bench_cuda_step.py --out "$out/cuda_step.json"
 fi
 
 # the demo's conversation on the GPU: its answers name what earlier turns said

@@ -87,8 +87,8 @@ class CudaBackend(Backend):
 
         where = "Triton's interpreter (TRITON_INTERPRET=1)" if interpreting() else "compiled on first use"
         return (
-            f"backend cuda: Triton {triton.__version__} kernels ({where}) for paged MLA decode and block-FP8 "
-            "products; PyTorch's ops for the rest"
+            f"backend cuda: Triton {triton.__version__} kernels ({where}) for paged MLA decode, block-FP8 "
+            "products and FP8 experts; PyTorch's ops for the rest"
         )
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
