@@ -293,6 +293,17 @@ def test_the_cuda_backend_runs_the_tiny_model_as_the_torch_backend(options):
         assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
 
 
+def test_the_cuda_backend_runs_a_sparse_attention_model_as_the_torch_backend():
+    """A V3.2 model (the indexer keeping 8 positions, its keys a third cached quantity): the cuda backend leaves
+    attention that the indexer may narrow to the reference and runs the products (the indexer's among them) and the
+    experts in Triton; the torch backend's logits."""
+    model = tiny(DEVICE, fp8_weights=True, index_topk=8, index_n_heads=4, index_head_dim=32)
+    expected = run_steps_on(model, reference())
+    got = run_steps_on(model, CudaBackend())
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item(), rtol=0), f"step {step}"
+
+
 def test_the_kernels_are_offered_decode_groups_and_fp8_products_only(monkeypatch):
     """In a step of the tiny model the cuda backend sends each decode group to the paged kernel (one per layer per
     step with decode rows), each FP8 product to the Triton product and each MoE layer's routed experts to the
