@@ -5,11 +5,12 @@
 # of time does not stop the next. Logs, JSON and plots go to OUT_DIR; stdout gets one line per step, each step's
 # closing lines and the suite's summary.
 # Usage: bash scripts/cuda_check.sh [--dry-run] OUT_DIR [TOTAL seconds, default 540] [pytest workers, default 12]
-# ONLY="suite bench_serving" runs only the steps named (triton bench_decode bench_cuda_step demo-fp32 demo-bf16 demo-bf16-graphs
+# ONLY="suite bench_serving" runs only the steps named (compile triton bench_decode bench_cuda_step demo-fp32 demo-bf16 demo-bf16-graphs
 # suite profile_step bench_vs_vllm bench_multiturn bench_serving bench_pool bench_tiers bench_kv_cache).
 # --dry-run, for a machine without a GPU: checks the script's own plumbing (steps, deadlines, logs) in about a
-# minute: the cuda backend's kernel tests run under Triton's interpreter, bench_decode.py and bench_cuda_step.py on
-# tiny shapes on the CPU; every other step logs the command it would run.
+# minute: the cuda backend's kernels are compiled for sm90 (no GPU needed) and their tests run under Triton's
+# interpreter, bench_decode.py and bench_cuda_step.py on tiny shapes on the CPU; every other step logs the command it
+# would run.
 # Runs $PYTHON (default python3) with this checkout importable; it needs the test and bench extras' packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +76,10 @@ cat "$out/machine.txt"
 
 # the cuda backend's Triton kernels compiled for real (the test file takes the GPU when there is one) against float64
 # oracles and the torch backend; in a dry run under Triton's interpreter on the CPU
+# every kernel variant compiled ahead of time for the GPU's architecture (Hopper in a dry run): no GPU needed
+arch=90
+((dry)) || arch=$("$py" -c "import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)")
+DRY_REAL=1 TAIL=3 step compile 120 "$py" scripts/compile_kernels.py --arch "$arch"
 if ((dry)); then
 	DRY_REAL=1 TRITON_INTERPRET=1 TAIL=5 step triton 120 "$py" -m pytest -q -p no:cacheprovider -rfE \
 		tests/test_triton_kernels.py
