@@ -130,10 +130,12 @@ class CpuBackend(Backend):
             out = self.decode(mla, q[group.start : group.end], wkv_b, cache, group, index if narrowed else None)
             if out is not None:
                 return out
-        if narrowed or not kernels.onednn_for(q, wkv_b):
+        if not kernels.onednn_for(q, wkv_b) or (narrowed and mla.attn_impl == "naive"):
             return super().attend(mla, q, wkv_b, cache, group, index)
         q = rows_of(q, group)
         cached = cache.read(group.block_table, q.dtype, group.first_block, mla.attended)
+        if narrowed:  # absorbed, each query over the positions the indexer selected for it
+            return latent_attention(mla, q, wkv_b, *cached, group, self.selected(mla, cache, group, index))
         if mla.attn_impl == "naive":
             return self.dense(mla, q, *cached, group).flatten(0, 1)
         if mla.expanding_is_cheaper(group.width, group.visible.shape[-1]):
@@ -215,12 +217,19 @@ def chunked_attention(
 
 
 def latent_attention(
-    mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, latent: torch.Tensor, pe: torch.Tensor, group: AttentionGroup
+    mla: MLA,
+    q: torch.Tensor,
+    wkv_b: torch.Tensor,
+    latent: torch.Tensor,
+    pe: torch.Tensor,
+    group: AttentionGroup,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed attention of q [R, T, H, nope + rope] (rotated) over each row's cached latent [R, S, C] and rope key
     [R, S, P], with wkv_b [H, nope + v, C], in plain products (oneDNN's): into latent space in one batched product
     over the heads, per row over its positions (in kernels.extend_attention where it applies, else in products with
-    the scores rows token-major: (t, h)), back out per head; out [R * T, H, V]."""
+    the scores rows token-major: (t, h)), back out per head; out [R * T, H, V]. selected [R, T, S]: the positions
+    each query attends to where V3.2's indexer narrowed them (in products, the whole mask applied)."""
     rows, width, heads, _ = q.shape
     nope, scale = mla.nope_dim, mla.softmax_scale
     q_nope, q_pe = q.split([nope, mla.rope_dim], dim=-1)
@@ -229,7 +238,9 @@ def latent_attention(
         q_latent = torch.bmm(head_major(q_nope[r]), wkv_b[:, :nope]).transpose(0, 1)  # [T, H, C], heads apart
         keys, rope_keys = latent[r, :length], pe[r, :length]
         mixed = q_latent.new_empty(width, heads, latent.shape[-1])
-        if not kernels.extend_attention(
+        if selected is not None:
+            mixed = products_over_latent(q_latent, q_pe[r], keys, rope_keys, selected[r], scale, narrowed=True)
+        elif not kernels.extend_attention(
             (q_latent, q_pe[r]), (keys[:, None], rope_keys[:, None]), keys[:, None], mixed, scale
         ):
             mixed = products_over_latent(q_latent, q_pe[r], keys, rope_keys, group.visible[r], scale)
@@ -246,15 +257,17 @@ def products_over_latent(
     rope_keys: torch.Tensor,
     visible: torch.Tensor,
     scale: float,
+    narrowed: bool = False,
 ) -> torch.Tensor:
     """One row's absorbed attention in products: q_latent [T, H, C] and q_pe [T, H, P] over keys [S, C] and
-    rope_keys [S, P], visible [T, S]; the mixed latents [T, H, C]."""
+    rope_keys [S, P], visible [T, S]; the mixed latents [T, H, C]. Only the new positions are hidden from anyone,
+    unless narrowed (by V3.2's indexer), where the whole mask applies."""
     (width, heads, _), length = q_latent.shape, keys.shape[0]
-    first = length - width
+    first = 0 if narrowed else length - width
     scores = kernels.linear(q_latent.reshape(width * heads, -1), keys)
     scores += kernels.linear(q_pe.reshape(width * heads, -1), rope_keys)
     scores = scores.mul_(scale).view(width, heads, length)
-    hidden = ~visible[:, first:length]  # only the new positions are hidden from anyone
+    hidden = ~visible[:, first:length]
     scores[..., first:].masked_fill_(hidden.unsqueeze(1), float("-inf"))
     probs = scores.softmax(dim=-1).view(width * heads, length)
     return kernels.linear(probs, keys.t()).view(width, heads, -1)
