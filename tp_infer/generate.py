@@ -261,7 +261,7 @@ class BatchFrontEnd(FrontEnd):
 @click.option("--system", help="System prompt of the console's conversations.")
 @click.option("--no-turn-stats", is_flag=True, help="Console: no reuse/speed line after each reply.")
 def main(interactive, input_file, output_file, system, no_turn_stats, **options):
-    """Tensor-parallel DeepSeek-V2/V3 inference whose multi-turn conversations never recompute their history."""
+    """Tensor-parallel DeepSeek-V2/V3/V3.2 inference whose multi-turn conversations never recompute their history."""
 
     def front_end() -> FrontEnd:
         if interactive == bool(input_file or output_file) or (input_file is None) != (output_file is None):

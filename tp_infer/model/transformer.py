@@ -1,4 +1,4 @@
-"""The DeepSeek-V2/V3 transformer, tensor-parallel: one forward takes any rows of new tokens, each at its own
+"""The DeepSeek-V2/V3/V3.2 transformer, tensor-parallel: one forward takes any rows of new tokens, each at its own
 position over its own cached blocks of the pool."""
 
 import torch
