@@ -329,6 +329,40 @@ def test_auto_picks_the_cuda_backend_on_cuda_and_torch_forces_the_reference(monk
         pick("cuda", "cpu", "fp32")
 
 
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+def test_around_its_kernels_the_cuda_backend_reads_nothing_back(monkeypatch, attn_impl):
+    """The cuda backend's own ops (sorting the experts' pairs, the queries into latent space, the stores, the
+    reference's paths it hands over to) read no value back to the host: on the meta device, where any read raises,
+    with its kernels replaced by shape-only stand-ins (step_counts' ModelledKernels), a decode step of 8 rows and a
+    prefill of the tiny model run whole (bf16, FP8 weights and cache, as on a GPU); the experts' tile schedule, which
+    the stand-in skips, runs on meta as it is."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from step_counts import ModelledKernels, StepCounter, Tally
+
+    from tp_infer.backends import cuda
+    from tp_infer.engine.runner import StepPlan
+
+    model = tiny("meta", attn_impl=attn_impl, dtype="bf16", fp8_weights=True, kv_cache_dtype="fp8")
+    tally = Tally()
+    stand_ins = ModelledKernels(StepCounter(tally), history=71, args=model.args)
+    monkeypatch.setattr(cuda, "triton_kernels", lambda: stand_ins)
+    model.use_backend(CudaBackend())
+    pool = pool_for(model, "meta")
+    tables = [[(r * 6 + i) % 48 for i in range(6)] for r in range(8)]
+    decode = StepPlan.from_rows([(tables[r], 70 + r, [5]) for r in range(8)])
+    prefill = StepPlan.from_rows([(tables[0][:3], 0, list(range(2, 42)))])
+    for step in (decode, prefill):
+        logits = model(step.tokens.to("meta"), build_batch(step, BLOCK, torch.device("meta")), pool.layers)
+        assert logits.device.type == "meta" and logits.shape == (len(step.num_new), model.args.vocab_size)
+    kernels = {"paged decode (modelled)", "Triton FP8 experts (modelled)", "Triton block-FP8 product (modelled)"}
+    assert kernels <= set(tally.by_op), "the stand-ins stood in"
+    schedule = tk.expert_tiles(torch.empty(8, dtype=torch.long, device="meta"), 40, 16)
+    assert [t.shape for t in schedule] == [(11,)] * 3
+
+
 def test_the_byte_model_counts_paged_decode_as_one_read_of_each_rows_history():
     """scripts/step_counts.py's model of the cuda backend's decode kernel on meta, at V3's widths (16 local heads,
     latent 512, rope 64, bf16 cache): the queries, table and lengths, and each row's history of latents and rope
