@@ -136,15 +136,29 @@ def test_reuse_equals_transformers_recomputing_the_conversation(converted):
     assert generated[0, len(history) :].tolist() == out[-1]["generated"]
 
 
-def test_shared_prompts_and_preemption_keep_replies_exact(converted):
-    """Conversations opening with one 40-token system prompt ending inside a block, run together through a pool too
-    small for all of them (preempting and recomputing), each equal to itself alone."""
+def test_a_shared_system_prompt_ending_inside_a_block(converted):
+    """Conversations opening with one 40-token system prompt (ending inside a block) run together: its whole blocks
+    are shared, and each reply equals the conversation's alone."""
     system = token_lists(8, [40])[0]
     own = token_lists(9, [5, 12, 3, 9])
-    options = {"max_seq_len": 128, "max_batch_size": 4, "pool_tokens": 160}
+    options = {"max_seq_len": 128, "max_batch_size": 4}
     out = run_ranks(2, rank_fns.serve, str(converted["v32"]), options, drv.shared_system_prompt, system, own)[0]
     assert [t["generated"] for t in out["shared"]] == [t["generated"] for t in out["alone"]]
     assert len({tuple(path[:2]) for path in out["paths"]}) == 1, "the system prompt's whole blocks are shared"
+
+
+def test_eviction_and_preemption_keep_replies_exact(converted):
+    """Six conversations advanced together through a pool a few blocks larger than one: idle ones lose their cache
+    (indexer keys included) and running ones are preempted mid-generation, with the replies of a pool that holds
+    them all."""
+    rounds = token_lists(40, [9, 5, 12])
+    small = {"max_seq_len": 96, "max_batch_size": 6, "pool_tokens": 96 + 48}
+    ckpt = str(converted["v32"])
+    tight = run_ranks(2, rank_fns.serve, ckpt, small, drv.interleaved_rounds, 6, rounds)[0]
+    ample = run_ranks(2, rank_fns.serve, ckpt, {**small, "pool_tokens": None}, drv.interleaved_rounds, 6, rounds)[0]
+    for a, b in zip(tight["turns"], ample["turns"], strict=True):
+        assert [t["generated"] for t in a] == [t["generated"] for t in b]
+    assert tight["evicted"] > 0 and tight["preemptions"] > 0, tight
 
 
 # ---- the tiers: indexer keys move with their blocks -------------------------------------------------------------
