@@ -187,7 +187,8 @@ def _absorbed_split(
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     base = row * stride_pr + h * stride_ph + piece * stride_ps
-    tl.store(partial + base[:, None] + c[None, :], out, mask=hm[:, None] & cm[None, :])
+    # a piece past the row's length writes its log-sum-exp only, which tells the combine not to read its sums
+    tl.store(partial + base[:, None] + c[None, :], out, mask=hm[:, None] & cm[None, :] & (l_i > 0)[:, None])
     tl.store(partial_lse + row * heads * tl.num_programs(2) + h * tl.num_programs(2) + piece, lse, mask=hm)
 
 
@@ -207,7 +208,8 @@ def _combine(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One row and head: the pieces' weighted sums joined by their log-sum-exps (weights exp(lse - max))."""
+    """One row and head: the pieces' weighted sums joined by their log-sum-exps (weights exp(lse - max)); the sums
+    of empty pieces (lse -inf), never written, are not read."""
     row = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -221,7 +223,7 @@ def _combine(
         dm = d < dim
         parts = tl.load(
             partial + row * stride_pr + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-            mask=sm[:, None] & dm[None, :],
+            mask=(sm & (lse > float("-inf")))[:, None] & dm[None, :],
             other=0.0,
         )
         mixed = tl.sum(parts * weights[:, None], 0)
@@ -411,7 +413,7 @@ def _per_head_split(
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)
     lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(partial + row * stride_pr + h * stride_ph + piece * stride_ps + v, out, mask=vm)
+    tl.store(partial + row * stride_pr + h * stride_ph + piece * stride_ps + v, out, mask=vm & (l_i > 0))
     tl.store(partial_lse + row * heads * tl.num_programs(2) + h * tl.num_programs(2) + piece + tl.arange(0, 1), lse)
 
 
