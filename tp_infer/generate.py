@@ -153,8 +153,9 @@ ENGINE_OPTIONS = [
         show_default=True,
         type=click.Choice(BACKENDS),
         help="Where the model's hardware paths run: torch (PyTorch's ops on any device, no host synchronisation "
-        "inside a step), cpu (tp_infer's compiled kernels and oneDNN, fp32 on the CPU); auto: cpu for fp32 on the "
-        "CPU, else torch.",
+        "inside a step), cpu (tp_infer's compiled kernels and oneDNN, fp32 on the CPU), cuda (Triton kernels on the "
+        "GPU: paged MLA decode, block-FP8 products and experts); auto: cpu for fp32 on the CPU, cuda on CUDA where "
+        "Triton imports, else torch.",
     ),
     click.option(
         "--compile",
@@ -351,8 +352,12 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
         backend_name = "torch" if opts["backend"] == "auto" and torch_only else opts["backend"]
         if backend_name == "cpu" and ctx.device.type != "cpu":
             raise ConfigError(f"--backend cpu runs on the CPU only, not on {ctx.device.type}: choose torch or auto")
+        if backend_name == "cuda" and ctx.device.type != "cuda":
+            raise ConfigError(f"--backend cuda runs on CUDA only, not on {ctx.device.type}: choose torch or auto")
         if compiled and backend_name == "cpu":
             raise ConfigError("--compile needs --backend torch: the cpu backend's C kernels cannot be held in a graph")
+        if compiled and backend_name == "cuda":
+            raise ConfigError("--compile needs --backend torch: the cuda backend is not yet held in a compiled graph")
         if opts["cuda_graphs"] and not (compiled and ctx.device.type == "cuda"):
             raise ConfigError("--cuda-graphs needs --compile on CUDA")
         layout = cache_layout(args, ctx.world_size)
