@@ -137,17 +137,23 @@ def test_a_flush_while_a_turn_streams_leaves_it_alone(server):
     assert cached(after[1]) == usage.prompt_tokens + usage.completion_tokens
 
 
-def test_a_flush_reaches_the_host_tier_too(chat_ckpt):
-    """A pool of 10 blocks over host memory: the conversations' blocks move down as the pool fills; after the
-    flush none is left there, the next turn finds nothing cached anywhere, and the replies are the same."""
-    server = Server(1, chat_ckpt, "--ignore-eos", "--kv-cache-memory", "0.0001", "--kv-host-memory", "0.01")
+def test_a_flush_reaches_host_memory_and_disk(chat_ckpt, tmp_path):
+    """A pool of 10 blocks over 10 of host memory over a disk tier: the conversations' blocks move down as the pool
+    fills, and on to disk as host memory fills. After the flush none is left in either, their files are deleted,
+    the next turn finds nothing cached anywhere, and the replies are the same."""
+    disk = tmp_path / "kv"
+    tiers = ["--kv-cache-memory", "0.0001", "--kv-host-memory", "0.0001", "--kv-disk-path", str(disk)]
+    server = Server(1, chat_ckpt, "--ignore-eos", *tiers)
     try:
         _, first = turns(server, USERS[:2])
-        for i in range(4):  # other conversations push its blocks down to host memory
+        for i in range(12):  # other conversations push its blocks down to host memory, and on to disk
             turns(server, [f"Conversation {i}, please."])
-        assert server.metric("tp_infer_host_blocks") > 0
+        files = list(disk.rglob("*.safetensors"))
+        assert server.metric("tp_infer_host_blocks") > 0 and server.metric("tp_infer_disk_blocks") == len(files) > 0
         dropped = flush(server)
-        assert dropped["host_blocks"] > 0 and server.metric("tp_infer_host_blocks") == 0
+        assert dropped["host_blocks"] > 0 and dropped["disk_blocks"] == len(files)
+        assert server.metric("tp_infer_host_blocks") == server.metric("tp_infer_disk_blocks") == 0
+        assert not any(f.exists() for f in files)
         _, last = turns(server, USERS[:2])
         assert cached(last[0][1]) == 0
         assert [text for text, _ in last] == [text for text, _ in first]
