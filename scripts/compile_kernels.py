@@ -1,6 +1,7 @@
 """Compile the cuda backend's Triton kernels for a GPU architecture without a GPU (Triton's own ptxas, ahead of time):
 each kernel in the variants the backend launches (bf16, fp16 and fp32 activations; bf16 and FP8 caches and weights),
-one line per variant with the compile time and the shared memory it needs; exit status 1 if any fails. What the
+one line per variant with the compile time, the shared memory it needs and its registers and spills (from the cubin,
+by the cuobjdump Triton ships); exit status 1 if any fails. What the
 interpreter cannot catch (types the compiler refuses, shared memory past the GPU's) shows here.
 
     python scripts/compile_kernels.py [--arch 90] [--quick]
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -21,7 +23,10 @@ SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     """(label, kernel, pointer types, constexprs, launch options) for every variant to compile: the pointer types
     the backend's launches pass (other arguments are i32, sm_scale fp32)."""
+    import torch
+
     from tp_infer.backends import triton_kernels as tk
+    from tp_infer.backends.cuda import DECODE_BLOCK_H, decode_block_n
 
     out = []
     activations = [("bf16", False, "tf32"), ("fp32", True, "ieee")] + ([] if quick else [("fp16", False, "tf32")])
@@ -33,8 +38,8 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
                 table="i64", lengths="i64", partial="fp32", partial_lse="fp32",
             )  # fmt: skip
             constexprs = dict(
-                BLOCK_H=16, BLOCK_N=32, BLOCK_C=512, BLOCK_P=64, FP8=cache == "fp8e4nv", UPCAST=upcast,
-                PRECISION=precision,
+                BLOCK_H=DECODE_BLOCK_H, BLOCK_N=decode_block_n(512), BLOCK_C=512, BLOCK_P=64,
+                FP8=cache == "fp8e4nv", UPCAST=upcast, PRECISION=precision,
             )  # fmt: skip
             options = dict(num_warps=8, num_stages=1 if upcast else 2)
             out.append(
@@ -44,33 +49,37 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
             q="bf16", keys=cache, key_scale=scale, values=cache, value_scale=scale, table="i64", lengths="i64",
             partial="fp32", partial_lse="fp32",
         )  # fmt: skip
-        constexprs = dict(BLOCK_N=32, BLOCK_D=256, BLOCK_V=128, FP8=cache == "fp8e4nv")
+        constexprs = dict(BLOCK_N=tk.PER_HEAD_BLOCK_N, BLOCK_D=256, BLOCK_V=128, FP8=cache == "fp8e4nv")
         out.append((f"per-head decode, {cache} cache", tk._per_head_split, pointers, constexprs, {}))
     pointers = dict(partial="fp32", partial_lse="fp32", out="bf16")
-    out.append(("decode combine", tk._combine, pointers, dict(BLOCK_S=64, BLOCK_D=128), {}))
+    out.append(("decode combine", tk._combine, pointers, dict(BLOCK_S=tk.COMBINE_BLOCK_S, BLOCK_D=128), {}))
     for act, upcast, precision in activations:
-        block_k = 64 if upcast else 128
+        dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[act])
         settings = dict(SCALE_BLOCK=128, UPCAST=upcast, PRECISION=precision)
-        for block_m in (16, 64):
+        for rows in (1, 64):  # a decode step's products and wider ones
+            tiles = tk.linear_tiles(rows, dtype)
             pointers = dict(x=act, w="fp8e4nv", scale="fp32", y=act)
-            constexprs = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, **settings)
-            out.append((f"block-FP8 product, {act}, {block_m} rows", tk._fp8_linear, pointers, constexprs, {}))
-        pointers = dict(
-            x=act, tokens="i64", pair_weights=act, w1="fp8e4nv", s1="fp32", w3="fp8e4nv", s3="fp32",
-            tile_expert="i64", tile_start="i64", tile_end="i64", hidden=act,
-        )  # fmt: skip
-        constexprs = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, **settings)
-        out.append((f"experts gate and up, {act}", tk._experts_up, pointers, constexprs, {}))
-        pointers = dict(
-            hidden=act, w2="fp8e4nv", s2="fp32", tile_expert="i64", tile_start="i64", tile_end="i64", out=act
-        )
-        constexprs = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, **settings)
-        out.append((f"experts down, {act}", tk._experts_down, pointers, constexprs, {}))
+            label = f"block-FP8 product, {act}, {tiles.m} x {tiles.n} x {tiles.k}"
+            out.append((label, tk._fp8_linear, pointers, {**tiles.constexprs, **settings}, dict(num_warps=tiles.warps)))
+        for pairs in (8, 512):  # a decode step's (token, expert) pairs, and a long step's
+            up, down = tk.expert_tiles_of(pairs, dtype)
+            pointers = dict(
+                x=act, tokens="i64", pair_weights=act, w1="fp8e4nv", s1="fp32", w3="fp8e4nv", s3="fp32",
+                tile_expert="i64", tile_start="i64", tile_end="i64", hidden=act,
+            )  # fmt: skip
+            label = f"experts gate and up, {act}, {up.m} pairs a tile"
+            out.append((label, tk._experts_up, pointers, {**up.constexprs, **settings}, dict(num_warps=up.warps)))
+            pointers = dict(
+                hidden=act, w2="fp8e4nv", s2="fp32", tile_expert="i64", tile_start="i64", tile_end="i64", out=act
+            )
+            label = f"experts down, {act}, {down.m} pairs a tile"
+            out.append((label, tk._experts_down, pointers, {**down.constexprs, **settings}, dict(num_warps=down.warps)))
+        tiles = tk.heads_tiles(dtype)
         for along_rows in (True, False):
             pointers = dict(x=act, w="fp8e4nv", scale="fp32", y=act)
-            constexprs = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if upcast else 64, K_ALONG_ROWS=along_rows, **settings)
+            constexprs = dict(**tiles.constexprs, K_ALONG_ROWS=along_rows, **settings)
             label = f"per-head FP8 product ({'w_k' if along_rows else 'w_v'}), {act}"
-            out.append((label, tk._fp8_heads, pointers, constexprs, {}))
+            out.append((label, tk._fp8_heads, pointers, constexprs, dict(num_warps=tiles.warps)))
     return out
 
 
@@ -93,6 +102,29 @@ def compile_one(kernel, pointers: dict, constexprs: dict, options: dict, arch: i
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def registers(compiled) -> tuple[int, int] | None:
+    """(registers per thread, bytes of stack and local memory per thread: spills) of a compiled kernel, read from its
+    cubin by the cuobjdump that Triton ships; None where there is none."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists() or "cubin" not in compiled.asm:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    return (int(found.group(1)), int(found.group(2)) + int(found.group(3))) if found else None
+
+
 @click.command()
 @click.option("--arch", default=90, show_default=True, type=int, help="Compute capability x 10 (90: H100, H200).")
 @click.option("--quick", is_flag=True, help="bf16 and fp32 activations only (the tests' choice).")
@@ -107,16 +139,18 @@ def main(arch: int, quick: bool) -> None:
     for label, kernel, pointers, constexprs, options in variants(quick):
         start = time.perf_counter()
         try:
-            shared = compile_one(kernel, pointers, constexprs, options, arch).metadata.shared
+            compiled = compile_one(kernel, pointers, constexprs, options, arch)
         except Exception as e:  # every failure is reported, and the rest compiled
             failed += 1
             print(f"FAIL {label}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
             continue
-        took = time.perf_counter() - start
+        took, shared = time.perf_counter() - start, compiled.metadata.shared
         over = limit is not None and shared > limit
         failed += over
         note = f" (over sm{arch}'s {limit:,})" if over else ""
-        print(f"{'FAIL' if over else 'ok  '} {label}: {took:.1f} s, {shared:,} B of shared memory{note}")
+        usage = registers(compiled)
+        regs = "" if usage is None else f", {usage[0]} registers a thread, {usage[1]} B spilled"
+        print(f"{'FAIL' if over else 'ok  '} {label}: {took:.1f} s, {shared:,} B of shared memory{note}{regs}")
     print(f"{failed} of {len(variants(quick))} variants failed for sm{arch}")
     sys.exit(1 if failed else 0)
 

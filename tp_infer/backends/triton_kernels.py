@@ -20,6 +20,7 @@ operands (triton issue 11584), so there every product's operands are upcast to f
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -77,6 +78,50 @@ def _dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     the activations are fp32, multiplied in IEEE fp32 (not TF32, so that fp32 agrees with torch's fp32 products)."""
     upcast = interpreting() or dtype == torch.float32
     return upcast, "ieee" if upcast else "tf32"
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A product kernel's tile (BLOCK_M x BLOCK_N outputs, BLOCK_K deep) and warps, chosen so that ptxas spills no
+    register on sm90 (scripts/compile_kernels.py compiles every choice and reports registers and spills)."""
+
+    m: int
+    n: int
+    k: int
+    warps: int
+
+    @property
+    def constexprs(self) -> dict[str, int]:
+        return dict(BLOCK_M=self.m, BLOCK_N=self.n, BLOCK_K=self.k)
+
+
+def linear_tiles(rows: int, dtype: torch.dtype) -> Tiles:
+    """fp8_linear's: 16 rows deep in K for decode-sized products, 64 x 64 otherwise; fp32 tiles shallower."""
+    if dtype == torch.float32:
+        return Tiles(16, 64, 32, 4)
+    return Tiles(16, 64, 128, 4) if rows <= 16 else Tiles(64, 64, 64, 8)
+
+
+def expert_block_m(pairs: int, dtype: torch.dtype) -> int:
+    """Pairs per tile of the expert kernels (the schedule's and both launches'): 16 for decode-sized steps and fp32."""
+    return 16 if pairs <= 256 or dtype == torch.float32 else 64
+
+
+def expert_tiles_of(pairs: int, dtype: torch.dtype) -> tuple[Tiles, Tiles]:
+    """The expert kernels' (gate and up, down) tiles."""
+    m = expert_block_m(pairs, dtype)
+    if dtype == torch.float32:
+        return Tiles(m, 64, 64, 8), Tiles(m, 64, 32, 4)
+    return Tiles(m, 64, 64, 8), Tiles(m, 64, 64, 4 if m == 16 else 8)
+
+
+def heads_tiles(dtype: torch.dtype) -> Tiles:
+    """fp8_heads' tiles."""
+    return Tiles(16, 64, 32 if dtype == torch.float32 else 64, 8)
+
+
+PER_HEAD_BLOCK_N = 16  # tokens per tile of naive-form decode (32 spills with an FP8 cache)
+COMBINE_BLOCK_S = 16  # pieces of history the combine joins at a time
 
 
 @functools.cache
@@ -208,25 +253,36 @@ def _combine(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One row and head: the pieces' weighted sums joined by their log-sum-exps (weights exp(lse - max)); the sums
-    of empty pieces (lse -inf), never written, are not read."""
+    """One row and head: the pieces' weighted sums joined by their log-sum-exps (weights exp(lse - max)), BLOCK_S
+    pieces at a time (any number of pieces in bounded registers); the sums of empty pieces (lse -inf), never
+    written, are not read."""
     row = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    sm = s < pieces
-    lse = tl.load(partial_lse + row * heads * pieces + h * pieces + s, mask=sm, other=float("-inf"))
-    top = tl.max(lse, 0)
-    weights = tl.where(sm & (lse > float("-inf")), tl.exp(lse - top), 0.0)
-    weights = weights / tl.sum(weights, 0)
+    lse_at = partial_lse + row * heads * pieces + h * pieces
+    top = tl.full([1], float("-inf"), tl.float32)
+    for s0 in range(0, pieces, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        top = tl.maximum(top, tl.max(tl.load(lse_at + s, mask=s < pieces, other=float("-inf")), 0))
+    total = tl.zeros([1], tl.float32)
+    for s0 in range(0, pieces, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(lse_at + s, mask=s < pieces, other=float("-inf"))
+        total += tl.sum(tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0), 0)
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < dim
-        parts = tl.load(
-            partial + row * stride_pr + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-            mask=(sm & (lse > float("-inf")))[:, None] & dm[None, :],
-            other=0.0,
-        )
-        mixed = tl.sum(parts * weights[:, None], 0)
+        mixed = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, pieces, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            lse = tl.load(lse_at + s, mask=s < pieces, other=float("-inf"))
+            filled = lse > float("-inf")
+            weights = tl.where(filled, tl.exp(lse - top), 0.0) / total
+            parts = tl.load(
+                partial + row * stride_pr + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                mask=filled[:, None] & dm[None, :],
+                other=0.0,
+            )
+            mixed += tl.sum(parts * weights[:, None], 0)
         tl.store(out + row * stride_or + h * stride_oh + d, mixed.to(out.dtype.element_ty), mask=dm)
 
 
@@ -251,7 +307,7 @@ def _combined(partial: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> t
         heads,
         pieces,
         dim,
-        BLOCK_S=max(2, triton.next_power_of_2(pieces)),
+        BLOCK_S=COMBINE_BLOCK_S,
         BLOCK_D=min(128, triton.next_power_of_2(dim)),
     )
     return out
@@ -436,7 +492,7 @@ def mha_decode(
     value_dim = values.shape[-1]
     fp8 = key_scale is not None
     assert q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
-    block_n = 32
+    block_n = PER_HEAD_BLOCK_N
     max_tokens = block_table.shape[1] * keys.shape[1]
     split_tokens = split_tokens or split_tokens_for(rows, heads, max_tokens, q.device, block_n)
     pieces = -(-max_tokens // split_tokens)
@@ -525,10 +581,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     assert weight.stride(-1) == 1 and scale.stride(-1) == 1 and weight.shape[1] == k
     rows = x2.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    block_m = 16 if rows <= 16 else 64
-    block_n, block_k = 64, 128 if x.dtype != torch.float32 else 64
+    tiles = linear_tiles(rows, x.dtype)
     upcast, precision = _dot_settings(x.dtype)
-    _fp8_linear[(triton.cdiv(rows, block_m), triton.cdiv(n, block_n))](
+    _fp8_linear[(triton.cdiv(rows, tiles.m), triton.cdiv(n, tiles.n))](
         x2,
         weight,
         scale,
@@ -540,13 +595,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
         weight.stride(0),
         scale.stride(0),
         y.stride(0),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        **tiles.constexprs,
         SCALE_BLOCK=FP8_BLOCK,
         UPCAST=upcast,
         PRECISION=precision,
-        num_warps=4,
+        num_warps=tiles.warps,
     )
     return y.view(*lead, n)
 
@@ -702,23 +755,22 @@ def fp8_experts(
     s1, s3, s2 = scales
     pairs, dim, inter = tokens.shape[0], x.shape[1], w1.shape[1]
     assert w1.stride() == w3.stride() and s1.stride() == s3.stride() and x.stride(-1) == 1
-    block_m = 16 if pairs <= 256 else 64
-    block_n, block_k = 64, 64 if x.dtype == torch.float32 else 128
-    tile_expert, tile_start, tile_end = expert_tiles(counts, pairs, block_m)
+    up, down = expert_tiles_of(pairs, x.dtype)
+    tile_expert, tile_start, tile_end = expert_tiles(counts, pairs, up.m)
     tiles = tile_expert.shape[0]
     upcast, precision = _dot_settings(x.dtype)
-    settings = dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_BLOCK=FP8_BLOCK, UPCAST=upcast, PRECISION=precision
-    )
+    settings = dict(SCALE_BLOCK=FP8_BLOCK, UPCAST=upcast, PRECISION=precision)
     hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    _experts_up[(tiles, triton.cdiv(inter, block_n))](
+    _experts_up[(tiles, triton.cdiv(inter, up.n))](
         x, tokens, pair_weights, w1, s1, w3, s3, tile_expert, tile_start, tile_end, hidden, dim, inter,
-        x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0), s1.stride(1), hidden.stride(0), **settings,
+        x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0), s1.stride(1), hidden.stride(0),
+        **up.constexprs, **settings, num_warps=up.warps,
     )  # fmt: skip
     out = torch.zeros(pairs, dim, dtype=x.dtype, device=x.device)
-    _experts_down[(tiles, triton.cdiv(dim, block_n))](
+    _experts_down[(tiles, triton.cdiv(dim, down.n))](
         hidden, w2, s2, tile_expert, tile_start, tile_end, out, inter, dim,
-        hidden.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0), **settings,
+        hidden.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0),
+        **down.constexprs, **settings, num_warps=down.warps,
     )  # fmt: skip
     return out
 
@@ -794,13 +846,12 @@ def fp8_heads(
     rows, heads, k = x.shape
     assert x.stride(-1) == 1 and weight.stride(-1) == 1 and scale.stride(-1) == 1
     y = torch.empty(rows, heads, out_features, dtype=x.dtype, device=x.device)
-    block_m, block_n = 16, 64
-    block_k = 32 if x.dtype == torch.float32 else 64
+    tiles = heads_tiles(x.dtype)
     upcast, precision = _dot_settings(x.dtype)
-    _fp8_heads[(triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n), heads)](
+    _fp8_heads[(triton.cdiv(rows, tiles.m), triton.cdiv(out_features, tiles.n), heads)](
         x, weight, scale, y, rows, out_features, k, rows_per_head, first_row, x.stride(1), x.stride(0),
         y.stride(1), y.stride(0), weight.stride(0), scale.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_BLOCK=FP8_BLOCK, K_ALONG_ROWS=k_along_rows,
-        UPCAST=upcast, PRECISION=precision,
+        **tiles.constexprs, SCALE_BLOCK=FP8_BLOCK, K_ALONG_ROWS=k_along_rows, UPCAST=upcast, PRECISION=precision,
+        num_warps=tiles.warps,
     )  # fmt: skip
     return y
