@@ -720,7 +720,7 @@ class ModelledKernels:
 
     def mha_decode(self, q, keys, key_scale, values, value_scale, table, lengths, sm_scale, **_):
         rows, heads, _ = q.shape
-        pieces = self._pieces(rows, heads, table.shape[1] * keys.shape[1], 32)
+        pieces = self._pieces(rows, heads, table.shape[1] * keys.shape[1], cuda_backend.PER_HEAD_BLOCK_N)
         cached = (keys, key_scale, values, value_scale)
         return self._decode((q,), cached, table, lengths, heads, values.shape[-1], pieces, q.dtype)
 

@@ -56,8 +56,10 @@ def available() -> bool:
     return True
 
 
-# paged decode's tiles: heads per program in absorb form (tl.dot's least width), and tokens per tile
+# paged decode's tiles: heads per program in absorb form (tl.dot's least width); tokens per tile in naive form (32
+# spills registers with an FP8 cache)
 DECODE_BLOCK_H = 16
+PER_HEAD_BLOCK_N = 16
 
 
 def decode_block_n(latent_dim: int) -> int:

@@ -26,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tp_infer.backends.cuda import DECODE_BLOCK_H, decode_block_n, decode_split_tokens, interpreting
+from tp_infer.backends.cuda import (
+    DECODE_BLOCK_H,
+    PER_HEAD_BLOCK_N,
+    decode_block_n,
+    decode_split_tokens,
+    interpreting,
+)
 
 FP8_BLOCK = 128  # the weights' scale blocks (tp_infer.model.fp8.BLOCK)
 
@@ -120,7 +126,6 @@ def heads_tiles(dtype: torch.dtype) -> Tiles:
     return Tiles(16, 64, 32 if dtype == torch.float32 else 64, 8)
 
 
-PER_HEAD_BLOCK_N = 16  # tokens per tile of naive-form decode (32 spills with an FP8 cache)
 COMBINE_BLOCK_S = 16  # pieces of history the combine joins at a time
 
 
