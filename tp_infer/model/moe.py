@@ -97,7 +97,7 @@ class Experts(nn.Module):
 class Gate(Layer):
     """Router: softmax or sigmoid scores; the optional bias steers the choice only; group-limited top-k."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = (
             args.n_activated_experts,
@@ -105,7 +105,10 @@ class Gate(Layer):
             args.n_limited_groups,
         )
         self.score_func, self.route_scale, self.route_norm = args.score_func, args.route_scale, args.route_norm
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype), requires_grad=False)
+        # fp32, as transformers keeps it: the router's product runs in fp32 without a copy of its weight each step
+        self.weight = nn.Parameter(
+            torch.empty(args.n_routed_experts, args.dim, dtype=torch.float32), requires_grad=False
+        )
         if args.score_func == "sigmoid":
             self.bias = nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
         else:
@@ -117,7 +120,7 @@ class Gate(Layer):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's math (Gate.forward's result), in plain ops."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight)
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.bias is None else scores + self.bias
         if self.n_groups > 1:
@@ -142,7 +145,7 @@ class MoE(Layer):
         super().__init__()
         self.world_size = tp.world_size
         local = tp.split(args.n_routed_experts)
-        self.gate = Gate(args, dtype)
+        self.gate = Gate(args)
         self.experts = Experts(tp.rank * local, local, args.dim, args.moe_inter_dim, dtype, args.fp8_weights)
         self.shared_experts = (
             MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, tp, dtype, args.fp8_weights, reduce=False)
