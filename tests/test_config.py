@@ -202,6 +202,18 @@ def test_hf_v3_matches_reference(tmp_path):
     assert load_config(write_json(tmp_path, v31, "v31.json")) == load_config(CONFIGS / "config_v3.1.json")
 
 
+def test_hf_v32_matches_reference(tmp_path):
+    """DeepSeek-V3.2's config.json: V3.1's, model_type deepseek_v32 and the indexer's three fields."""
+    v31 = {**HF_V3, "quantization_config": {**HF_V3["quantization_config"], "scale_fmt": "ue8m0"}}
+    v32 = {**v31, "model_type": "deepseek_v32", "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    args = load_config(write_json(tmp_path, v32, "v32.json"))
+    assert args == load_config(CONFIGS / "config_v3.2.json")
+    assert args.sparse and args.model_type == "deepseek_v32"
+    assert not load_config(write_json(tmp_path, {**v31, "index_topk": 2048}, "v3.json")).sparse, "V3 ignores them"
+    with pytest.raises(ConfigError, match="q_lora_rank"):
+        load_config(write_json(tmp_path, {**v32, "q_lora_rank": None}, "bad.json"))
+
+
 @pytest.mark.parametrize(("raw", "reference"), [(HF_V2_LITE, "config_16B.json"), (HF_V2, "config_236B.json")])
 def test_hf_v2_matches_reference(tmp_path, raw, reference):
     args = load_config(write_json(tmp_path, raw))
@@ -361,3 +373,10 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(bad)
+
+
+def test_model_type_names_the_architecture():
+    """What /model_info tells a gateway: V2's softmax routing, V3's sigmoid, V3.2's indexer."""
+    assert load_config("configs/config_16B.json").model_type == "deepseek_v2"
+    assert load_config("configs/config_671B.json").model_type == "deepseek_v3"
+    assert load_config("configs/config_v3.2.json").model_type == "deepseek_v32"

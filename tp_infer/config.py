@@ -136,6 +136,13 @@ class ModelArgs:
         return self.index_topk > 0
 
     @property
+    def model_type(self) -> str:
+        """The Hugging Face model_type of this architecture (V2 scores its experts with a softmax, V3 a sigmoid)."""
+        if self.sparse:
+            return "deepseek_v32"
+        return "deepseek_v3" if self.score_func == "sigmoid" else "deepseek_v2"
+
+    @property
     def yarn(self) -> bool:
         return self.rope_factor > 1
 

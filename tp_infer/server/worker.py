@@ -78,7 +78,7 @@ def worker_router(loop: EngineLoop, settings: ServerSettings) -> APIRouter:
             "is_generation": True,
             "has_image_understanding": False,
             "has_audio_understanding": False,
-            "model_type": "deepseek_v3",
+            "model_type": args.model_type,
             "max_context_length": settings.max_seq_len,
             "vocab_size": args.vocab_size,
         }
