@@ -28,33 +28,48 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
     from tp_infer.backends import triton_kernels as tk
     from tp_infer.backends.cuda import DECODE_BLOCK_H, decode_block_n
 
+    TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     out = []
     activations = [("bf16", False, "tf32"), ("fp32", True, "ieee")] + ([] if quick else [("fp16", False, "tf32")])
     for cache in ("bf16", "fp8e4nv"):
         scale = "fp32" if cache == "fp8e4nv" else cache
         for act, upcast, precision in activations:
+            for sparse in (False, True):  # over each row's history, or over V3.2's selected positions
+                pointers = dict(
+                    q_latent=act, q_pe=act, latent=cache, latent_scale=scale, rope=cache, rope_scale=scale,
+                    table="i64", lengths="i64", selected="i64", partial="fp32", partial_lse="fp32",
+                )  # fmt: skip
+                constexprs = dict(
+                    BLOCK_H=DECODE_BLOCK_H, BLOCK_N=decode_block_n(512), BLOCK_C=512, BLOCK_P=64,
+                    FP8=cache == "fp8e4nv", SELECTED=sparse, UPCAST=upcast, PRECISION=precision,
+                )  # fmt: skip
+                options = dict(num_warps=8, num_stages=1 if upcast else 2)
+                label = f"absorbed decode{', sparse' if sparse else ''}, {act} queries, {cache} cache"
+                out.append((label, tk._absorbed_split, pointers, constexprs, options))
+            # V3.2's index scores: 64 heads of 128 over the cached indexer keys
             pointers = dict(
-                q_latent=act, q_pe=act, latent=cache, latent_scale=scale, rope=cache, rope_scale=scale,
-                table="i64", lengths="i64", partial="fp32", partial_lse="fp32",
+                q=act, weights="fp32", keys=cache, key_scale=scale, table="i64", lengths="i64", scores="fp32"
+            )
+            block_n, warps = tk.index_tiles(TORCH_DTYPES[act])
+            constexprs = dict(
+                BLOCK_H=64, BLOCK_N=block_n, BLOCK_D=128, FP8=cache == "fp8e4nv", UPCAST=upcast, PRECISION=precision
+            )
+            label = f"index scores, {act} queries, {cache} keys"
+            out.append((label, tk._index_scores, pointers, constexprs, dict(num_warps=warps)))
+        for sparse in (False, True):
+            pointers = dict(
+                q="bf16", keys=cache, key_scale=scale, values=cache, value_scale=scale, table="i64", lengths="i64",
+                selected="i64", partial="fp32", partial_lse="fp32",
             )  # fmt: skip
             constexprs = dict(
-                BLOCK_H=DECODE_BLOCK_H, BLOCK_N=decode_block_n(512), BLOCK_C=512, BLOCK_P=64,
-                FP8=cache == "fp8e4nv", UPCAST=upcast, PRECISION=precision,
-            )  # fmt: skip
-            options = dict(num_warps=8, num_stages=1 if upcast else 2)
-            out.append(
-                (f"absorbed decode, {act} queries, {cache} cache", tk._absorbed_split, pointers, constexprs, options)
+                BLOCK_N=tk.PER_HEAD_BLOCK_N, BLOCK_D=256, BLOCK_V=128, FP8=cache == "fp8e4nv", SELECTED=sparse
             )
-        pointers = dict(
-            q="bf16", keys=cache, key_scale=scale, values=cache, value_scale=scale, table="i64", lengths="i64",
-            partial="fp32", partial_lse="fp32",
-        )  # fmt: skip
-        constexprs = dict(BLOCK_N=tk.PER_HEAD_BLOCK_N, BLOCK_D=256, BLOCK_V=128, FP8=cache == "fp8e4nv")
-        out.append((f"per-head decode, {cache} cache", tk._per_head_split, pointers, constexprs, {}))
+            label = f"per-head decode{', sparse' if sparse else ''}, {cache} cache"
+            out.append((label, tk._per_head_split, pointers, constexprs, {}))
     pointers = dict(partial="fp32", partial_lse="fp32", out="bf16")
     out.append(("decode combine", tk._combine, pointers, dict(BLOCK_S=tk.COMBINE_BLOCK_S, BLOCK_D=128), {}))
     for act, upcast, precision in activations:
-        dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[act])
+        dtype = TORCH_DTYPES[act]
         settings = dict(SCALE_BLOCK=128, UPCAST=upcast, PRECISION=precision)
         for rows in (1, 64):  # a decode step's products and wider ones
             tiles = tk.linear_tiles(rows, dtype)

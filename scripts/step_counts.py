@@ -700,29 +700,51 @@ class ModelledKernels:
         split = cuda_backend.decode_split_tokens(rows, groups, max_tokens, MULTIPROCESSORS, block_n)
         return -(-max_tokens // split)
 
-    def _decode(self, queries, cached, table, lengths, heads: int, out_dim: int, pieces: int, dtype) -> torch.Tensor:
+    def _decode(
+        self, queries, cached, table, lengths, heads: int, out_dim: int, pieces: int, dtype, selected=None
+    ) -> torch.Tensor:
         rows = table.shape[0]
         per_token = sum(t.numel() // (t.shape[0] * t.shape[1]) * t.element_size() for t in cached if t is not None)
-        read = sum(distinct_bytes(t) for t in (*queries, table, lengths)) + rows * self.history * per_token
+        history = self.history if selected is None else min(self.history, selected.shape[1])
+        extra = () if selected is None else (selected,)
+        read = sum(distinct_bytes(t) for t in (*queries, table, lengths, *extra)) + rows * history * per_token
         partial = rows * heads * pieces * (out_dim + 1) * 4
         out = torch.empty(rows, heads, out_dim, dtype=dtype, device=table.device)
         self.counter.record("paged decode (modelled)", read, partial)
         self.counter.record("decode combine (modelled)", partial, out.numel() * out.element_size())
         return out
 
-    def mla_decode(self, q_latent, q_pe, latent, latent_scale, rope, rope_scale, table, lengths, sm_scale, **_):
+    def mla_decode(
+        self, q_latent, q_pe, latent, latent_scale, rope, rope_scale, table, lengths, sm_scale, selected=None, **_
+    ):
+        """Sparse (selected given: V3.2): the selected positions' entries only, and the positions read."""
         rows, heads, latent_dim = q_latent.shape
         groups = -(-heads // cuda_backend.DECODE_BLOCK_H)
-        max_tokens = table.shape[1] * latent.shape[1]
+        max_tokens = table.shape[1] * latent.shape[1] if selected is None else selected.shape[1]
         pieces = self._pieces(rows, groups, max_tokens, cuda_backend.decode_block_n(latent_dim))
         cached = (latent, latent_scale, rope, rope_scale)
-        return self._decode((q_latent, q_pe), cached, table, lengths, heads, latent_dim, pieces, q_latent.dtype)
+        return self._decode(
+            (q_latent, q_pe), cached, table, lengths, heads, latent_dim, pieces, q_latent.dtype, selected
+        )
 
-    def mha_decode(self, q, keys, key_scale, values, value_scale, table, lengths, sm_scale, **_):
+    def mha_decode(self, q, keys, key_scale, values, value_scale, table, lengths, sm_scale, selected=None, **_):
         rows, heads, _ = q.shape
-        pieces = self._pieces(rows, heads, table.shape[1] * keys.shape[1], cuda_backend.PER_HEAD_BLOCK_N)
+        max_tokens = table.shape[1] * keys.shape[1] if selected is None else selected.shape[1]
+        pieces = self._pieces(rows, heads, max_tokens, cuda_backend.PER_HEAD_BLOCK_N)
         cached = (keys, key_scale, values, value_scale)
-        return self._decode((q,), cached, table, lengths, heads, values.shape[-1], pieces, q.dtype)
+        return self._decode((q,), cached, table, lengths, heads, values.shape[-1], pieces, q.dtype, selected)
+
+    def index_scores(self, q, weights, keys, key_scale, table, lengths, **_):
+        """V3.2's index scores: the queries, weights, table and lengths, each row's `history` indexer keys (and
+        their FP8 scales) once where they lie; the fp32 scores of every table position written."""
+        rows = table.shape[0]
+        per_token = sum(
+            t.numel() // (t.shape[0] * t.shape[1]) * t.element_size() for t in (keys, key_scale) if t is not None
+        )
+        read = sum(distinct_bytes(t) for t in (q, weights, table, lengths)) + rows * self.history * per_token
+        scores = torch.empty(rows, table.shape[1] * keys.shape[1], dtype=torch.float32, device=table.device)
+        self.counter.record("index scores (modelled)", read, scores.numel() * 4)
+        return scores
 
     def fp8_experts(self, x, tokens, pair_weights, counts, weights, scales):
         """The expert kernels of a step of `rows` tokens choosing topk of the model's experts uniformly: the

@@ -136,6 +136,164 @@ def test_a_row_whose_history_ends_before_a_piece_leaves_that_piece_empty():
     assert torch.isfinite(got).all()
 
 
+def selections(histories: list[int], topk: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """V3.2's sparse decode operands for rows of these histories: each row's topk positions (all it sees while fewer)
+    drawn at random from its history (scattered over its blocks, in no order), and how many it selected; the
+    slots past a row's count hold other positions of its history, which the kernel must not read."""
+    generator = torch.Generator().manual_seed(seed)
+    selected = torch.empty(len(histories), topk, dtype=dtype)
+    for r, length in enumerate(histories):
+        count = min(length, topk)
+        selected[r, :count] = torch.randperm(length, generator=generator)[:count].to(dtype)
+        selected[r, count:] = torch.randint(0, length, (topk - count,), generator=generator).to(dtype)
+    return selected.to(DEVICE), lengths_for([min(length, topk) for length in histories])
+
+
+SPARSE_HISTORIES = [1, 8, 17, 300]  # a selection of one, of the row's whole history, of part of it
+
+
+@pytest.mark.parametrize("cache", ["fp32", "fp16", "fp8"])
+@pytest.mark.parametrize(
+    ("topk", "split_tokens", "index_dtype"),
+    [(8, None, torch.int32), (40, 16, torch.int64)],
+    ids=["top-8-one-piece-int32", "top-40-pieces-of-16-int64"],
+)
+def test_sparse_absorbed_decode_matches_softmax_over_the_selected_positions(cache, topk, split_tokens, index_dtype):
+    """mla_decode with `selected` (V3.2): each head's softmax over only its row's selected positions (read through
+    scattered block tables where they lie), times their latents, in float64. Rows selecting 1 position, all 8 they
+    see (count == topk), and topk of 17 and of 300; top 40 split into pieces of 16 selected positions (three pieces
+    for the 300-token row, one part-filled piece and empty ones for the short rows)."""
+    heads, latent_dim, rope_dim, scale = 20, 64, 16, 0.125
+    rows = len(SPARSE_HISTORIES)
+    latent = filled((latent_dim,), CACHE_DTYPES[cache], seed=21)
+    rope = filled((rope_dim,), CACHE_DTYPES[cache], seed=22)
+    table = scattered_tables(rows, 20, seed=23)
+    selected, counts = selections(SPARSE_HISTORIES, topk, index_dtype, seed=24)
+    generator = torch.Generator().manual_seed(25)
+    q_latent = torch.randn(rows, heads, latent_dim, generator=generator).to(DEVICE)
+    q_pe = torch.randn(rows, heads, rope_dim, generator=generator).to(DEVICE)
+    got = tk.mla_decode(
+        q_latent, q_pe, latent.data, latent.scale, rope.data, rope.scale, table, counts, scale,
+        split_tokens=split_tokens, selected=selected,
+    )  # fmt: skip
+    assert got.shape == (rows, heads, latent_dim)
+    for r, length in enumerate(SPARSE_HISTORIES):
+        chosen = selected[r, : counts[r]].long()
+        keys, rope_keys = history(latent, table[r], length)[chosen], history(rope, table[r], length)[chosen]
+        scores = (q_latent[r].double() @ keys.T + q_pe[r].double() @ rope_keys.T) * scale
+        expected = attention_oracle(scores, keys)
+        assert torch.allclose(got[r].double(), expected, atol=1e-5, rtol=1e-5), (r, length)
+
+
+@pytest.mark.parametrize("cache", ["fp32", "fp8"])
+def test_sparse_per_head_decode_matches_softmax_over_the_selected_positions(cache):
+    """mha_decode with `selected`: each head's softmax over its row's selected positions' own keys, times their
+    values, in float64 (pieces of 4 selected positions)."""
+    heads, key_dim, value_dim, scale, topk = 3, 48, 32, 0.125, 8
+    rows = len(SPARSE_HISTORIES)
+    keys = filled((heads, key_dim), CACHE_DTYPES[cache], seed=26)
+    values = filled((heads, value_dim), CACHE_DTYPES[cache], seed=27)
+    table = scattered_tables(rows, 20, seed=28)
+    selected, counts = selections(SPARSE_HISTORIES, topk, torch.int64, seed=29)
+    q = torch.randn(rows, heads, key_dim, generator=torch.Generator().manual_seed(30)).to(DEVICE)
+    got = tk.mha_decode(
+        q, keys.data, keys.scale, values.data, values.scale, table, counts, scale, split_tokens=4, selected=selected
+    )
+    for r, length in enumerate(SPARSE_HISTORIES):
+        chosen = selected[r, : counts[r]].long()
+        k = history(keys, table[r], length)[chosen].transpose(0, 1)
+        v = history(values, table[r], length)[chosen].transpose(0, 1)
+        expected = (((q[r].double()[:, None] @ k.mT)[:, 0] * scale).softmax(-1)[:, None] @ v)[:, 0]
+        assert torch.allclose(got[r].double(), expected, atol=1e-5, rtol=1e-5), (r, length)
+
+
+def index_operands(histories: list[int], cache: str, seed: int, tied: float = 0.0):
+    """Indexer keys [32] in a pool, a scattered table of 20 blocks per row, and each row's queries [5 heads, 32] and
+    signed per-head weights. tied: the share of positions whose keys score exactly 0 (queries positive, those keys
+    negative: relu leaves nothing), the ties that occur in the real model."""
+    heads, dim = 5, 32
+    generator = torch.Generator().manual_seed(seed)
+    keys = filled((dim,), CACHE_DTYPES[cache], seed=seed + 1)
+    q = torch.randn(len(histories), heads, dim, generator=generator)
+    if tied:
+        q = q.abs()
+        values = torch.randn(NUM_BLOCKS * BLOCK_SIZE, dim, generator=generator)
+        zero = torch.rand(NUM_BLOCKS * BLOCK_SIZE, generator=generator) < tied
+        values[zero] = -values[zero].abs()
+        keys.write(torch.arange(NUM_BLOCKS * BLOCK_SIZE, device=DEVICE), values.to(DEVICE))
+    table = scattered_tables(len(histories), 20, seed=seed + 2)
+    weights = torch.randn(len(histories), heads, generator=generator).to(DEVICE)
+    return keys, table, q.to(DEVICE), weights, lengths_for(histories)
+
+
+@pytest.mark.parametrize("cache", ["fp32", "fp16", "fp8"])
+@pytest.mark.parametrize("split_tokens", [None, 64], ids=["one-piece", "pieces-of-64"])
+def test_index_scores_match_the_indexers_scores(cache, split_tokens):
+    """index_scores over indexer keys read in place through scattered tables: Indexer.scores (fp32, over the keys
+    as the torch backend reads them, dequantised) at each row's first `length` positions, -inf past them (rows of
+    1, 17 and 300 positions of 320; 5 heads, not a power of two)."""
+    histories = [1, 17, 300]
+    keys, table, q, weights, lengths = index_operands(histories, cache, seed=31)
+    got = tk.index_scores(q, weights, keys.data, keys.scale, table, lengths, split_tokens=split_tokens)
+    assert got.shape == (3, 20 * BLOCK_SIZE) and got.dtype == torch.float32
+    model = tiny(DEVICE, index_topk=8, index_n_heads=5, index_head_dim=32)
+    cached = keys.read(table, torch.float32)
+    expected = model.layers[0].attn.indexer.scores(q[:, None], weights[:, None], cached)[:, 0]
+    for r, length in enumerate(histories):
+        assert torch.allclose(got[r, :length], expected[r, :length], atol=1e-5 * expected.abs().max().item(), rtol=0)
+        assert (got[r, length:] == float("-inf")).all()
+
+
+def test_top_positions_break_ties_as_the_torch_backends_stable_sort():
+    """cuda.top_positions (one topk over a composite key) against the torch backend's rule (a stable descending
+    sort: equal scores go to the earlier position), on scores full of exact ties (integers 0 to 3, some -0.0, which
+    equals +0.0), -inf past each row's length, rows seeing fewer positions than topk and more: the same positions in
+    the same order, for each row's first min(length, topk)."""
+    from tp_infer.backends.cuda import top_positions
+
+    generator = torch.Generator().manual_seed(32)
+    lengths = [1, 5, 12, 64, 64]
+    scores = torch.randint(0, 4, (5, 64), generator=generator).float()
+    scores[torch.rand(5, 64, generator=generator) < 0.2] = -0.0
+    scores[3] = 7.0  # a row of one tie throughout
+    scores = torch.where(torch.arange(64) < torch.tensor(lengths)[:, None], scores, float("-inf")).to(DEVICE)
+    got = top_positions(scores, 8)
+    expected = scores.sort(dim=-1, descending=True, stable=True).indices[:, :8]
+    for r, length in enumerate(lengths):
+        count = min(length, 8)
+        assert got[r, :count].tolist() == expected[r, :count].tolist(), r
+    assert got[3].tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("cache", ["fp32", "fp8"])
+def test_the_sparse_selection_on_the_device_is_the_indexers(cache):
+    """CudaBackend.selection (index_scores, then top_positions) of decode rows where 90% of the keys score exactly
+    0 (relu leaves nothing: the ties of the real model), so that a row's top 16 ends among tied positions: the
+    positions Indexer.select keeps (the torch backend's selection, the earlier of equal scores), for rows seeing
+    fewer positions than topk (all of them) and more."""
+    from tp_infer.model.attention import IndexQueries
+
+    histories, topk = [5, 40, 300], 16
+    keys, table, q, weights, lengths = index_operands(histories, cache, seed=33, tied=0.9)
+    model = tiny(DEVICE, index_topk=topk, index_n_heads=5, index_head_dim=32)
+    mla = model.layers[0].attn
+    cache_layer = LayerCache(NUM_BLOCKS, BLOCK_SIZE, [(8,), (8,), (32,)], CACHE_DTYPES[cache], DEVICE)
+    cache_layer.tensors[mla.attended] = keys
+    visible = torch.arange(20 * BLOCK_SIZE, device=DEVICE) < lengths[:, None, None]
+    group = AttentionGroup(start=0, rows=3, width=1, block_table=table, visible=visible, lengths=lengths)
+    index = IndexQueries(q=q, weights=weights, key=torch.empty(0))
+    selected, counts = CudaBackend().selection(mla, cache_layer, group, index)
+    expected = reference().selected(mla, cache_layer, group, index)[:, 0]
+    assert counts.tolist() == [5, 16, 16]
+    scores = tk.index_scores(q, weights, keys.data, keys.scale, table, lengths)
+    for r in range(3):
+        mask = torch.zeros_like(expected[r])
+        mask[selected[r, : counts[r]]] = True
+        assert torch.equal(mask, expected[r]), r
+    tied = (scores[1:, :40] == 0).sum(-1)
+    assert (tied > 16).all() and ((scores[1:] > 0).sum(-1) < 16).any(), "a selection ends among exact ties"
+
+
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 256, 384), (5, 200, 300), (33, 576, 128), (3, 7, 5), (17, 130, 257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_block_fp8_linear_matches_the_dequantised_product(m, n, k, dtype):
@@ -308,15 +466,40 @@ def test_the_cuda_backend_runs_the_tiny_model_as_the_torch_backend(options):
         assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
 
 
-def test_the_cuda_backend_runs_a_sparse_attention_model_as_the_torch_backend():
-    """A V3.2 model (the indexer keeping 8 positions, its keys a third cached quantity): the cuda backend leaves
-    attention that the indexer may narrow to the reference and runs the products (the indexer's among them) and the
-    experts in Triton; the torch backend's logits."""
-    model = tiny(DEVICE, fp8_weights=True, index_topk=8, index_n_heads=4, index_head_dim=32)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(attn_impl="absorb", fp8_weights=True, kv_cache_dtype="fp8"),
+        dict(attn_impl="absorb"),
+        dict(attn_impl="naive", fp8_weights=True),
+    ],
+    ids=["absorb-fp8-weights-fp8-cache", "absorb-fp32", "naive-fp8-weights"],
+)
+def test_the_cuda_backend_runs_a_sparse_attention_model_as_the_torch_backend(monkeypatch, options):
+    """A V3.2 model (the indexer keeping 8 of the 21 to 40 positions its decode rows see, its keys a third cached
+    quantity): the cuda backend scores each decode group's rows over the cached indexer keys in the Triton kernel,
+    selects their top 8 on the device and decodes over those in the paged kernel (once per layer in each of the
+    three steps with decode rows); prefills and the extend go to the reference: the torch backend's logits and
+    greedy tokens."""
+    calls = []
+    for name in ("index_scores", "mla_decode", "mha_decode"):
+        original = getattr(tk, name)
+
+        def spy(*a, _f=original, _n=name, **k):
+            calls.append((_n, k.get("selected") is not None))
+            return _f(*a, **k)
+
+        monkeypatch.setattr(tk, name, spy)
+    model = tiny(DEVICE, index_topk=8, index_n_heads=4, index_head_dim=32, **options)
     expected = run_steps_on(model, reference())
     got = run_steps_on(model, CudaBackend())
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item(), rtol=0), f"step {step}"
+        assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
+    decode = "mla_decode" if options["attn_impl"] == "absorb" else "mha_decode"
+    layers = model.args.n_layers
+    assert calls.count(("index_scores", False)) == 3 * layers
+    assert calls.count((decode, True)) == 3 * layers and (decode, False) not in calls
 
 
 def test_the_kernels_are_offered_decode_groups_and_fp8_products_only(monkeypatch):
@@ -344,13 +527,15 @@ def test_auto_picks_the_cuda_backend_on_cuda_and_torch_forces_the_reference(monk
         pick("cuda", "cpu", "fp32")
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["v3", "v3.2"])
 @pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
-def test_around_its_kernels_the_cuda_backend_reads_nothing_back(monkeypatch, attn_impl):
+def test_around_its_kernels_the_cuda_backend_reads_nothing_back(monkeypatch, attn_impl, sparse):
     """The cuda backend's own ops (sorting the experts' pairs, the queries into latent space, the stores, the
-    reference's paths it hands over to) read no value back to the host: on the meta device, where any read raises,
-    with its kernels replaced by shape-only stand-ins (step_counts' ModelledKernels), a decode step of 8 rows and a
-    prefill of the tiny model run whole (bf16, FP8 weights and cache, as on a GPU); the experts' tile schedule, which
-    the stand-in skips, runs on meta as it is."""
+    reference's paths it hands over to; V3.2's top-k selection) read no value back to the host: on the meta device,
+    where any read raises, with its kernels replaced by shape-only stand-ins (step_counts' ModelledKernels), a decode
+    step of 8 rows and a prefill of the tiny model run whole (bf16, FP8 weights and cache, as on a GPU; with V3.2's
+    indexer keeping 8 positions, the decode rows' 71 narrowed); the experts' tile schedule, which the stand-in
+    skips, runs on meta as it is."""
     import sys
     from pathlib import Path
 
@@ -360,7 +545,8 @@ def test_around_its_kernels_the_cuda_backend_reads_nothing_back(monkeypatch, att
     from tp_infer.backends import cuda
     from tp_infer.engine.runner import StepPlan
 
-    model = tiny("meta", attn_impl=attn_impl, dtype="bf16", fp8_weights=True, kv_cache_dtype="fp8")
+    v32 = dict(index_topk=8, index_n_heads=4, index_head_dim=32) if sparse else {}
+    model = tiny("meta", attn_impl=attn_impl, dtype="bf16", fp8_weights=True, kv_cache_dtype="fp8", **v32)
     tally = Tally()
     stand_ins = ModelledKernels(StepCounter(tally), history=71, args=model.args)
     monkeypatch.setattr(cuda, "triton_kernels", lambda: stand_ins)
@@ -373,7 +559,7 @@ def test_around_its_kernels_the_cuda_backend_reads_nothing_back(monkeypatch, att
         logits = model(step.tokens.to("meta"), build_batch(step, BLOCK, torch.device("meta")), pool.layers)
         assert logits.device.type == "meta" and logits.shape == (len(step.num_new), model.args.vocab_size)
     kernels = {"paged decode (modelled)", "Triton FP8 experts (modelled)", "Triton block-FP8 product (modelled)"}
-    assert kernels <= set(tally.by_op), "the stand-ins stood in"
+    assert kernels | ({"index scores (modelled)"} if sparse else set()) <= set(tally.by_op), "the stand-ins stood in"
     schedule = tk.expert_tiles(torch.empty(8, dtype=torch.long, device="meta"), 40, 16)
     assert [t.shape for t in schedule] == [(11,)] * 3
 

@@ -30,7 +30,7 @@ from tp_infer.backends.reference import Backend, block_fp8_product
 
 if TYPE_CHECKING:
     from tp_infer.kv.pool import LayerCache
-    from tp_infer.model.attention import MLA
+    from tp_infer.model.attention import MLA, IndexQueries
     from tp_infer.model.batch import AttentionGroup, ForwardBatch
     from tp_infer.model.moe import MLP, Experts
 
@@ -127,43 +127,78 @@ class CudaBackend(Backend):
     def attention(
         self, mla: MLA, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch, cache: LayerCache, rotations, index=None
     ) -> torch.Tensor:
-        """A step of decode rows alone in absorb form with an FP8 wkv_b: the new entries stored, then each group's
-        queries taken into latent space and back out by wkv_b read in place as FP8 (fp8_heads), around the paged
-        decode: no dequantised copy of wkv_b is made (the reference makes one per layer per step). Otherwise the
-        reference's store, then each group here (attend)."""
+        """A step of decode rows alone in absorb form with an FP8 wkv_b: the new entries stored (V3.2's indexer keys
+        after them), then each group's queries taken into latent space and back out by wkv_b read in place as FP8
+        (fp8_heads), around the paged decode (over the indexer's selection where it narrows): no dequantised copy of
+        wkv_b is made (the reference makes one per layer per step). Otherwise the reference's store, then each group
+        here (attend)."""
         if (
             mla.attn_impl != "absorb"
             or mla.wkv_b.scale is None
-            or index is not None
             or any(group.width != 1 for group in batch.groups)
             or not triton_kernels().runs_on(q, fp8=True)
         ):
             return super().attention(mla, q, kv, batch, cache, rotations, *(() if index is None else (index,)))
         new = mla.new_entries(q, kv, rotations, None)  # absorb form: the entries need no wkv_b
-        cache.write(batch.slots, *new.entries)
+        cache.write(batch.slots, *new.entries, *(() if index is None else (index.key,)))
         latent, rope_key = cache.tensors[:2]
-        outs = [fp8_absorbed_decode(mla, new.q[g.start : g.end], latent, rope_key, g) for g in batch.groups]
+        outs = [
+            fp8_absorbed_decode(mla, new.q[g.start : g.end], latent, rope_key, g, *self.selection(mla, cache, g, index))
+            for g in batch.groups
+        ]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def attend(
         self, mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, cache: LayerCache, group: AttentionGroup, index=None
     ) -> torch.Tensor:
-        """Decode rows (width 1) in the paged decode kernels over the pool in place; other groups, and rows whose
-        positions V3.2's indexer may narrow (index given), as the reference."""
-        if group.width != 1 or index is not None or not triton_kernels().runs_on(q, fp8=cache.tensors[0].fp8):
+        """Decode rows (width 1) in the paged decode kernels over the pool in place, over the positions V3.2's
+        indexer selects where it narrows (selection); other groups as the reference."""
+        if group.width != 1 or not triton_kernels().runs_on(q, fp8=cache.tensors[0].fp8):
             return super().attend(mla, q, wkv_b, cache, group, *(() if index is None else (index,)))
         rows = q[group.start : group.end]  # [R, H, nope + rope], rotated
+        selected, counts = self.selection(mla, cache, group, index)
         if mla.attn_impl == "naive":
             keys, values = cache.tensors[:2]
             return triton_kernels().mha_decode(
-                rows, keys.data, keys.scale, values.data, values.scale, group.block_table, group.lengths,
-                mla.softmax_scale,
+                rows, keys.data, keys.scale, values.data, values.scale, group.block_table, counts, mla.softmax_scale,
+                selected=selected,
             )  # fmt: skip
         latent, rope_key = cache.tensors[:2]  # the absorb layout's first two quantities (model.attention.cache_layout)
-        return absorbed_decode(mla, rows, wkv_b, latent, rope_key, group)
+        return absorbed_decode(mla, rows, wkv_b, latent, rope_key, group, selected, counts)
+
+    def selection(
+        self, mla: MLA, cache: LayerCache, group: AttentionGroup, index: IndexQueries | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """What a decode group's rows attend over, as the paged decode takes it: (None, their lengths) for their whole
+        histories; where V3.2's indexer narrows them, each row's top-k positions [R, topk] and how many it selected
+        [R] (all it sees while fewer than topk): index scores over the cached indexer keys in place (Triton), then
+        top_positions, on the device."""
+        if index is None or not mla.narrows(group.visible.shape[-1]):
+            return None, group.lengths
+        keys = cache.tensors[mla.attended]
+        scores = triton_kernels().index_scores(
+            index.q[group.start : group.end], index.weights[group.start : group.end], keys.data, keys.scale,
+            group.block_table, group.lengths,
+        )  # fmt: skip
+        return top_positions(scores, mla.indexer.topk), group.lengths.clamp(max=mla.indexer.topk)
 
 
-def fp8_absorbed_decode(mla: MLA, q: torch.Tensor, latent, rope_key, group: AttentionGroup) -> torch.Tensor:
+def top_positions(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Each row's topk best-scoring positions of scores [R, S] (fp32; -inf where a row sees nothing), best first:
+    equal scores go to the earlier position (the torch backend's stable sort, Indexer.select), so that a row selects
+    the same positions whatever shares its step. One topk over a composite int64 key that orders exactly as (score,
+    earlier position): the score's fp32 bits made order-preserving as a signed integer (-0 made +0 first, as the
+    sort sees them equal) above the position counted from the end; no sort of the whole row, nothing read back."""
+    positions = scores.shape[-1]
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0 into +0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    later = torch.arange(positions - 1, -1, -1, device=scores.device)
+    return (ordered * (1 << 32) + later).topk(topk, dim=-1, sorted=True).indices
+
+
+def fp8_absorbed_decode(
+    mla: MLA, q: torch.Tensor, latent, rope_key, group: AttentionGroup, selected, counts: torch.Tensor
+) -> torch.Tensor:
     """absorbed_decode with wkv_b's FP8 weight and block scales read in place by the per-head products."""
     kernels = triton_kernels()
     q_nope, q_pe = q.split([mla.nope_dim, mla.rope_dim], dim=-1)
@@ -171,21 +206,23 @@ def fp8_absorbed_decode(mla: MLA, q: torch.Tensor, latent, rope_key, group: Atte
     per_head = mla.nope_dim + mla.v_dim
     q_latent = kernels.fp8_heads(q_nope, weight, scale, mla.kv_lora_rank, per_head, 0, k_along_rows=True)
     mixed = kernels.mla_decode(
-        q_latent, q_pe, latent.data, latent.scale, rope_key.data, rope_key.scale, group.block_table, group.lengths,
-        mla.softmax_scale,
+        q_latent, q_pe, latent.data, latent.scale, rope_key.data, rope_key.scale, group.block_table, counts,
+        mla.softmax_scale, selected=selected,
     )  # fmt: skip
     return kernels.fp8_heads(mixed, weight, scale, mla.v_dim, per_head, mla.nope_dim, k_along_rows=False)
 
 
-def absorbed_decode(mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, latent, rope_key, group: AttentionGroup):
+def absorbed_decode(
+    mla: MLA, q: torch.Tensor, wkv_b: torch.Tensor, latent, rope_key, group: AttentionGroup, selected, counts
+) -> torch.Tensor:
     """Decode rows' queries q [R, H, nope + rope] into latent space by w_k (one batched product over the heads),
     attended over the cached latents and rope keys (CacheTensors) in place, and back out per head by w_v;
-    out [R, H, V]."""
+    out [R, H, V]. selected and counts: what each row attends over (CudaBackend.selection)."""
     q_nope, q_pe = q.split([mla.nope_dim, mla.rope_dim], dim=-1)
     w_k, w_v = wkv_b[:, : mla.nope_dim], wkv_b[:, mla.nope_dim :]
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_k)  # [H, R, C]
     mixed = triton_kernels().mla_decode(
         q_latent.transpose(0, 1), q_pe, latent.data, latent.scale, rope_key.data, rope_key.scale, group.block_table,
-        group.lengths, mla.softmax_scale,
+        counts, mla.softmax_scale, selected=selected,
     )  # fmt: skip
     return torch.bmm(mixed.transpose(0, 1), w_v.mT).transpose(0, 1)

@@ -129,6 +129,12 @@ def heads_tiles(dtype: torch.dtype) -> Tiles:
 COMBINE_BLOCK_S = 16  # pieces of history the combine joins at a time
 
 
+def index_tiles(dtype: torch.dtype) -> tuple[int, int]:
+    """The index scores' (positions per tile, warps): 64 and 8 (32 positions with fp32 queries), so that 64 heads'
+    queries of 128 and a tile's products fit registers on sm90 without spilling."""
+    return (32 if dtype == torch.float32 else 64), 8
+
+
 @functools.cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -151,6 +157,7 @@ def _absorbed_split(
     rope_scale,
     table,
     lengths,
+    selected,
     partial,
     partial_lse,
     sm_scale,
@@ -165,6 +172,7 @@ def _absorbed_split(
     stride_lsb,
     stride_rsb,
     stride_tr,
+    stride_sr,
     stride_pr,
     stride_ph,
     stride_ps,
@@ -178,12 +186,14 @@ def _absorbed_split(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     FP8: tl.constexpr,
+    SELECTED: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One row, BLOCK_H heads, one piece of its history: the heads' queries in latent space against the piece's
     latents and rope keys read through the block table; writes the piece's normalised weighted sum of latents and its
-    log-sum-exp (-inf for a piece past the row's length)."""
+    log-sum-exp (-inf for a piece past the row's length). SELECTED: the row's history is the positions
+    selected[row, :lengths[row]] (V3.2's top-k, any order), each read where it lies through the block table."""
     row = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     piece = tl.program_id(2)
@@ -204,6 +214,8 @@ def _absorbed_split(
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tm = t < end
+        if SELECTED:
+            t = tl.load(selected + row * stride_sr + t, mask=tm, other=0).to(tl.int32)
         block = tl.load(table + row * stride_tr + t // block_size, mask=tm, other=0)
         slot = t % block_size
         k = tl.load(
@@ -299,6 +311,14 @@ def _scale_strides(scale: torch.Tensor | None) -> int:
     return scale.stride(0)
 
 
+def _history_span(block_table: torch.Tensor, block_size: int, selected: torch.Tensor | None) -> int:
+    """The most positions a row of a decode launch may attend over: its table's, or its selection's width."""
+    if selected is None:
+        return block_table.shape[1] * block_size
+    assert selected.stride(-1) == 1 and selected.shape[0] == block_table.shape[0]
+    return selected.shape[1]
+
+
 def _combined(partial: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The pieces [R, H, S, D] joined by their log-sum-exps [R, H, S]: out [R, H, D] in `dtype`."""
     rows, heads, pieces, dim = partial.shape
@@ -329,20 +349,23 @@ def mla_decode(
     lengths: torch.Tensor,
     sm_scale: float,
     split_tokens: int | None = None,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA decode over the paged pool in place: each row's queries in latent space q_latent [R, H, C] and
     rope part q_pe [R, H, P] (any strides with the last dimension contiguous, not yet scaled), over the cached latents
     latent [num_blocks, block_size, C] and rope keys rope [num_blocks, block_size, P] (with fp32 scales
     [num_blocks, block_size] each when FP8, else None) of the blocks block_table [R, nb] lists, the first lengths [R]
     positions of each row; out [R, H, C]: each head's softmax-weighted sum of latents, in q_latent's dtype.
-    split_tokens: tokens per piece of history (split_tokens_for by default)."""
+    split_tokens: tokens per piece of history (split_tokens_for by default). selected [R, K] (int32 or int64, last
+    dimension contiguous): V3.2's sparse decode, each row over the positions selected[r, :lengths[r]] only (its
+    indexer's top-k, in any order), read where they lie; the pieces then split the K selected positions."""
     rows, heads, latent_dim = q_latent.shape
     rope_dim = q_pe.shape[-1]
     fp8 = latent_scale is not None
     assert q_latent.stride(-1) == q_pe.stride(-1) == latent.stride(-1) == rope.stride(-1) == 1
     block_h, block_n = DECODE_BLOCK_H, decode_block_n(latent_dim)
     groups = -(-heads // block_h)
-    max_tokens = block_table.shape[1] * latent.shape[1]
+    max_tokens = _history_span(block_table, latent.shape[1], selected)
     split_tokens = split_tokens or split_tokens_for(rows, groups, max_tokens, q_latent.device, block_n)
     pieces = -(-max_tokens // split_tokens)
     partial = torch.empty(rows, heads, pieces, latent_dim, dtype=torch.float32, device=q_latent.device)
@@ -357,6 +380,7 @@ def mla_decode(
         rope_scale if fp8 else rope,
         block_table,
         lengths,
+        block_table if selected is None else selected,
         partial,
         lse,
         sm_scale,
@@ -371,6 +395,7 @@ def mla_decode(
         _scale_strides(latent_scale),
         _scale_strides(rope_scale),
         block_table.stride(0),
+        0 if selected is None else selected.stride(0),
         *partial.stride()[:3],
         heads,
         latent_dim,
@@ -382,6 +407,7 @@ def mla_decode(
         BLOCK_C=triton.next_power_of_2(latent_dim),
         BLOCK_P=max(16, triton.next_power_of_2(rope_dim)),
         FP8=fp8,
+        SELECTED=selected is not None,
         UPCAST=upcast,
         PRECISION=precision,
         num_warps=8 if latent_dim > 256 else 4,
@@ -400,6 +426,7 @@ def _per_head_split(
     value_scale,
     table,
     lengths,
+    selected,
     partial,
     partial_lse,
     sm_scale,
@@ -416,6 +443,7 @@ def _per_head_split(
     stride_vsb,
     stride_vst,
     stride_tr,
+    stride_sr,
     stride_pr,
     stride_ph,
     stride_ps,
@@ -428,10 +456,12 @@ def _per_head_split(
     BLOCK_D: tl.constexpr,
     BLOCK_V: tl.constexpr,
     FP8: tl.constexpr,
+    SELECTED: tl.constexpr,
 ):
     """One row, one head, one piece of its history: the head's query against its own keys and values read through
     the block table (products as sums in fp32: one query row gains nothing from tensor cores); writes the piece's
-    normalised weighted sum of values and its log-sum-exp."""
+    normalised weighted sum of values and its log-sum-exp. SELECTED: the history is selected[row, :lengths[row]], as
+    in _absorbed_split."""
     row = tl.program_id(0)
     h = tl.program_id(1)
     piece = tl.program_id(2)
@@ -448,6 +478,8 @@ def _per_head_split(
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tm = t < end
+        if SELECTED:
+            t = tl.load(selected + row * stride_sr + t, mask=tm, other=0).to(tl.int32)
         block = tl.load(table + row * stride_tr + t // block_size, mask=tm, other=0)
         slot = t % block_size
         k = tl.load(
@@ -488,17 +520,19 @@ def mha_decode(
     lengths: torch.Tensor,
     sm_scale: float,
     split_tokens: int | None = None,
+    selected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Naive MLA decode (per-head keys and values) over the paged pool in place: each row's query q [R, H, D] (last
     dimension contiguous, not yet scaled) over the keys [num_blocks, block_size, H, D] and values
     [num_blocks, block_size, H, V] (with fp32 scales [num_blocks, block_size, H] each when FP8, else None) of the
-    blocks block_table [R, nb] lists, the first lengths [R] positions of each row; out [R, H, V] in q's dtype."""
+    blocks block_table [R, nb] lists, the first lengths [R] positions of each row; out [R, H, V] in q's dtype.
+    selected [R, K]: over the positions selected[r, :lengths[r]] only, as mla_decode."""
     rows, heads, key_dim = q.shape
     value_dim = values.shape[-1]
     fp8 = key_scale is not None
     assert q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
     block_n = PER_HEAD_BLOCK_N
-    max_tokens = block_table.shape[1] * keys.shape[1]
+    max_tokens = _history_span(block_table, keys.shape[1], selected)
     split_tokens = split_tokens or split_tokens_for(rows, heads, max_tokens, q.device, block_n)
     pieces = -(-max_tokens // split_tokens)
     partial = torch.empty(rows, heads, pieces, value_dim, dtype=torch.float32, device=q.device)
@@ -512,6 +546,7 @@ def mha_decode(
         value_scale if fp8 else values,
         block_table,
         lengths,
+        block_table if selected is None else selected,
         partial,
         lse,
         sm_scale,
@@ -521,6 +556,7 @@ def mha_decode(
         *values.stride()[:3],
         *scale_strides,
         block_table.stride(0),
+        0 if selected is None else selected.stride(0),
         *partial.stride()[:3],
         heads,
         key_dim,
@@ -531,8 +567,105 @@ def mha_decode(
         BLOCK_D=triton.next_power_of_2(key_dim),
         BLOCK_V=triton.next_power_of_2(value_dim),
         FP8=fp8,
+        SELECTED=selected is not None,
     )
     return _combined(partial, lse, q.dtype)
+
+
+# -- V3.2's lightning indexer: decode rows' index scores over the cached indexer keys ------------------------------
+@triton.jit
+def _index_scores(
+    q,
+    weights,
+    keys,
+    key_scale,
+    table,
+    lengths,
+    scores,
+    stride_qr,
+    stride_qh,
+    stride_wr,
+    stride_kb,
+    stride_kt,
+    stride_ksb,
+    stride_tr,
+    stride_sr,
+    heads,
+    key_dim,
+    block_size,
+    positions,
+    split_tokens,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One row, one piece of its table's positions: sum_h weights[h] * relu(q_h . key) for each position the row
+    sees (accumulated in fp32, the keys read through the block table with their FP8 scales), -inf for the positions
+    past its length."""
+    row = tl.program_id(0)
+    piece = tl.program_id(1)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    hm, dm = h < heads, d < key_dim
+    qm = hm[:, None] & dm[None, :]
+    query = tl.load(q + row * stride_qr + h[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
+    if UPCAST:
+        query = query.to(tl.float32)
+    w = tl.load(weights + row * stride_wr + h, mask=hm, other=0.0).to(tl.float32)
+    length = tl.load(lengths + row).to(tl.int32)
+    start = piece * split_tokens
+    end = tl.minimum(start + split_tokens, positions)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        tm = t < tl.minimum(end, length)
+        block = tl.load(table + row * stride_tr + t // block_size, mask=tm, other=0)
+        slot = t % block_size
+        k = tl.load(
+            keys + block[:, None] * stride_kb + slot[:, None] * stride_kt + d[None, :],
+            mask=tm[:, None] & dm[None, :],
+            other=0.0,
+        ).to(query.dtype)
+        products = tl.dot(query, tl.trans(k), input_precision=PRECISION)  # [heads, positions]
+        if FP8:
+            products = products * tl.load(key_scale + block * stride_ksb + slot, mask=tm, other=0.0)[None, :]
+        score = tl.sum(tl.maximum(products, 0.0) * w[:, None], 0)
+        tl.store(scores + row * stride_sr + t, tl.where(tm, score, float("-inf")), mask=t < end)
+
+
+def index_scores(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    keys: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    split_tokens: int | None = None,
+) -> torch.Tensor:
+    """V3.2's index scores of decode rows over their cached indexer keys, in place in the pool: queries q [R, Hi, Di]
+    (last dimension contiguous) with per-head weights [R, Hi] (fp32, the score scale folded in), over the keys
+    [num_blocks, block_size, Di] (FP8 with fp32 scales [num_blocks, block_size], else None) of the blocks
+    block_table [R, nb] lists; scores [R, nb * block_size] in fp32: sum_h weights[h] * relu(q_h . key) at each of a
+    row's first lengths[r] positions (Indexer.scores), -inf past them."""
+    rows, heads, key_dim = q.shape
+    fp8 = key_scale is not None
+    assert q.stride(-1) == keys.stride(-1) == 1 and weights.stride(-1) == 1
+    positions = block_table.shape[1] * keys.shape[1]
+    block_n, warps = index_tiles(q.dtype)
+    split_tokens = split_tokens or split_tokens_for(rows, 1, positions, q.device, block_n)
+    pieces = -(-positions // split_tokens)
+    scores = torch.empty(rows, positions, dtype=torch.float32, device=q.device)
+    upcast, precision = _dot_settings(q.dtype)
+    _index_scores[(rows, pieces)](
+        q, weights, keys, key_scale if fp8 else keys, block_table, lengths, scores,
+        q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), keys.stride(1), _scale_strides(key_scale),
+        block_table.stride(0), scores.stride(0), heads, key_dim, keys.shape[1], positions, split_tokens,
+        BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(key_dim)), FP8=fp8, UPCAST=upcast, PRECISION=precision, num_warps=warps,
+    )  # fmt: skip
+    return scores
 
 
 # -- block-FP8 products ----------------------------------------------------------------------------------------------
