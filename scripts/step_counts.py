@@ -736,14 +736,14 @@ class ModelledKernels:
 
     def index_scores(self, q, weights, keys, key_scale, table, lengths, **_):
         """V3.2's index scores: the queries, weights, table and lengths, each row's `history` indexer keys (and
-        their FP8 scales) once where they lie; the fp32 scores of every table position written."""
+        their FP8 scales) once where they lie; the score key (int64) of every table position written."""
         rows = table.shape[0]
         per_token = sum(
             t.numel() // (t.shape[0] * t.shape[1]) * t.element_size() for t in (keys, key_scale) if t is not None
         )
         read = sum(distinct_bytes(t) for t in (q, weights, table, lengths)) + rows * self.history * per_token
-        scores = torch.empty(rows, table.shape[1] * keys.shape[1], dtype=torch.float32, device=table.device)
-        self.counter.record("index scores (modelled)", read, scores.numel() * 4)
+        scores = torch.empty(rows, table.shape[1] * keys.shape[1], dtype=torch.int64, device=table.device)
+        self.counter.record("index scores (modelled)", read, scores.numel() * scores.element_size())
         return scores
 
     def fp8_experts(self, x, tokens, pair_weights, counts, weights, scales):

@@ -19,7 +19,7 @@ from test_backends import BLOCK, STEPS, CountDequantisations, plan, pool_for, ti
 
 from tp_infer.backends import pick, reference  # noqa: E402
 from tp_infer.backends import triton_kernels as tk  # noqa: E402
-from tp_infer.backends.cuda import CudaBackend  # noqa: E402
+from tp_infer.backends.cuda import CudaBackend, score_keys, scores_of  # noqa: E402
 from tp_infer.engine.runner import build_batch  # noqa: E402
 from tp_infer.kv.pool import CacheTensor, LayerCache  # noqa: E402
 from tp_infer.model import fp8  # noqa: E402
@@ -229,45 +229,49 @@ def index_operands(histories: list[int], cache: str, seed: int, tied: float = 0.
 @pytest.mark.parametrize("cache", ["fp32", "fp16", "fp8"])
 @pytest.mark.parametrize("split_tokens", [None, 64], ids=["one-piece", "pieces-of-64"])
 def test_index_scores_match_the_indexers_scores(cache, split_tokens):
-    """index_scores over indexer keys read in place through scattered tables: Indexer.scores (fp32, over the keys
-    as the torch backend reads them, dequantised) at each row's first `length` positions, -inf past them (rows of
-    1, 17 and 300 positions of 320; 5 heads, not a power of two)."""
+    """index_scores over indexer keys read in place through scattered tables: the scores its keys hold are
+    Indexer.scores (fp32, over the keys as the torch backend reads them, dequantised; signed weights, so scores of
+    both signs) at each row's first `length` positions, -inf past them (rows of 1, 17 and 300 positions of 320; 5
+    heads, not a power of two); its keys are cuda.score_keys of those scores, bit for bit."""
     histories = [1, 17, 300]
     keys, table, q, weights, lengths = index_operands(histories, cache, seed=31)
     got = tk.index_scores(q, weights, keys.data, keys.scale, table, lengths, split_tokens=split_tokens)
-    assert got.shape == (3, 20 * BLOCK_SIZE) and got.dtype == torch.float32
+    assert got.shape == (3, 20 * BLOCK_SIZE) and got.dtype == torch.int64
+    scores = scores_of(got)
+    assert torch.equal(score_keys(scores), got)
     model = tiny(DEVICE, index_topk=8, index_n_heads=5, index_head_dim=32)
     cached = keys.read(table, torch.float32)
     expected = model.layers[0].attn.indexer.scores(q[:, None], weights[:, None], cached)[:, 0]
+    assert (expected[2, :300] < 0).any() and (expected[2, :300] > 0).any()
     for r, length in enumerate(histories):
-        assert torch.allclose(got[r, :length], expected[r, :length], atol=1e-5 * expected.abs().max().item(), rtol=0)
-        assert (got[r, length:] == float("-inf")).all()
+        tolerance = 1e-5 * expected.abs().max().item()
+        assert torch.allclose(scores[r, :length], expected[r, :length], atol=tolerance, rtol=0)
+        assert (scores[r, length:] == float("-inf")).all()
 
 
-def test_top_positions_break_ties_as_the_torch_backends_stable_sort():
-    """cuda.top_positions (one topk over a composite key) against the torch backend's rule (a stable descending
-    sort: equal scores go to the earlier position), on scores full of exact ties (integers 0 to 3, some -0.0, which
-    equals +0.0), -inf past each row's length, rows seeing fewer positions than topk and more: the same positions in
-    the same order, for each row's first min(length, topk)."""
-    from tp_infer.backends.cuda import top_positions
-
+def test_score_keys_rank_ties_as_the_torch_backends_stable_sort():
+    """One topk over cuda.score_keys (what the selection on the device takes) against the torch backend's rule (a
+    stable descending sort: equal scores go to the earlier position), on scores full of exact ties (integers -1 to
+    2, some -0.0, which equals +0.0), -inf past each row's length, rows seeing fewer positions than topk and more:
+    the same positions in the same order, for each row's first min(length, topk)."""
     generator = torch.Generator().manual_seed(32)
     lengths = [1, 5, 12, 64, 64]
-    scores = torch.randint(0, 4, (5, 64), generator=generator).float()
+    scores = torch.randint(-1, 3, (5, 64), generator=generator).float()
     scores[torch.rand(5, 64, generator=generator) < 0.2] = -0.0
     scores[3] = 7.0  # a row of one tie throughout
     scores = torch.where(torch.arange(64) < torch.tensor(lengths)[:, None], scores, float("-inf")).to(DEVICE)
-    got = top_positions(scores, 8)
+    got = score_keys(scores).topk(8, dim=-1, sorted=True).indices
     expected = scores.sort(dim=-1, descending=True, stable=True).indices[:, :8]
     for r, length in enumerate(lengths):
         count = min(length, 8)
         assert got[r, :count].tolist() == expected[r, :count].tolist(), r
     assert got[3].tolist() == list(range(8))
+    assert torch.equal(scores_of(score_keys(scores)), torch.where(scores == 0, 0.0, scores))
 
 
 @pytest.mark.parametrize("cache", ["fp32", "fp8"])
 def test_the_sparse_selection_on_the_device_is_the_indexers(cache):
-    """CudaBackend.selection (index_scores, then top_positions) of decode rows where 90% of the keys score exactly
+    """CudaBackend.selection (index_scores, then a topk of its keys) of decode rows where 90% of the keys score exactly
     0 (relu leaves nothing: the ties of the real model), so that a row's top 16 ends among tied positions: the
     positions Indexer.select keeps (the torch backend's selection, the earlier of equal scores), for rows seeing
     fewer positions than topk (all of them) and more."""
@@ -285,7 +289,7 @@ def test_the_sparse_selection_on_the_device_is_the_indexers(cache):
     selected, counts = CudaBackend().selection(mla, cache_layer, group, index)
     expected = reference().selected(mla, cache_layer, group, index)[:, 0]
     assert counts.tolist() == [5, 16, 16]
-    scores = tk.index_scores(q, weights, keys.data, keys.scale, table, lengths)
+    scores = scores_of(tk.index_scores(q, weights, keys.data, keys.scale, table, lengths))
     for r in range(3):
         mask = torch.zeros_like(expected[r])
         mask[selected[r, : counts[r]]] = True

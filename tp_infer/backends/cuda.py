@@ -171,29 +171,35 @@ class CudaBackend(Backend):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """What a decode group's rows attend over, as the paged decode takes it: (None, their lengths) for their whole
         histories; where V3.2's indexer narrows them, each row's top-k positions [R, topk] and how many it selected
-        [R] (all it sees while fewer than topk): index scores over the cached indexer keys in place (Triton), then
-        top_positions, on the device."""
+        [R] (all it sees while fewer than topk): index scores over the cached indexer keys in place (Triton), as
+        score keys, then one topk over them, on the device."""
         if index is None or not mla.narrows(group.visible.shape[-1]):
             return None, group.lengths
         keys = cache.tensors[mla.attended]
-        scores = triton_kernels().index_scores(
+        score_keys = triton_kernels().index_scores(
             index.q[group.start : group.end], index.weights[group.start : group.end], keys.data, keys.scale,
             group.block_table, group.lengths,
         )  # fmt: skip
-        return top_positions(scores, mla.indexer.topk), group.lengths.clamp(max=mla.indexer.topk)
+        topk = mla.indexer.topk
+        return score_keys.topk(topk, dim=-1, sorted=True).indices, group.lengths.clamp(max=topk)
 
 
-def top_positions(scores: torch.Tensor, topk: int) -> torch.Tensor:
-    """Each row's topk best-scoring positions of scores [R, S] (fp32; -inf where a row sees nothing), best first:
-    equal scores go to the earlier position (the torch backend's stable sort, Indexer.select), so that a row selects
-    the same positions whatever shares its step. One topk over a composite int64 key that orders exactly as (score,
-    earlier position): the score's fp32 bits made order-preserving as a signed integer (-0 made +0 first, as the
-    sort sees them equal) above the position counted from the end; no sort of the whole row, nothing read back."""
-    positions = scores.shape[-1]
-    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0 into +0
+# the score keys of V3.2's selection on the device: a score's fp32 bits, made order-preserving as a signed integer, in
+# the upper 32 bits, the position counted from the end of the row in the lower: one topk over a row's keys (sorted)
+# gives its best positions, equal scores the earlier position first, exactly as the torch backend's stable sort
+# (Indexer.select) orders them; -0 is made +0 first, as the sort sees them equal. The index score kernel writes them;
+# these are the same in torch (tests, and the scores back).
+def score_keys(scores: torch.Tensor) -> torch.Tensor:
+    """The score keys [R, S] (int64) of scores [R, S] (fp32)."""
+    bits = torch.where(scores == 0, 0.0, scores).view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    later = torch.arange(positions - 1, -1, -1, device=scores.device)
-    return (ordered * (1 << 32) + later).topk(topk, dim=-1, sorted=True).indices
+    return ordered * (1 << 32) + torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)
+
+
+def scores_of(keys: torch.Tensor) -> torch.Tensor:
+    """The fp32 scores [R, S] that score keys [R, S] hold."""
+    ordered = (keys >> 32).to(torch.int32)
+    return torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).view(torch.float32)
 
 
 def fp8_absorbed_decode(

@@ -602,9 +602,10 @@ def _index_scores(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One row, one piece of its table's positions: sum_h weights[h] * relu(q_h . key) for each position the row
-    sees (accumulated in fp32, the keys read through the block table with their FP8 scales), -inf for the positions
-    past its length."""
+    """One row, one piece of its table's positions: the score sum_h weights[h] * relu(q_h . key) of each position
+    the row sees (accumulated in fp32, the keys read through the block table with their FP8 scales), -inf for the
+    positions past its length, written as its score key (cuda.score_keys: the score's fp32 bits made
+    order-preserving, -0 as +0, above the position counted from the end)."""
     row = tl.program_id(0)
     piece = tl.program_id(1)
     h = tl.arange(0, BLOCK_H)
@@ -632,7 +633,10 @@ def _index_scores(
         if FP8:
             products = products * tl.load(key_scale + block * stride_ksb + slot, mask=tm, other=0.0)[None, :]
         score = tl.sum(tl.maximum(products, 0.0) * w[:, None], 0)
-        tl.store(scores + row * stride_sr + t, tl.where(tm, score, float("-inf")), mask=t < end)
+        score = tl.where(tm, tl.where(score == 0.0, 0.0, score), float("-inf"))
+        bits = score.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        tl.store(scores + row * stride_sr + t, ordered * 4294967296 + (positions - 1 - t), mask=t < end)
 
 
 def index_scores(
@@ -647,8 +651,9 @@ def index_scores(
     """V3.2's index scores of decode rows over their cached indexer keys, in place in the pool: queries q [R, Hi, Di]
     (last dimension contiguous) with per-head weights [R, Hi] (fp32, the score scale folded in), over the keys
     [num_blocks, block_size, Di] (FP8 with fp32 scales [num_blocks, block_size], else None) of the blocks
-    block_table [R, nb] lists; scores [R, nb * block_size] in fp32: sum_h weights[h] * relu(q_h . key) at each of a
-    row's first lengths[r] positions (Indexer.scores), -inf past them."""
+    block_table [R, nb] lists: sum_h weights[h] * relu(q_h . key) in fp32 at each of a row's first lengths[r]
+    positions (Indexer.scores), -inf past them, as score keys [R, nb * block_size] (int64, cuda.score_keys: one topk
+    over them is the torch backend's stable top-k; cuda.scores_of gives the scores back)."""
     rows, heads, key_dim = q.shape
     fp8 = key_scale is not None
     assert q.stride(-1) == keys.stride(-1) == 1 and weights.stride(-1) == 1
@@ -656,7 +661,7 @@ def index_scores(
     block_n, warps = index_tiles(q.dtype)
     split_tokens = split_tokens or split_tokens_for(rows, 1, positions, q.device, block_n)
     pieces = -(-positions // split_tokens)
-    scores = torch.empty(rows, positions, dtype=torch.float32, device=q.device)
+    scores = torch.empty(rows, positions, dtype=torch.int64, device=q.device)
     upcast, precision = _dot_settings(q.dtype)
     _index_scores[(rows, pieces)](
         q, weights, keys, key_scale if fp8 else keys, block_table, lengths, scores,
