@@ -25,13 +25,12 @@ from tp_infer.distributed import (
     DistContext,
     StartupError,
     agree,
-    all_ranks_ok,
     control_group,
     init_distributed,
     min_over_ranks,
 )
 from tp_infer.engine.engine import Engine
-from tp_infer.engine.graphs import DecodeGraphs
+from tp_infer.engine.graphs import CapturedDecode, CudaGraphCapture, DecodeGraphs, prepare_on_every_rank
 from tp_infer.engine.runner import ModelRunner, RemoteAbort
 from tp_infer.engine.sampling import SEED_RANGE, SamplingParams
 from tp_infer.failures import report_failure
@@ -167,8 +166,10 @@ ENGINE_OPTIONS = [
     click.option(
         "--cuda-graphs",
         is_flag=True,
-        help="With --compile on CUDA: replay each bucket's decode step as a CUDA graph (torch.compile's "
-        "reduce-overhead mode); where capture fails the job runs eager.",
+        help="On CUDA, replay each batch bucket's decode step (1, 2, 4, ... up to --max-batch-size) as a CUDA graph "
+        "captured at start-up: alone, the cuda backend's eager step over static buffers as wide as --max-seq-len; with "
+        "--compile, the torch backend's compiled step (torch.compile's reduce-overhead mode). Other steps, and any "
+        "where a rank fails to capture, run eager.",
     ),
     click.option(
         "--cpu-kernels/--no-cpu-kernels",
@@ -357,9 +358,11 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
         if compiled and backend_name == "cpu":
             raise ConfigError("--compile needs --backend torch: the cpu backend's C kernels cannot be held in a graph")
         if compiled and backend_name == "cuda":
-            raise ConfigError("--compile needs --backend torch: the cuda backend is not yet held in a compiled graph")
-        if opts["cuda_graphs"] and not (compiled and ctx.device.type == "cuda"):
-            raise ConfigError("--cuda-graphs needs --compile on CUDA")
+            raise ConfigError(
+                "--compile compiles the torch backend's step: the cuda backend's is captured by --cuda-graphs alone"
+            )
+        if opts["cuda_graphs"]:
+            check_cuda_graphs(ctx.device, compiled, backend_name, args.dtype)
         layout = cache_layout(args, ctx.world_size)
         weights = functools.partial(weight_bytes, args, tp)
         num_blocks, sizing = size_pool(args, layout, opts["kv_cache_memory"], block_size, ctx.device, weights)
@@ -387,10 +390,11 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
     if disk_path:
         made_by = fingerprint(args, ckpt_path, ctx.world_size, block_size)
         files = DiskFiles(disk_path, made_by, ctx.rank, shared=layout.replicated)
-    runner = ModelRunner(model, ctx, num_blocks, block_size, host_blocks, files, spare_blocks=int(compiled))
+    held = compiled or opts["cuda_graphs"]  # decode steps held whole pad their rows into a spare block
+    runner = ModelRunner(model, ctx, num_blocks, block_size, host_blocks, files, spare_blocks=int(held))
     report_memory(ctx, runner, sizing)
-    if compiled:
-        compile_decode(ctx, runner, args.max_batch_size, opts["cuda_graphs"])
+    if held:
+        hold_decode(ctx, runner, args, compiled, opts["cuda_graphs"])
     if ctx.rank != 0:
         # rank 0 decides when to stop (a batch job at a step boundary) and then releases the followers
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -431,18 +435,36 @@ def run(ctx: DistContext, front_end: FrontEnd, opts: dict) -> int:
     return status
 
 
-def compile_decode(ctx: DistContext, runner: ModelRunner, max_rows: int, cuda_graphs: bool) -> None:
-    """Compile the decode step's buckets on every rank (their graphs hold the collectives); where any rank fails to,
-    every rank runs eager, and rank 0 says why."""
-    graphs, error = DecodeGraphs(runner.model, runner.pool, max_rows, cuda_graphs), None
-    try:
-        note = graphs.warm_up()
-    except Exception as e:  # a graph that cannot be compiled or captured: the eager step serves
-        note, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    if all(all_ranks_ok([error is None], ctx.world_size)):
-        runner.use_graphs(graphs)
+def check_cuda_graphs(device: torch.device, compiled: bool, backend_name: str, dtype_name: str) -> None:
+    """--cuda-graphs: on CUDA, over the torch backend's compiled step or the cuda backend's eager one (--backend auto
+    picks it where Triton imports)."""
+    if device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs needs a CUDA device, not {device.type}")
+    backend = pick(backend_name, device.type, dtype_name).name
+    if not compiled and backend != "cuda":
+        raise ConfigError(
+            f"--cuda-graphs alone captures the cuda backend's step, not {backend}'s: choose --backend cuda, or add "
+            "--compile for the torch backend's"
+        )
+
+
+def hold_decode(ctx: DistContext, runner: ModelRunner, args: ModelArgs, compiled: bool, cuda_graphs: bool) -> None:
+    """Compile (--compile) or capture (--cuda-graphs alone) the decode step's buckets on every rank; where any rank
+    fails to, every rank runs eager, and rank 0 says why."""
+    model, pool, rows = runner.model, runner.pool, args.max_batch_size
+    if compiled:
+        note = prepare_on_every_rank(
+            ctx, runner, lambda: DecodeGraphs(model, pool, rows, cuda_graphs), "decode step not compiled"
+        )
+    else:
+        note = prepare_on_every_rank(
+            ctx,
+            runner,
+            lambda: CapturedDecode(model, pool, rows, args.max_seq_len, CudaGraphCapture(ctx.device)),
+            "decode step not captured as CUDA graphs",
+        )
     if ctx.rank == 0:
-        click.echo(note or f"decode step not compiled ({error or 'another rank failed to'}); running eager", err=True)
+        click.echo(note, err=True)
 
 
 def report_memory(ctx: DistContext, runner: ModelRunner, sizing: str) -> None:

@@ -147,19 +147,20 @@ class ModelRunner:
         disk: DiskFiles | None = None,
         spare_blocks: int = 0,
     ):
-        """spare_blocks: blocks allocated past num_blocks for scratch (a compiled decode step's padded rows)."""
+        """spare_blocks: blocks allocated past num_blocks for scratch (the padded rows of a held decode step)."""
         self.model, self.ctx, self.disk = model, ctx, disk
         if ctx.device.type == "cpu":
             keep_freed_memory()  # every step's activations would otherwise arrive as fresh pages
         layout = cache_layout(model.args, ctx.world_size)
         self.pool = KVPool.of(layout, num_blocks, block_size, ctx.device, spare=spare_blocks)
-        self.graphs = None  # a DecodeGraphs (tp_infer.engine.graphs) once use_graphs() gives one
+        self.graphs = None  # held decode steps (tp_infer.engine.graphs) once use_graphs() gives them
         on_gpu = ctx.device.type == "cuda"
         self.host = KVPool.of(layout, host_blocks, block_size, torch.device("cpu"), on_gpu) if host_blocks else None
         self.side_stream = torch.cuda.Stream(ctx.device) if on_gpu and host_blocks else None
 
     def use_graphs(self, graphs) -> None:
-        """Run decode steps through `graphs` (a DecodeGraphs over this runner's model and pool) from now on."""
+        """Run the decode steps that `graphs` takes (a DecodeGraphs or CapturedDecode over this runner's model and pool)
+        through it from now on."""
         self.graphs = graphs
 
     def forward(self, plan: StepPlan) -> torch.Tensor | None:
@@ -210,7 +211,7 @@ class ModelRunner:
         if not plan.num_new.numel():
             return None, loaded
         if self.graphs is not None and self.graphs.takes(plan):
-            with collective("compiled decode step", None):  # its collectives' failures, named as the eager ones are
+            with collective("held decode step", None):  # its collectives' failures, named as the eager ones are
                 return self.graphs.run(plan), loaded
         batch = build_batch(plan, self.pool.block_size, device)
         logits = self.model(
