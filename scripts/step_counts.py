@@ -2,7 +2,7 @@
 dispatched aten ops per step at DeepSeek-V3's structure, and bytes moved per decode step at its real widths.
 
     OMP_NUM_THREADS=2 python scripts/step_counts.py [--history 1000] [--prefill-tokens 512] [--decode-rows 1,8]
-        [--before f2299d6] [--skip-bytes] [--skip-counts] [--out FILE.json]
+        [--before f2299d6] [--skip-bytes] [--skip-counts] [--skip-sparse] [--out FILE.json]
 
 Every model is configs/config_671B.json's structure (61 layers, 3 dense, 256 routed experts in 8 groups, top 8 of 4
 groups, sigmoid router, one shared expert), FP8 weights with 128x128 block scales, built as rank 0 of a world of 8
@@ -83,6 +83,7 @@ from tp_infer.model.transformer import DTYPES, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_671B = ROOT / "configs" / "config_671B.json"
+CONFIG_V32 = ROOT / "configs" / "config_v3.2.json"
 WORLD_SIZE = 8
 BLOCK_SIZE = 16
 MULTIPROCESSORS = 132  # an H100 SXM's or H200's: how many pieces the cuda backend splits a decode history into
@@ -182,10 +183,11 @@ GATHER_OPS = {"index_select", "index", "embedding", "gather"}  # read what they 
 
 
 # ---- the model at DeepSeek-V3's structure ----------------------------------------------------------------------------
-def v3_args(small: bool, dtype: str, max_seq_len: int, **options) -> ModelArgs:
-    """configs/config_671B.json (FP8 weights) at its real widths, or at SMALL_WIDTHS with the same structure."""
+def v3_args(small: bool, dtype: str, max_seq_len: int, config: Path = CONFIG_671B, **options) -> ModelArgs:
+    """configs/config_671B.json (FP8 weights; or another config of the family, V3.2's) at its real widths, or at
+    SMALL_WIDTHS with the same structure."""
     widths = SMALL_WIDTHS if small else {}
-    return load_config(CONFIG_671B, dtype=dtype, max_seq_len=max_seq_len, attn_impl="absorb").with_options(
+    return load_config(config, dtype=dtype, max_seq_len=max_seq_len, attn_impl="absorb").with_options(
         **widths, **options
     )
 
@@ -623,7 +625,10 @@ def param_label(name: str) -> str:
 def minimum_bytes(model: Transformer, rows: int, context: int) -> dict[str, float]:
     """The least a decode step of `rows` rows at `context` tokens of history moves on rank 0, by label: every weight
     read once (its scales too), of the routed experts the expected distinct ones (expected_distinct_experts), of the
-    embedding the rows' rows; the cached history read once and the new entries written once (in attention)."""
+    embedding the rows' rows; the cached history read once and the new entries written once (in attention). With
+    V3.2's indexer (sparse), where a row sees more than index_topk positions: the indexer keys of its whole history,
+    and the attended entries (latent and rope key) of index_topk positions only (below that, a row reads all of them
+    and no indexer key: it attends densely without scoring)."""
     args = model.args
     share = expected_distinct_experts(args, rows) / (args.n_routed_experts // WORLD_SIZE)
     out: Counter = Counter()
@@ -636,6 +641,15 @@ def minimum_bytes(model: Transformer, rows: int, context: int) -> dict[str, floa
         out[param_label(name)] += size
     per_token = cache_bytes_per_token_layer(args) * args.n_layers
     out["attention"] += per_token * rows * (context + 1)  # the history read, the new entries written
+    if getattr(args, "sparse", False):
+        from tp_infer.model.attention import MLA
+
+        size = DTYPES[args.dtype].itemsize * args.n_layers * rows
+        attended = sum(math.prod(shape) for shape in cache_shapes(args)[: MLA.attended]) * size
+        if context + 1 > args.index_topk:  # narrowed: the attended entries of top-k positions read, not all
+            out["attention"] -= attended * (context - args.index_topk)
+        else:  # dense: the indexer keys written, not read
+            out["attention"] -= (per_token * rows - attended) * context
     return dict(out)
 
 
@@ -801,6 +815,40 @@ def cuda_backend_kernels(counter: StepCounter, history: int, args: ModelArgs) ->
         cuda_backend.triton_kernels, cuda_backend.block_fp8_product = kernels, rule
 
 
+def path_bytes(model: Transformer, args: ModelArgs, step: Step, pool: KVPool, context: int, path: str) -> dict:
+    """What one decode step moves on meta on `path` (torch, CPU path; torch, CUDA path; cuda backend), by label."""
+    tally, refused = Tally(), []
+    counter = StepCounter(tally)
+    on_gpu = path != "torch, CPU path"
+    products = cuda_products(counter, refused) if on_gpu else contextlib.nullcontext()
+    kernels = contextlib.nullcontext()
+    if path == CUDA_BACKEND:
+        model.use_backend(cuda_backend.CudaBackend())
+        kernels = cuda_backend_kernels(counter, context + 1, args)
+    batch = build_batch(step.plan, BLOCK_SIZE, torch.device("meta"))
+    try:
+        with (
+            collectives_as_identity(),
+            counting_dequantisations(tally),
+            labelled(model, counter),
+            products,
+            kernels,
+            counter,
+        ):
+            model(step.plan.tokens.to("meta"), batch, pool.layers)
+    finally:
+        model.use_backend(reference_backend())
+    return {
+        "read": dict(tally.read),
+        "written": dict(tally.written),
+        "total": tally.bytes_moved,
+        "dequantised_matrices": tally.dequantised,
+        "aten_ops": tally.aten_ops,
+        "refused_scaled_mm": sorted(set(refused)),
+        "top_ops": tally.by_op.most_common(8),
+    }
+
+
 def bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
     """Bytes moved per decode step at the real widths on meta, torch backend, CPU and CUDA paths, against the
     minimum."""
@@ -815,36 +863,7 @@ def bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
             entry = {"rows": rows, "context": context, "minimum": minimum, "paths": {}}
             for path in ("torch, CPU path", "torch, CUDA path", CUDA_BACKEND):
                 log(f"bytes: {rows} rows, {context} context, {path}")
-                tally, refused = Tally(), []
-                counter = StepCounter(tally)
-                on_gpu = path != "torch, CPU path"
-                products = cuda_products(counter, refused) if on_gpu else contextlib.nullcontext()
-                kernels = contextlib.nullcontext()
-                if path == CUDA_BACKEND:
-                    model.use_backend(cuda_backend.CudaBackend())
-                    kernels = cuda_backend_kernels(counter, context + 1, args)
-                batch = build_batch(step.plan, BLOCK_SIZE, torch.device("meta"))
-                try:
-                    with (
-                        collectives_as_identity(),
-                        counting_dequantisations(tally),
-                        labelled(model, counter),
-                        products,
-                        kernels,
-                        counter,
-                    ):
-                        model(step.plan.tokens.to("meta"), batch, pool.layers)
-                finally:
-                    model.use_backend(reference_backend())
-                entry["paths"][path] = {
-                    "read": dict(tally.read),
-                    "written": dict(tally.written),
-                    "total": tally.bytes_moved,
-                    "dequantised_matrices": tally.dequantised,
-                    "aten_ops": tally.aten_ops,
-                    "refused_scaled_mm": sorted(set(refused)),
-                    "top_ops": tally.by_op.most_common(8),
-                }
+                entry["paths"][path] = path_bytes(model, args, step, pool, context, path)
             cuda = entry["paths"]["torch, CUDA path"]
             moe = "MoE (gate, shared and routed experts)"
             routed_measured = routed_bytes_on_meta(model, rows, context, step, pool)
@@ -854,6 +873,35 @@ def bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
                 "routed_measured": routed_measured,
                 "moe_measured": cuda["read"].get(moe, 0) + cuda["written"].get(moe, 0),
             }
+            entry["minimum_total"] = sum(minimum.values())
+            out.append(entry)
+            del pool
+    return out
+
+
+def sparse_bytes_per_step(rows_list: list[int], contexts: list[int]) -> list[dict]:
+    """Bytes moved per decode step of DeepSeek-V3.2 (configs/config_v3.2.json: V3's widths and the lightning
+    indexer, 64 heads of 128, top 2,048) at its real widths on meta, the torch backend's CUDA path and the cuda
+    backend, against V3.2's minimum (minimum_bytes: the attended entries of at most top-k positions a row, and the
+    indexer keys of the whole history once where the indexer narrows); beside them the same step of V3 (no indexer)
+    on the cuda backend."""
+    out = []
+    for context in contexts:
+        sparse_args = v3_args(False, "bf16", context + 64, config=CONFIG_V32)
+        dense_args = v3_args(False, "bf16", context + 64)
+        sparse, dense = build_model(sparse_args, "meta", "torch"), build_model(dense_args, "meta", "torch")
+        for rows in rows_list:
+            step = decode_step(rows, context)
+            minimum = minimum_bytes(sparse, rows, context)
+            entry = {"rows": rows, "context": context, "minimum": minimum, "paths": {}}
+            pool = make_pool(sparse_args, step.blocks, "meta")
+            for path in ("torch, CUDA path", CUDA_BACKEND):
+                log(f"bytes, V3.2: {rows} rows, {context} context, {path}")
+                entry["paths"][path] = path_bytes(sparse, sparse_args, step, pool, context, path)
+            pool = make_pool(dense_args, step.blocks, "meta")
+            log(f"bytes, V3: {rows} rows, {context} context, {CUDA_BACKEND}")
+            entry["paths"][f"V3, {CUDA_BACKEND}"] = path_bytes(dense, dense_args, step, pool, context, CUDA_BACKEND)
+            entry["v3_minimum_total"] = sum(minimum_bytes(dense, rows, context).values())
             entry["minimum_total"] = sum(minimum.values())
             out.append(entry)
             del pool
@@ -951,6 +999,37 @@ def print_bytes(results: list[dict]) -> None:
             print(f"F.scaled_mm's checks refuse (on meta): {', '.join(refused)}")
 
 
+def print_sparse_bytes(results: list[dict]) -> None:
+    print(
+        "\n3. bytes moved per decode step of DeepSeek-V3.2 (top 2,048 of the history attended) at its real widths, "
+        "rank 0 of 8 (GB; on the meta device), beside V3's on the cuda backend"
+    )
+    columns = ("torch, CUDA path", CUDA_BACKEND)
+    print(
+        "| rows | context | minimum | "
+        + " | ".join(f"{c} | ratio" for c in columns)
+        + f" | V3 minimum | V3, {CUDA_BACKEND} | V3.2 / V3 (cuda backend) |"
+    )
+    print("|---" * (6 + 2 * len(columns)) + "|")
+    for e in results:
+        lo = e["minimum_total"]
+        cells = " | ".join(f"{gb(e['paths'][c]['total'])} | {e['paths'][c]['total'] / lo:.2f}x" for c in columns)
+        v3 = e["paths"][f"V3, {CUDA_BACKEND}"]["total"]
+        ratio = e["paths"][CUDA_BACKEND]["total"] / v3
+        print(
+            f"| {e['rows']} | {e['context']:,} | {gb(lo)} | {cells} | {gb(e['v3_minimum_total'])} | {gb(v3)} "
+            f"| {ratio:.2f} |"
+        )
+    for e in results:
+        path = e["paths"][CUDA_BACKEND]
+        top = ", ".join(f"{op} {gb(n)}" for op, n in path["top_ops"][:6])
+        attention = path["read"].get("attention", 0) + path["written"].get("attention", 0)
+        print(
+            f"V3.2, {e['rows']} rows at {e['context']:,}, {CUDA_BACKEND}: attention {gb(attention)} GB (minimum "
+            f"{gb(e['minimum'].get('attention', 0))}); most bytes (GB): {top}"
+        )
+
+
 # ---- before: an older commit's package -------------------------------------------------------------------------------
 def counts_at(commit: str, history: int, prefill_tokens: int, rows: list[int]) -> dict:
     """The counts of configurations bf16 and fp32 run by this script in `commit`'s package (its tp_infer extracted
@@ -987,10 +1066,21 @@ def parse_rows(ctx, param, value: str) -> list[int]:
 @click.option("--before", help="Also count the package of this commit (e.g. f2299d6, main before issue 27).")
 @click.option("--skip-counts", is_flag=True, help="Skip section 1.")
 @click.option("--skip-bytes", is_flag=True, help="Skip section 2.")
+@click.option("--skip-sparse", is_flag=True, help="Skip section 3 (DeepSeek-V3.2's bytes).")
 @click.option("--counts-only", type=click.Path(dir_okay=False), hidden=True, help="(internal) --before's child.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write every figure as JSON.")
 def main(
-    history, prefill_tokens, decode_rows, bytes_rows, bytes_contexts, before, skip_counts, skip_bytes, counts_only, out
+    history,
+    prefill_tokens,
+    decode_rows,
+    bytes_rows,
+    bytes_contexts,
+    before,
+    skip_counts,
+    skip_bytes,
+    skip_sparse,
+    counts_only,
+    out,
 ) -> None:
     """Host syncs, FP8 dequantisations, aten ops and bytes moved per step at DeepSeek-V3's structure (issue 27)."""
     started = time.perf_counter()
@@ -1020,6 +1110,9 @@ def main(
     if not skip_bytes:
         results["bytes"] = bytes_per_step(bytes_rows, bytes_contexts)
         print_bytes(results["bytes"])
+    if not skip_sparse:
+        results["sparse_bytes"] = sparse_bytes_per_step(bytes_rows, bytes_contexts)
+        print_sparse_bytes(results["sparse_bytes"])
     results["runtime_s"] = time.perf_counter() - started
     print(f"\ntotal runtime {results['runtime_s']:.0f} s")
     if out:
