@@ -476,15 +476,17 @@ def test_the_cuda_backend_runs_the_tiny_model_as_the_torch_backend(options):
         dict(attn_impl="absorb", fp8_weights=True, kv_cache_dtype="fp8"),
         dict(attn_impl="absorb"),
         dict(attn_impl="naive", fp8_weights=True),
+        dict(attn_impl="absorb", index_topk=64),
     ],
-    ids=["absorb-fp8-weights-fp8-cache", "absorb-fp32", "naive-fp8-weights"],
+    ids=["absorb-fp8-weights-fp8-cache", "absorb-fp32", "naive-fp8-weights", "absorb-fp32-top-64-dense"],
 )
 def test_the_cuda_backend_runs_a_sparse_attention_model_as_the_torch_backend(monkeypatch, options):
     """A V3.2 model (the indexer keeping 8 of the 21 to 40 positions its decode rows see, its keys a third cached
     quantity): the cuda backend scores each decode group's rows over the cached indexer keys in the Triton kernel,
     selects their top 8 on the device and decodes over those in the paged kernel (once per layer in each of the
     three steps with decode rows); prefills and the extend go to the reference: the torch backend's logits and
-    greedy tokens."""
+    greedy tokens. Keeping 64, more than the rows' tables hold (48 positions), the indexer narrows nothing: the
+    decode rows take the dense paged decode, with no scoring."""
     calls = []
     for name in ("index_scores", "mla_decode", "mha_decode"):
         original = getattr(tk, name)
@@ -494,7 +496,7 @@ def test_the_cuda_backend_runs_a_sparse_attention_model_as_the_torch_backend(mon
             return _f(*a, **k)
 
         monkeypatch.setattr(tk, name, spy)
-    model = tiny(DEVICE, index_topk=8, index_n_heads=4, index_head_dim=32, **options)
+    model = tiny(DEVICE, **(dict(index_topk=8, index_n_heads=4, index_head_dim=32) | options))
     expected = run_steps_on(model, reference())
     got = run_steps_on(model, CudaBackend())
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
@@ -502,8 +504,9 @@ def test_the_cuda_backend_runs_a_sparse_attention_model_as_the_torch_backend(mon
         assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
     decode = "mla_decode" if options["attn_impl"] == "absorb" else "mha_decode"
     layers = model.args.n_layers
-    assert calls.count(("index_scores", False)) == 3 * layers
-    assert calls.count((decode, True)) == 3 * layers and (decode, False) not in calls
+    narrowed = model.args.index_topk == 8
+    assert calls.count(("index_scores", False)) == (3 * layers if narrowed else 0)
+    assert calls.count((decode, narrowed)) == 3 * layers and (decode, not narrowed) not in calls
 
 
 def test_the_kernels_are_offered_decode_groups_and_fp8_products_only(monkeypatch):
@@ -593,6 +596,40 @@ def test_the_byte_model_counts_paged_decode_as_one_read_of_each_rows_history():
     queries = rows * heads * (512 + 64) * 2 + rows * blocks * 8 + rows * 8
     assert tally.read["other"] == queries + rows * history * (512 + 64) * 2 + partial
     assert tally.written["other"] == partial + rows * heads * 512 * 2
+
+
+def test_the_byte_model_counts_sparse_decode_as_the_selected_entries_and_every_indexer_key():
+    """step_counts' model of V3.2's decode on the cuda backend, at V3.2's widths (16 local heads, latent 512, rope
+    64, indexer keys of 128, bf16): the index scores read each row's whole history of indexer keys once and write a
+    score key (int64) per table position; the sparse decode reads the selected positions' latents and rope keys
+    only (256 of the 1,000), and the selection itself."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from step_counts import ModelledKernels, StepCounter, Tally
+
+    rows, heads, history, blocks, topk = 2, 16, 1000, 64, 256
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    table = torch.empty(rows, blocks, dtype=torch.long, device="meta")
+    lengths = torch.empty(rows, dtype=torch.long, device="meta")
+    tally = Tally()
+    kernels = ModelledKernels(StepCounter(tally), history)
+    q, weights = torch.empty(rows, 64, 128, **meta), torch.empty(rows, 64, device="meta")
+    keys = kernels.index_scores(q, weights, torch.empty(300, 16, 128, **meta), None, table, lengths)
+    assert keys.shape == (rows, blocks * 16) and keys.dtype == torch.int64
+    table_bytes = rows * blocks * 8 + rows * 8
+    assert tally.read["other"] == rows * 64 * 128 * 2 + rows * 64 * 4 + table_bytes + rows * history * 128 * 2
+    assert tally.written["other"] == rows * blocks * 16 * 8
+    tally.read.clear()
+    q_latent, q_pe = torch.empty(rows, heads, 512, **meta), torch.empty(rows, heads, 64, **meta)
+    latent, rope = torch.empty(300, 16, 512, **meta), torch.empty(300, 16, 64, **meta)
+    selected = torch.empty(rows, topk, dtype=torch.long, device="meta")
+    kernels.mla_decode(q_latent, q_pe, latent, None, rope, None, table, lengths, 0.1, selected=selected)
+    pieces = 1  # 2 rows x 1 head group over 256 selected positions: one piece (none shorter than 256)
+    partial = rows * heads * pieces * 513 * 4
+    queries = rows * heads * (512 + 64) * 2 + table_bytes + rows * topk * 8
+    assert tally.read["other"] == queries + rows * topk * (512 + 64) * 2 + partial
 
 
 def test_every_kernel_compiles_for_hopper_without_a_gpu():

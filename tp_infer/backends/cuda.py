@@ -7,6 +7,11 @@
   MLA.absorbed does), naive form per head. Prefill and extend groups keep the reference's SDPA or latent products
   over the gathered blocks: there the gather is one read of the history for many new tokens, which the products
   then reuse.
+- V3.2's sparse attention, for decode rows whose view the indexer narrows (more than index_topk positions): their
+  index scores over the cached indexer keys in one Triton launch reading the keys in place, written as score keys
+  that one torch topk ranks exactly as the torch backend's stable sort (equal scores: the earlier position), then the
+  same paged decode kernels over each row's selected positions only, read where they lie. Prefill and extend groups
+  the indexer narrows keep the reference's (scores, top-k mask, attention over the gathered blocks).
 - Products with FP8 weights use torch's block-scaled F.scaled_mm where the reference's block_fp8_product allows
   (sm90+, bf16, whole 128-blocks), else the Triton block-FP8 kernel, which reads the FP8 weight in place (wkv_a's 576
   rows, fp32 compute, GPUs before sm90) instead of dequantising it into a full-size copy first. In a step of decode

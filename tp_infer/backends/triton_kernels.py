@@ -6,7 +6,11 @@ from the device, so every launch can be held in a CUDA graph).
   tensor), the history split into pieces attended in parallel (flash-decoding: each piece's softmax-weighted sum and
   log-sum-exp, then a combine kernel), all rows in one launch. Cache entries are read in their own dtype (bf16, fp16,
   fp32, or float8_e4m3fn with one fp32 scale per token and head: the pool's CacheTensor); an FP8 scale is applied to
-  the scores and probabilities rather than to each value (the same numbers, one multiply per token).
+  the scores and probabilities rather than to each value (the same numbers, one multiply per token). With
+  `selected` (V3.2's sparse attention), each row attends over the positions its indexer selected instead, each read
+  where it lies through the block table (no gather), the pieces splitting the selection.
+- V3.2's index scores (index_scores): decode rows' scores over their cached indexer keys read in place, fp32
+  accumulation, written as order-preserving int64 score keys for one topk on the device.
 - Block-FP8 products (fp8_linear): x [M, K] times an FP8 weight [N, K] with one fp32 scale per 128x128 block. Each
   weight tile is read once as FP8, converted exactly (e4m3 fits bf16 and fp32) into the activations' dtype for the
   tensor cores, and its block scale applied to the tile's partial sums: the activations keep their precision (no
