@@ -7,11 +7,16 @@ the bandwidth floor.
 
 Each configuration fills a pool with `history` tokens of random cache entries per row (blocks scattered), then times
 one decode step of `rows` rows (median of several, after warm-up): torch backend eager, cuda backend eager, and the
-cuda backend's step captured once as a CUDA graph (torch.cuda.CUDAGraph; its launches are sized from shapes alone,
-so the whole step can be captured) and replayed. The floor is the bytes a step must read, every weight it uses once
+cuda backend's step held as the engine holds it with --cuda-graphs (tp_infer.engine.graphs.CapturedDecode: captured
+as a CUDA graph over static buffers, block tables as wide as the model's max_seq_len; its launches are sized from
+shapes alone, so the whole step can be captured), timed per step as the engine runs it: the inputs copied into the
+buffers, the replay, the logits copied out. In a dry run the stand-in capture (the same callable on the same buffers)
+takes the CUDA graph's place. The floor is the bytes a step must read, every weight it uses once
 (of the routed experts the expected distinct ones, of the embedding the rows' rows) and the rows' cache once, over the
 device's measured copy bandwidth. The outputs of the backends are compared (the largest logit difference relative to
-the largest logit). A configuration whose pool would not fit the free memory is skipped with a line saying so.
+the largest logit), and the graph's against the eager cuda backend's. A configuration whose pool would not fit the
+free memory is skipped with a line saying so. Each capture's start-up line (its time, the memory of the graphs' pool)
+is printed after the table.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def pool_and_step(model, rows: int, history: int, device: torch.device):
     from tp_infer.model.attention import cache_layout
 
     per_row = -(-(history + 1) // BLOCK_SIZE)
-    pool = KVPool.of(cache_layout(model.args, 1), rows * per_row, BLOCK_SIZE, device)
+    pool = KVPool.of(cache_layout(model.args, 1), rows * per_row, BLOCK_SIZE, device, spare=1)  # a held step's padding
     generator = torch.Generator(device).manual_seed(1)
     for part in pool.named.values():
         for piece in part.view(-1, part.shape[-1]).split(1 << 20):
@@ -104,7 +109,9 @@ def floor_bytes(model, rows: int, history: int, pool) -> float:
         elif ".ffn.experts." in name:
             size *= share
         total += size
-    per_token = pool.nbytes / (pool.num_blocks * pool.block_size)
+    from tp_infer.model.attention import cache_layout
+
+    per_token = cache_layout(args, 1).bytes_per_token
     return total + rows * (history + 1) * per_token
 
 
@@ -128,18 +135,17 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def captured(step, device: torch.device):
-    """step() captured once as a CUDA graph: (replay, its output), or (None, why) where capture fails."""
+def held_step(model, pool, plan, rows: int, device: torch.device):
+    """The cuda backend's decode step of `rows` rows held as the engine holds it with --cuda-graphs: (graphs, its
+    start-up line), or (None, why) where capture fails."""
+    from tp_infer.engine.graphs import CapturedDecode, CudaGraphCapture, StandInCapture
+
     try:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            step()  # compiled and warm before capture
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        return graph.replay, out
+        capture = CudaGraphCapture(device) if device.type == "cuda" else StandInCapture()
+        graphs = CapturedDecode(model, pool, rows, model.args.max_seq_len, capture, sizes=[rows])
+        line = graphs.warm_up()
+        assert graphs.takes(plan), "the step is decode alone within its bucket"
+        return graphs, line
     except Exception as e:  # any failure to capture is reported, and the rest goes on
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
@@ -164,22 +170,26 @@ def measure(model, rows: int, history: int, device: torch.device, repeats: int, 
         model.use_backend(backend)
         return model(tokens, batch, pool.layers)
 
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
     with torch.no_grad():
         expected, got = step(reference()), step(CudaBackend())
-        diff = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+        diff = relative(got, expected)
         theirs = timed(functools.partial(step, reference()), device, repeats)
         ours = timed(functools.partial(step, CudaBackend()), device, repeats)
-        graph_s, note = math.nan, ""
-        if device.type == "cuda":
-            model.use_backend(CudaBackend())
-            replay, held = captured(lambda: model(tokens, batch, pool.layers), device)
-            if replay is None:
-                note = f" (graph: {held})"
-            else:
-                graph_s = timed(replay, device, repeats)
+        model.use_backend(CudaBackend())
+        graphs, line = held_step(model, pool, plan, rows, device)
+        graph_s, graph_diff, note = math.nan, math.nan, ""
+        if graphs is None:
+            note = f" (graph: {line})"
+        else:
+            graph_diff = relative(graphs.run(plan).to(got.device), got)
+            graph_s = timed(functools.partial(graphs.run, plan), device, repeats)
     return dict(
         rows=rows, history=history, floor_s=floor_bytes(model, rows, history, pool) / bandwidth, torch_s=theirs,
-        cuda_s=ours, cuda_graph_s=graph_s, max_logit_diff_relative=diff, note=note,
+        cuda_s=ours, cuda_graph_s=graph_s, max_logit_diff_relative=diff, graph_vs_eager_diff_relative=graph_diff,
+        capture=line, note=note,
     )  # fmt: skip
 
 
@@ -204,8 +214,8 @@ def main(rows, history, weights, repeats, dry_run, out) -> None:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (interpreter)'}, "
           f"measured copy bandwidth {bandwidth / 1e9:,.0f} GB/s, model {config.name}")  # fmt: skip
     print("| weights | rows | history | floor (ms) | torch (ms) | cuda (ms) | cuda graph (ms) | torch / cuda "
-          "| cuda graph / floor | max logit diff (rel.) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| cuda graph / floor | max logit diff (rel.) | graph vs eager (rel.) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for weight_dtype in weights:
         model = build(config, weight_dtype, device, max(history) + 64)
@@ -220,10 +230,14 @@ def main(rows, history, weights, repeats, dry_run, out) -> None:
                 times = " | ".join(f"{entry[k] * 1e3:.2f}" for k in ("floor_s", "torch_s", "cuda_s", "cuda_graph_s"))
                 ratios = f"{entry['torch_s'] / entry['cuda_s']:.1f}x | {entry['cuda_graph_s'] / entry['floor_s']:.2f}x"
                 diff = f"{entry['max_logit_diff_relative']:.1e}{entry['note']}"
+                diff += f" | {entry['graph_vs_eager_diff_relative']:.1e}"
                 print(f"| {weight_dtype} | {n_rows} | {n_history:,} | {times} | {ratios} | {diff} |")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    for entry in results:
+        where = f"{entry['weights']} weights, {entry['rows']} rows, {entry['history']:,} tokens"
+        print(f"capture, {where}: {entry['capture']}")
     if out:
         Path(out).write_text(json.dumps({"bandwidth": bandwidth, "results": results}, indent=2) + "\n")
 

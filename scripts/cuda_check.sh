@@ -5,8 +5,9 @@
 # of time does not stop the next. Logs, JSON and plots go to OUT_DIR; stdout gets one line per step, each step's
 # closing lines and the suite's summary.
 # Usage: bash scripts/cuda_check.sh [--dry-run] OUT_DIR [TOTAL seconds, default 540] [pytest workers, default 12]
-# ONLY="suite bench_serving" runs only the steps named (compile triton bench_decode bench_cuda_step demo-fp32 demo-bf16 demo-bf16-graphs
-# suite profile_step bench_vs_vllm bench_multiturn bench_serving bench_pool bench_tiers bench_kv_cache).
+# ONLY="suite bench_serving" runs only the steps named (compile triton bench_decode bench_cuda_step demo-fp32 demo-bf16
+# demo-bf16-cuda-graphs demo-bf16-graphs suite profile_step bench_vs_vllm bench_multiturn bench_serving bench_pool
+# bench_tiers bench_kv_cache).
 # --dry-run, for a machine without a GPU: checks the script's own plumbing (steps, deadlines, logs) in about a
 # minute: the cuda backend's kernels are compiled for sm90 (no GPU needed) and their tests run under Triton's
 # interpreter, bench_decode.py and bench_cuda_step.py on tiny shapes on the CPU; every other step logs the command it
@@ -91,7 +92,8 @@ else
 	# 1K and 16K of history: time per decode group against the bytes it must read over the measured bandwidth
 	TAIL=22 step bench_decode 90 "$py" scripts/bench_decode.py --out "$out/decode.json"
 	# one decode step of V2-Lite's real structure (random FP8 and bf16 weights, TP 1) at batch 1, 8 and 64, 1K and 16K
-	# of history: torch backend, cuda backend, cuda backend as a CUDA graph, against the bandwidth floor
+	# of history: torch backend, cuda backend, cuda backend held as the engine's --cuda-graphs holds it (a CUDA graph
+	# over static buffers; each capture's time and pool memory printed after the table), against the bandwidth floor
 	TAIL=20 step bench_cuda_step 180 "$py" scripts/bench_cuda_step.py --out "$out/cuda_step.json"
 fi
 
@@ -105,7 +107,13 @@ for dtype in fp32 bf16; do
 		--dtype "$dtype" --max-new-tokens 32 --system "You are a helpful assistant." <"$out/demo.in"
 done
 
-# the same conversation through the compiled decode step replayed as CUDA graphs (start-up says how long compiling
+# the same conversation with the cuda backend's decode step captured as CUDA graphs for batches of 1, 2 and 4
+# (start-up says how long each capture took and the memory of the graphs' pool, or why it runs eager)
+TAIL=40 step demo-bf16-cuda-graphs 120 "$py" -m tp_infer.generate --ckpt-path "$demo" --interactive --device cuda \
+	--dtype bf16 --max-new-tokens 32 --max-batch-size 4 --backend cuda --cuda-graphs \
+	--system "You are a helpful assistant." <"$out/demo.in"
+
+# and through the torch backend's compiled decode step replayed as CUDA graphs (start-up says how long compiling
 # and capturing took, or why it runs eager)
 TAIL=40 step demo-bf16-graphs 150 "$py" -m tp_infer.generate --ckpt-path "$demo" --interactive --device cuda \
 	--dtype bf16 --max-new-tokens 32 --max-batch-size 2 --compile --cuda-graphs --system "You are a helpful assistant." \

@@ -193,7 +193,9 @@ class CudaGraphCapture:
         torch.cuda.synchronize(self.device)
 
     def capture(self, step: Callable[[], torch.Tensor]) -> Captured:
-        if self.reserved is None:  # after every warm-up: what the warm-ups left cached is not the graphs'
+        if self.reserved is None:  # after every warm-up, whose cached memory is handed back (as capture does anyway)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
             self.reserved = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
