@@ -322,6 +322,28 @@ def test_cpu_backend_matches_the_torch_backend(monkeypatch, options):
         assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
 
 
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler here")
+def test_the_compiled_indexer_picks_the_torch_backends_positions():
+    """kernels.index_topk (decode rows, the indexer keys read in place through scattered blocks) against
+    Indexer.select: the same positions for rows that see fewer, as many and more positions than top-k, with many
+    exact ties at the cut (a third of the keys zero, so relu leaves their scores at 0)."""
+    model = tiny(**V32)
+    indexer = model.layers[0].attn.indexer
+    generator = torch.Generator().manual_seed(3)
+    pool = torch.randn(12, 16, 32, generator=generator)
+    pool[torch.rand(12, 16, generator=generator) < 0.35] = 0
+    table = torch.tensor([[7, 2, 11, 0, 5], [3, 9, 1, 10, 4], [6, 8, 0, 2, 11]])
+    lengths = torch.tensor([5, 8, 77])
+    q, weights = torch.randn(3, 4, 32, generator=generator), torch.rand(3, 4, generator=generator)
+    positions, counts = kernels.index_topk(q, weights, pool, table, lengths, INDEX_TOPK)
+    keys = pool.index_select(0, table.flatten()).view(3, 80, 32)
+    visible = (torch.arange(80) < lengths[:, None]).unsqueeze(1)
+    chosen = indexer.select(q.unsqueeze(1), weights.unsqueeze(1), keys, visible)[:, 0]
+    for row in range(3):
+        assert positions[row, : counts[row]].tolist() == chosen[row].nonzero().flatten().tolist(), row
+    assert counts.tolist() == [5, 8, 8]
+
+
 def test_equal_scores_go_to_the_earlier_position():
     """Ties at the cut are broken by position, whatever the length of the row being scored."""
     model = tiny(**V32)

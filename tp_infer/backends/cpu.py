@@ -177,17 +177,25 @@ def selected_entries(
     mla: MLA, cache: LayerCache, group: AttentionGroup, index: IndexQueries
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """For decode rows whose view the indexer narrows: each attended quantity's entries at the positions a row
-    selects, in ascending order, as one block per row [R, topk, ...], and how many each row selected [R] (int64)."""
-    keys = cache.tensors[mla.attended].read(group.block_table, torch.float32, group.first_block)
-    chosen = mla.indexer.select(rows_of(index.q, group), rows_of(index.weights, group), keys, group.visible)[:, 0]
-    rows, positions = chosen.shape
-    span = torch.arange(positions)
-    order = torch.where(chosen, span, span + positions)  # the chosen positions first, each part ascending
-    picked = order.topk(mla.indexer.topk, dim=-1, largest=False, sorted=True).indices
-    block_size = cache.tensors[0].data.shape[1]
-    slots = (group.block_table.gather(1, picked // block_size) * block_size + picked % block_size).flatten()
-    entries = [t.flatten(0, 1).index_select(0, slots).view(rows, -1, *t.shape[2:]) for t in cache.data[: mla.attended]]
-    return entries, chosen.sum(dim=-1)
+    selects (kernels.index_topk, reading the indexer keys in place; else the torch backend's selection), in ascending
+    order, as one block per row [R, topk, ...], and how many each row selected [R] (int64)."""
+    block_size, topk = cache.tensors[0].data.shape[1], mla.indexer.topk
+    keys = cache.tensors[mla.attended]
+    q, weights = index.q[group.start : group.end], index.weights[group.start : group.end]
+    picked = kernels.index_topk(q, weights, keys.data, group.block_table, group.lengths, topk)
+    if picked is None:
+        keys = keys.read(group.block_table, torch.float32, group.first_block)
+        chosen = mla.indexer.select(rows_of(index.q, group), rows_of(index.weights, group), keys, group.visible)[:, 0]
+        span = torch.arange(chosen.shape[1])
+        order = torch.where(chosen, span, span + chosen.shape[1])  # the chosen positions first, each part ascending
+        picked = order.topk(topk, dim=-1, largest=False, sorted=True).indices, chosen.sum(dim=-1)
+    positions, counts = picked
+    positions = torch.where(torch.arange(topk) < counts[:, None], positions, 0)  # past a row's count: any position
+    slots = (group.block_table.gather(1, positions // block_size) * block_size + positions % block_size).flatten()
+    entries = [
+        t.flatten(0, 1).index_select(0, slots).view(len(counts), topk, *t.shape[2:]) for t in cache.data[: mla.attended]
+    ]
+    return entries, counts
 
 
 def chunked_attention(

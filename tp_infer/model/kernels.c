@@ -1017,3 +1017,84 @@ int extend_attention(const Extend *a, int threads) {
     }
     return failed ? -2 : 0;
 }
+
+/* DeepSeek-V3.2's lightning indexer for decode rows: each row's index scores over the indexer keys it may see, read
+ * in place from the pool, and the positions of its K best, ties to the earlier position (as the torch backend's
+ * stable sort chooses them):
+ *
+ *   q [R, H, D]              the rows' indexer queries (rope part rotated), contiguous
+ *   weights [R, H]           per-head weights, the scales folded in
+ *   keys [slots, D]          the pool's indexer keys, slot = block * bs + offset
+ *   block_table [R, nb]      int64; row r sees its positions 0 .. lengths[r] - 1
+ *   scores [R, nb * bs]      scratch: score[s] = sum_h weights[h] * relu(q[h] . key[s])
+ *   positions [R, K]         out: the chosen positions, ascending (all a row sees while that is at most K)
+ *   counts [R]               out: how many, min(lengths[r], K)
+ *
+ * The threads split each row's positions for the scores; the K-th largest score is found by selection (a copy of the
+ * scores partitioned in place), then one pass takes every position above it and those equal to it, earliest first,
+ * until K. */
+typedef struct {
+    const float *q, *weights, *keys;
+    const int64_t *block_table, *lengths;
+    float *scores, *spare;
+    int64_t *positions, *counts;
+    int64_t R, H, D, nb, bs, K;
+} IndexTopk;
+
+/* the k-th largest (k from 0) of v[0 .. n), v reordered */
+static float kth_largest(float *v, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const float pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                const float t = v[i];
+                v[i++] = v[j];
+                v[j--] = t;
+            }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return v[k];
+    }
+    return v[lo];
+}
+
+int index_topk(const IndexTopk *a, int threads) {
+    const int64_t S = a->nb * a->bs, H = a->H, D = a->D, K = a->K;
+    if (D % 8) return -1;
+    for (int64_t r = 0; r < a->R; r++) {
+        const int64_t len = a->lengths[r];
+        int64_t *chosen = a->positions + r * K;
+        if (len < 1 || len > S) return -1;
+        a->counts[r] = len < K ? len : K;
+        if (len <= K) {
+            for (int64_t s = 0; s < len; s++) chosen[s] = s;
+            continue;
+        }
+        const float *q = a->q + r * H * D, *w = a->weights + r * H;
+        const int64_t *table = a->block_table + r * a->nb;
+        float *score = a->scores + r * S;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t s = 0; s < len; s++) {
+            const float *key = a->keys + (table[s / a->bs] * a->bs + s % a->bs) * D;
+            float sum = 0.f;
+            for (int64_t h = 0; h < H; h++) {
+                const float product = dot(key, q + h * D, D);
+                sum += product > 0.f ? w[h] * product : 0.f;
+            }
+            score[s] = sum;
+        }
+        for (int64_t s = 0; s < len; s++) a->spare[s] = score[s];
+        const float cut = kth_largest(a->spare, len, K - 1);
+        int64_t above = 0;
+        for (int64_t s = 0; s < len; s++) above += score[s] > cut;
+        int64_t ties = K - above, n = 0;
+        for (int64_t s = 0; s < len && n < K; s++)
+            if (score[s] > cut || (score[s] == cut && ties-- > 0)) chosen[n++] = s;
+    }
+    return 0;
+}

@@ -118,6 +118,8 @@ def library() -> ctypes.CDLL | None:
     lib.moe.restype = ctypes.c_int
     lib.extend_attention.argtypes = [ctypes.POINTER(ExtendArgs), ctypes.c_int]
     lib.extend_attention.restype = ctypes.c_int
+    lib.index_topk.argtypes = [ctypes.POINTER(IndexTopkArgs), ctypes.c_int]
+    lib.index_topk.restype = ctypes.c_int
     return lib
 
 
@@ -421,3 +423,35 @@ def mha_decode(
     )
     assert status == 0, f"mha_decode: lengths {lengths.tolist()} outside 1 .. {nb * bs}, or out of memory"
     return out
+
+
+class IndexTopkArgs(ctypes.Structure):
+    """index_topk's operands (kernels.c's IndexTopk): pointers, then sizes."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("q", "weights", "keys", "block_table", "lengths")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("scores", "spare", "positions", "counts")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("R", "H", "D", "nb", "bs", "K")]
+
+
+def index_topk(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V3.2's indexer for decode rows: queries q [R, H, D] with per-head weights [R, H] scored over the pool's
+    indexer keys [blocks, bs, D] in place (row r over its positions 0 .. lengths[r] - 1 through block_table [R, nb]),
+    and each row's k best positions, ascending, ties to the earlier (the torch backend's rule): positions [R, k] and
+    their counts [R] (min(lengths[r], k); a row's positions past its count are left undefined). None where the kernel
+    does not apply (not fp32 on the CPU, D not a multiple of 8, switched off, not built)."""
+    fits = keys.is_contiguous() and keys.shape[-1] % 8 == 0 and block_table.dtype == lengths.dtype == torch.int64
+    lib = usable(q, weights, keys) if fits else None
+    if lib is None:
+        return None
+    q, weights = q.contiguous(), weights.contiguous()
+    (rows, heads, dim), (nb, bs) = q.shape, (block_table.shape[1], keys.shape[1])
+    block_table, lengths = block_table.contiguous(), lengths.contiguous()
+    scores, spare = q.new_empty(rows, nb * bs), q.new_empty(nb * bs)
+    positions, counts = torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, dtype=torch.int64)
+    pointers = (q, weights, keys, block_table, lengths, scores, spare, positions, counts)
+    args = IndexTopkArgs(*(t.data_ptr() for t in pointers), rows, heads, dim, nb, bs, k)
+    status = lib.index_topk(ctypes.byref(args), torch.get_num_threads())
+    assert status == 0, f"index_topk: lengths {lengths.tolist()} outside 1 .. {nb * bs}"
+    return positions, counts
