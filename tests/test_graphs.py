@@ -73,6 +73,53 @@ def test_held_decode_steps_give_the_eager_logits(converted, world_size, sizes):
     assert not any(r["held"][0] is not None for r in results[1:]), "followers get no logits"
 
 
+def test_a_held_step_takes_decode_rows_alone_within_its_bucket_and_width():
+    from test_backends import tiny
+
+    from tp_infer.engine.runner import StepPlan
+    from tp_infer.kv.pool import KVPool
+    from tp_infer.model.attention import cache_layout
+
+    model = tiny()
+    pool = KVPool.of(cache_layout(model.args, 1), 12, 16, torch.device("cpu"), spare=1)
+    graphs = CapturedDecode(model, pool, 3, 96, StandInCapture())
+    assert graphs.sizes == [1, 2, 4] and graphs.width == 6
+
+    def decode(rows: int, blocks: int = 2, **kw) -> StepPlan:
+        return StepPlan.from_rows([(list(range(blocks)), 20, [5]) for _ in range(rows)], **kw)
+
+    assert graphs.takes(decode(1)) and graphs.takes(decode(4)) and graphs.takes(decode(2, blocks=6))
+    assert not graphs.takes(decode(5)), "past the largest bucket"
+    assert not graphs.takes(decode(1, blocks=7)), "tables wider than max_seq_len's"
+    assert not graphs.takes(decode(1, all_logits=True))
+    assert not graphs.takes(StepPlan.from_rows([([0, 1], 20, [5]), ([2, 3], 0, [6, 7])])), "an extend beside decode"
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_without_the_cuda_backends_step():
+    from tp_infer.backends import cuda as cuda_backend
+    from tp_infer.config import ConfigError
+    from tp_infer.engine.graphs import CudaGraphCapture
+    from tp_infer.generate import check_cuda_graphs
+
+    with pytest.raises(ValueError) as refused:
+        CudaGraphCapture(torch.device("cpu"))
+    assert str(refused.value) == "CUDA graphs need a CUDA device, not cpu"
+    cuda = torch.device("cuda")  # the checks read the device's type only
+    with pytest.raises(ConfigError) as refused:
+        check_cuda_graphs(cuda, False, "torch", "bf16")
+    assert str(refused.value) == (
+        "--cuda-graphs alone captures the cuda backend's step, not torch's: choose --backend cuda, or add --compile "
+        "for the torch backend's"
+    )
+    check_cuda_graphs(cuda, True, "torch", "bf16")  # the compiled step's graphs (reduce-overhead)
+    if cuda_backend.available():
+        check_cuda_graphs(cuda, False, "cuda", "bf16")
+        check_cuda_graphs(cuda, False, "auto", "bf16")  # auto picks the cuda backend on CUDA where Triton imports
+    with pytest.raises(ConfigError) as refused:
+        check_cuda_graphs(torch.device("cpu"), True, "torch", "fp32")
+    assert str(refused.value) == "--cuda-graphs needs a CUDA device, not cpu"
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_a_step_that_reads_back_is_refused_and_runs_eager(converted, world_size):
     """A bucket of 8 rows sends the torch backend's fp32 experts through its per-expert runs, whose lengths it reads
