@@ -279,14 +279,20 @@ class CapturedDecode:
 
     def host_inputs(self, plan: StepPlan, bucket: int) -> torch.Tensor:
         """[bucket, 3 + plan's width]: each row's token, position, slot and block table; then the padded rows."""
-        block_size, spare = self.pool.block_size, self.pool.spare_block
+        block_size = self.pool.block_size
         positions = plan.start_pos
         rows = torch.arange(positions.numel())
         slots = plan.block_tables[rows, positions // block_size] * block_size + positions % block_size
         real = torch.cat([torch.stack([plan.tokens, positions, slots], dim=1), plan.block_tables], dim=1)
-        padded = torch.full((bucket - rows.numel(), real.shape[1]), spare, dtype=torch.long)
-        padded[:, :3] = torch.tensor([0, 0, spare * block_size])
-        return torch.cat([real, padded])
+        return torch.cat([real, self.padding(bucket - rows.numel(), real.shape[1])])
+
+    def padding(self, rows: int, columns: int) -> torch.Tensor:
+        """Inputs [rows, columns] of padded rows: token 0 at position 0 of the spare block, which no turn holds, over
+        a table of the spare block alone (their logits are dropped)."""
+        spare = self.pool.spare_block
+        out = torch.full((rows, columns), spare, dtype=torch.long)
+        out[:, :3] = torch.tensor([0, 0, spare * self.pool.block_size])
+        return out
 
     def step_over(self, inputs: torch.Tensor) -> Callable[[], torch.Tensor]:
         """The decode step reading only `inputs` [B, 3 + width] (and the model and pool): its logits [B, V]."""
@@ -311,11 +317,9 @@ class CapturedDecode:
         bucket is warmed up before any is captured: the warm-ups are eager steps, which fail alike on every rank or
         not at all; a CUDA graph's capture runs no collective (NCCL puts them in the graph), so a rank whose capture
         fails leaves no other waiting."""
-        spare, block_size = self.pool.spare_block, self.pool.block_size
         steps = {}
         for bucket in reversed(self.sizes):
-            inputs = torch.full((bucket, 3 + self.width), spare, dtype=torch.long, device=self.pool.device)
-            inputs[:, :3] = torch.tensor([0, 0, spare * block_size])
+            inputs = self.padding(bucket, 3 + self.width).to(self.pool.device)
             steps[bucket] = inputs, self.step_over(inputs)
         start = time.perf_counter()
         for _, step in steps.values():
