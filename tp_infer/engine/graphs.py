@@ -198,7 +198,8 @@ class CudaGraphCapture:
             torch.cuda.empty_cache()
             self.reserved = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        # thread_local: other threads' CUDA calls during the capture (NCCL's watchdog polling its events) are theirs
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             output = step()
         torch.cuda.synchronize(self.device)
         self.graphs.append(graph)
