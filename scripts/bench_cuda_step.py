@@ -25,9 +25,7 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 64
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decode import copy_bandwidth, parse_list  # noqa: E402
+from bench_decode import copy_bandwidth, parse_list, timed  # noqa: E402
 
 
 def parse_names(ctx, param, value: str) -> list[str]:
@@ -113,26 +111,6 @@ def floor_bytes(model, rows: int, history: int, pool) -> float:
 
     per_token = cache_layout(args, 1).bytes_per_token
     return total + rows * (history + 1) * per_token
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` calls after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def held_step(model, pool, plan, rows: int, device: torch.device):
