@@ -2,7 +2,8 @@
 several times the indexer's top-k, measured side by side in one run.
 
 python scripts/bench_sparse_decode.py [--v3 configs/config_bench.json] [--v32 configs/config_bench_v3.2.json]
-    [--history 2048 --history 4000] [--tokens 32] [--rounds 3] [--dtype fp32] [--device cpu|cuda] [--threads N]
+    [--history 2048 --history 4000 --history 8000] [--tokens 32] [--rounds 3] [--dtype fp32] [--device cpu|cuda]
+    [--threads N]
 
 Both models get random weights (scaled as the tests' checkpoints) and one conversation of --history random tokens,
 prefilled once; then each round decodes --tokens greedy tokens on each model in turn (V3, then V3.2), from the same
@@ -61,7 +62,7 @@ class Decoder:
 @click.command()
 @click.option("--v3", "v3_config", default="configs/config_bench.json", show_default=True, help="The dense model.")
 @click.option("--v32", "v32_config", default="configs/config_bench_v3.2.json", show_default=True, help="The sparse.")
-@click.option("--history", "histories", multiple=True, type=int, default=(2048, 4000), show_default=True)
+@click.option("--history", "histories", multiple=True, type=int, default=(2048, 4000, 8000), show_default=True)
 @click.option("--tokens", default=32, show_default=True, help="Tokens decoded per round and model.")
 @click.option("--rounds", default=3, show_default=True)
 @dtype_option()
