@@ -10,7 +10,9 @@ from test_engine import EIGHT_TURNS
 
 from tp_infer.config import load_config
 from tp_infer.distributed import DistContext
+from tp_infer.kv.layout import CacheLayout, CacheQuantity
 from tp_infer.kv.memory import parse_budget, size_pool
+from tp_infer.kv.pool import KVPool
 from tp_infer.model.attention import cache_layout
 
 
@@ -77,3 +79,35 @@ def test_pool_sized_from_memory():
     for bad in ("-1", "abc", "0", "150%"):
         with pytest.raises(ValueError, match="--kv-cache-memory"):
             parse_budget(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_a_quantity_kept_per_group_of_tokens(dtype):
+    """A layout may keep a quantity once per group of consecutive tokens (a compressed attention's, as DeepSeek-V4
+    keeps one entry per 4 or 128 tokens): the pool gives it block_size / g rows a block, a token's slot maps to its
+    group's row, reads, block copies and copies to another tier carry it, its bytes count once per group, and a block
+    size that splits a group is refused."""
+    quantities = (
+        CacheQuantity(name="latent", shape=(8,)),
+        CacheQuantity(name="groups", shape=(8,), tokens_per_entry=4),
+    )
+    layout = CacheLayout(layers=2, quantities=quantities, dtype=dtype, replicated=True)
+    scale = 4 if dtype == torch.float8_e4m3fn else 0
+    assert layout.bytes_per_token == 2 * ((8 * dtype.itemsize + scale) + (8 * dtype.itemsize + scale) / 4)
+    pool = KVPool.of(layout, 3, 16, torch.device("cpu"))
+    grouped = pool.layers[1].tensors[1]
+    assert tuple(grouped.data.shape) == (3, 4, 8) and pool.layout()["1.1"][0] == (4, 8)
+    slots = torch.tensor([2 * 16 + 5, 0 * 16 + 15])  # block 2's group 1, block 0's group 3
+    assert grouped.entry_slots(slots).tolist() == [2 * 4 + 1, 0 * 4 + 3]
+    values = torch.tensor([[1.0] * 8, [-2.0] * 8])
+    grouped.write(grouped.entry_slots(slots), values)
+    read = grouped.read(torch.tensor([[2, 0]]), torch.float32)
+    assert read.shape == (1, 8, 8)
+    assert torch.equal(read[0, 1], values[0]) and torch.equal(read[0, 7], values[1])
+    pool.copy(torch.tensor([2]), torch.tensor([1]))
+    assert torch.equal(grouped.read(torch.tensor([[1]]), torch.float32)[0, 1], values[0])
+    host = KVPool.of(layout, 2, 16, torch.device("cpu"))
+    pool.copy_to(host, [0], [1])
+    assert torch.equal(host.layers[1].tensors[1].read(torch.tensor([[1]]), torch.float32)[0, 3], values[1])
+    with pytest.raises(ValueError, match="multiple of it"):
+        KVPool.of(layout, 3, 6, torch.device("cpu"))

@@ -15,11 +15,33 @@ CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.floa
 
 
 class CacheTensor:
-    def __init__(self, num_blocks: int, block_size: int, shape: tuple[int, ...], dtype: torch.dtype, device, pin=False):
+    """One quantity of one layer: [num_blocks, block_size / tokens_per_entry, *shape] (a row per token, or per group
+    of tokens_per_entry consecutive tokens of a block)."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device,
+        pin=False,
+        tokens_per_entry: int = 1,
+    ):
         self.fp8 = dtype == torch.float8_e4m3fn
-        self.data = torch.zeros(num_blocks, block_size, *shape, dtype=dtype, device=device, pin_memory=pin)
-        scale_shape = (num_blocks, block_size, *shape[:-1])
+        self.block_size, self.tokens_per_entry = block_size, tokens_per_entry
+        rows = block_size // tokens_per_entry
+        self.data = torch.zeros(num_blocks, rows, *shape, dtype=dtype, device=device, pin_memory=pin)
+        scale_shape = (num_blocks, rows, *shape[:-1])
         self.scale = torch.zeros(scale_shape, device=device, pin_memory=pin) if self.fp8 else None
+
+    def entry_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """The rows of this tensor's flat view [num_blocks * rows, ...] holding the entries of the tokens at flat
+        slots (block * block_size + offset): the slots themselves for a quantity kept per token."""
+        if self.tokens_per_entry == 1:
+            return slots
+        rows = self.block_size // self.tokens_per_entry
+        return slots // self.block_size * rows + slots % self.block_size // self.tokens_per_entry
 
     @property
     def parts(self) -> list[torch.Tensor]:
@@ -31,7 +53,8 @@ class CacheTensor:
         return self.data.nbytes + (self.scale.nbytes if self.fp8 else 0)
 
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
-        """Store values [N, *shape] at flat slots [N] (block * block_size + offset), quantising them if FP8."""
+        """Store values [N, *shape] at rows [N] of the flat view (block * block_size + offset for a quantity kept per
+        token; entry_slots gives a grouped one's), quantising them if FP8."""
         flat = self.data.view(-1, *self.data.shape[2:])
         if not self.fp8:
             flat[slots] = values.to(flat.dtype)
@@ -42,7 +65,7 @@ class CacheTensor:
         self.scale.view(-1, *self.scale.shape[2:])[slots] = scale.squeeze(-1)
 
     def read(self, block_table: torch.Tensor, dtype: torch.dtype, first_block: int | None = None) -> torch.Tensor:
-        """The blocks of each row of block_table [R, nb], as [R, nb * block_size, *shape] in `dtype`. first_block
+        """The blocks of each row of block_table [R, nb], as [R, nb * rows, *shape] in `dtype`. first_block
         says the one row's blocks are consecutive from there: a view of the pool is read then, nothing copied."""
         data = blocks_of(self.data, block_table, first_block)
         if not self.fp8:
@@ -71,9 +94,21 @@ class LayerCache:
     (absorb: latent and rope key; naive: this rank's heads' keys and values; then V3.2's indexer keys)."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, shapes: list[tuple[int, ...]], dtype: torch.dtype, device, pin=False
+        self,
+        num_blocks: int,
+        block_size: int,
+        shapes: list[tuple[int, ...]],
+        dtype: torch.dtype,
+        device,
+        pin=False,
+        per_entry: list[int] | None = None,
     ):
-        self.tensors = [CacheTensor(num_blocks, block_size, shape, dtype, device, pin) for shape in shapes]
+        """per_entry[i]: the tokens each entry of quantity i covers (1 for all by default)."""
+        per_entry = per_entry or [1] * len(shapes)
+        self.tensors = [
+            CacheTensor(num_blocks, block_size, shape, dtype, device, pin, tokens)
+            for shape, tokens in zip(shapes, per_entry, strict=True)
+        ]
 
     @property
     def data(self) -> list[torch.Tensor]:
@@ -107,13 +142,14 @@ class KVPool:
         device: torch.device,
         pin: bool = False,
         spare: int = 0,
+        per_entry: list[int] | None = None,
     ):
         """`spare` blocks more are allocated past num_blocks, which no turn is given: blocks num_blocks, ... are
-        scratch (a padded row of a compiled decode step writes there)."""
+        scratch (a padded row of a compiled decode step writes there). per_entry: as LayerCache's."""
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, torch.device(device)
         self.spare_block = num_blocks if spare else None
         total = num_blocks + spare
-        self.layers = [LayerCache(total, block_size, shapes, dtype, device, pin) for _ in range(num_layers)]
+        self.layers = [LayerCache(total, block_size, shapes, dtype, device, pin, per_entry) for _ in range(num_layers)]
         self.named = {}  # every tensor by name: "{layer}.{quantity}", and "{layer}.{quantity}.scale" (FP8)
         for i, layer in enumerate(self.layers):
             for j, tensor in enumerate(layer.tensors):
@@ -150,7 +186,9 @@ class KVPool:
         cls, layout: CacheLayout, num_blocks: int, block_size: int, device: torch.device, pin=False, spare: int = 0
     ) -> "KVPool":
         """The pool a model's cache layout asks for."""
-        return cls(layout.layers, num_blocks, block_size, layout.shapes, layout.dtype, device, pin, spare)
+        layout.check_block_size(block_size)
+        shapes, dtype = layout.shapes, layout.dtype
+        return cls(layout.layers, num_blocks, block_size, shapes, dtype, device, pin, spare, layout.per_entry)
 
     @property
     def nbytes(self) -> int:
