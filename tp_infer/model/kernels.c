@@ -1078,15 +1078,25 @@ int index_topk(const IndexTopk *a, int threads) {
         const float *q = a->q + r * H * D, *w = a->weights + r * H;
         const int64_t *table = a->block_table + r * a->nb;
         float *score = a->scores + r * S;
+        const int64_t bs = a->bs, blocks = (len + bs - 1) / bs;
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t s = 0; s < len; s++) {
-            const float *key = a->keys + (table[s / a->bs] * a->bs + s % a->bs) * D;
-            float sum = 0.f;
-            for (int64_t h = 0; h < H; h++) {
-                const float product = dot(key, q + h * D, D);
-                sum += product > 0.f ? w[h] * product : 0.f;
+        for (int64_t b = 0; b < blocks; b++) { /* a block's keys are contiguous: products in tiles, heads x keys */
+            const int64_t s0 = b * bs, n = len - s0 < bs ? len - s0 : bs;
+            const float *block = a->keys + table[b] * bs * D;
+            float products[H * bs];
+            for (int64_t j = 0; j < n; j += TILE_N)
+                for (int64_t h = 0; h < H; h += TILE_M)
+                    any_tile(q + h * D, block + j * D, products + h * bs + j, bs, D,
+                             H - h < TILE_M ? (int)(H - h) : TILE_M, n - j < TILE_N ? (int)(n - j) : TILE_N, NULL, 0,
+                             1);
+            for (int64_t j = 0; j < n; j++) {
+                float sum = 0.f;
+                for (int64_t h = 0; h < H; h++) {
+                    const float product = products[h * bs + j];
+                    sum += product > 0.f ? w[h] * product : 0.f;
+                }
+                score[s0 + j] = sum;
             }
-            score[s] = sum;
         }
         for (int64_t s = 0; s < len; s++) a->spare[s] = score[s];
         const float cut = kth_largest(a->spare, len, K - 1);
