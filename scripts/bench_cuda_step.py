@@ -36,6 +36,7 @@ BLOCK_SIZE = 64
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode import copy_bandwidth, parse_list, timed  # noqa: E402
+from step_counts import minimum_bytes  # noqa: E402
 
 
 def parse_names(ctx, param, value: str) -> list[str]:
@@ -93,26 +94,6 @@ def pool_and_step(model, rows: int, history: int, device: torch.device):
     return pool, plan
 
 
-def floor_bytes(model, rows: int, history: int, pool) -> float:
-    """What a decode step must read: every weight it uses once (FP8 with scales; of the routed experts the expected
-    distinct ones, each token choosing topk of them uniformly; of the embedding the rows' rows), the rows' cached
-    history once."""
-    args = model.args
-    share = 1 - (1 - args.n_activated_experts / args.n_routed_experts) ** rows
-    total = 0.0
-    for name, p in model.named_parameters():
-        size = p.numel() * p.element_size()
-        if name.startswith("embed"):
-            size = rows * p.shape[-1] * p.element_size()
-        elif ".ffn.experts." in name:
-            size *= share
-        total += size
-    from tp_infer.model.attention import cache_layout
-
-    per_token = cache_layout(args, 1).bytes_per_token
-    return total + rows * (history + 1) * per_token
-
-
 def held_step(model, pool, plan, rows: int, device: torch.device):
     """The cuda backend's decode step of `rows` rows held as the engine holds it with --cuda-graphs: (graphs, its
     start-up line), or (None, why) where capture fails."""
@@ -164,8 +145,9 @@ def measure(model, rows: int, history: int, device: torch.device, repeats: int, 
         else:
             graph_diff = relative(graphs.run(plan).to(got.device), got)
             graph_s = timed(functools.partial(graphs.run, plan), device, repeats)
+    floor_s = sum(minimum_bytes(model, rows, history).values()) / bandwidth
     return dict(
-        rows=rows, history=history, floor_s=floor_bytes(model, rows, history, pool) / bandwidth, torch_s=theirs,
+        rows=rows, history=history, floor_s=floor_s, torch_s=theirs,
         cuda_s=ours, cuda_graph_s=graph_s, max_logit_diff_relative=diff, graph_vs_eager_diff_relative=graph_diff,
         capture=line, note=note,
     )  # fmt: skip

@@ -243,7 +243,7 @@ def build_model(args: ModelArgs, device: str, backend: str | None, seed: int = 0
 
 def fill_random(model: Transformer, seed: int) -> None:
     """FP8 weights spread over e4m3's range with block scales of 1/sqrt(fan-in) over ~100, norms near 1, a routing
-    bias, unit embeddings, 1/sqrt(fan-in) matrices (as tests/test_backends.py's)."""
+    bias, unit embeddings, 1/sqrt(fan-in) matrices (tests/test_backends.py's tiny model takes them too)."""
     generator = torch.Generator().manual_seed(seed)
     dim = model.args.dim
     with torch.no_grad():

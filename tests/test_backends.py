@@ -3,6 +3,7 @@ synchronisation (it runs whole on the meta device, where reading a value back ra
 per FP8 weight it uses, and one graph under torch.compile(fullgraph=True)."""
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,13 @@ from tp_infer.backends import pick, reference
 from tp_infer.backends.cpu import CpuBackend
 from tp_infer.config import load_config
 from tp_infer.engine.runner import StepPlan, build_batch
-from tp_infer.kv.pool import CACHE_DTYPES, KVPool
+from tp_infer.kv.pool import KVPool
 from tp_infer.model import fp8, kernels
 from tp_infer.model.attention import cache_layout
-from tp_infer.model.transformer import DTYPES, Transformer
+from tp_infer.model.transformer import Transformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from step_counts import fill_random
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_tiny.json"
 BLOCK, BLOCKS = 16, 48
@@ -26,33 +30,16 @@ TABLES = [[7, 30, 2, 19, 41, 11], [44, 0, 23, 36, 5, 28]]
 def tiny(device: str = "cpu", **options):
     """The tiny config's model with random weights (FP8 with block scales where fp8_weights), its torch backend."""
     args = load_config(CONFIG, max_seq_len=96, **({"dtype": "fp32"} | options))
-    generator = torch.Generator().manual_seed(0)
     with torch.device(device):
         model = Transformer(args, backend=reference())
     if device == "meta":
         return model
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if t.dtype == torch.float8_e4m3fn:
-                t.copy_(torch.randn(t.shape, generator=generator).mul_(100).clamp_(-400, 400).to(t.dtype))
-            elif name.endswith("scale"):  # FP8 block scales: the weight's 1/sqrt(fan-in) spread over ~100
-                t.copy_(torch.rand(t.shape, generator=generator).add_(0.5) / 100 / math.sqrt(args.dim))
-            elif "norm" in name:
-                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
-            elif name.endswith("gate.bias"):
-                t.copy_(torch.rand(t.shape, generator=generator) * 0.4 - 0.2)
-            elif "embed" in name:
-                t.copy_(torch.randn(t.shape, generator=generator))
-            else:
-                t.copy_(torch.randn(t.shape, generator=generator) / math.sqrt(t.shape[-1]))
+    fill_random(model, 0)
     return model.eval()
 
 
 def pool_for(model: Transformer, device: str = "cpu") -> KVPool:
-    args = model.args
-    cache_dtype = CACHE_DTYPES.get(args.kv_cache_dtype, DTYPES[args.dtype])
-    shapes = cache_layout(args, 1).shapes
-    return KVPool(args.n_layers, BLOCKS, BLOCK, shapes, cache_dtype, torch.device(device))
+    return KVPool.of(cache_layout(model.args, 1), BLOCKS, BLOCK, torch.device(device))
 
 
 def plan(rows: list[tuple[int, int, list[int]]]) -> StepPlan:
