@@ -181,16 +181,15 @@ def selected_entries(
     order, as one block per row [R, topk, ...], and how many each row selected [R] (int64)."""
     block_size, topk = cache.tensors[0].data.shape[1], mla.indexer.topk
     keys = cache.tensors[mla.attended]
-    q, weights = index.q[group.start : group.end], index.weights[group.start : group.end]
-    picked = kernels.index_topk(q, weights, keys.data, group.block_table, group.lengths, topk)
+    q, weights = rows_of(index.q, group), rows_of(index.weights, group)  # [R, 1, ...]: one new token a row
+    picked = kernels.index_topk(q[:, 0], weights[:, 0], keys.data, group.block_table, group.lengths, topk)
     if picked is None:
         keys = keys.read(group.block_table, torch.float32, group.first_block)
-        chosen = mla.indexer.select(rows_of(index.q, group), rows_of(index.weights, group), keys, group.visible)[:, 0]
+        chosen = mla.indexer.select(q, weights, keys, group.visible)[:, 0]
         span = torch.arange(chosen.shape[1])
         order = torch.where(chosen, span, span + chosen.shape[1])  # the chosen positions first, each part ascending
         picked = order.topk(topk, dim=-1, largest=False, sorted=True).indices, chosen.sum(dim=-1)
-    positions, counts = picked
-    positions = torch.where(torch.arange(topk) < counts[:, None], positions, 0)  # past a row's count: any position
+    positions, counts = picked  # past a row's count, positions it may read and does not attend to
     slots = (group.block_table.gather(1, positions // block_size) * block_size + positions % block_size).flatten()
     entries = [
         t.flatten(0, 1).index_select(0, slots).view(len(counts), topk, *t.shape[2:]) for t in cache.data[: mla.attended]

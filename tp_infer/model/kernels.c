@@ -1027,7 +1027,7 @@ int extend_attention(const Extend *a, int threads) {
  *   keys [slots, D]          the pool's indexer keys, slot = block * bs + offset
  *   block_table [R, nb]      int64; row r sees its positions 0 .. lengths[r] - 1
  *   scores [R, nb * bs]      scratch: score[s] = sum_h weights[h] * relu(q[h] . key[s])
- *   positions [R, K]         out: the chosen positions, ascending (all a row sees while that is at most K)
+ *   positions [R, K]         out: the chosen positions, ascending (all a row sees while that is at most K), then 0
  *   counts [R]               out: how many, min(lengths[r], K)
  *
  * The threads split each row's positions for the scores; the K-th largest score is found by selection (a copy of the
@@ -1072,7 +1072,7 @@ int index_topk(const IndexTopk *a, int threads) {
         if (len < 1 || len > S) return -1;
         a->counts[r] = len < K ? len : K;
         if (len <= K) {
-            for (int64_t s = 0; s < len; s++) chosen[s] = s;
+            for (int64_t s = 0; s < K; s++) chosen[s] = s < len ? s : 0;
             continue;
         }
         const float *q = a->q + r * H * D, *w = a->weights + r * H;

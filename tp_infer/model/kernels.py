@@ -439,7 +439,7 @@ def index_topk(
     """DeepSeek-V3.2's indexer for decode rows: queries q [R, H, D] with per-head weights [R, H] scored over the pool's
     indexer keys [blocks, bs, D] in place (row r over its positions 0 .. lengths[r] - 1 through block_table [R, nb]),
     and each row's k best positions, ascending, ties to the earlier (the torch backend's rule): positions [R, k] and
-    their counts [R] (min(lengths[r], k); a row's positions past its count are left undefined). None where the kernel
+    their counts [R] (min(lengths[r], k); a row's positions past its count are 0). None where the kernel
     does not apply (not fp32 on the CPU, D not a multiple of 8, switched off, not built)."""
     fits = keys.is_contiguous() and keys.shape[-1] % 8 == 0 and block_table.dtype == lengths.dtype == torch.int64
     lib = usable(q, weights, keys) if fits else None
