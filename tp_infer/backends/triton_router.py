@@ -49,6 +49,21 @@ def takes(*, n_experts: int, n_groups: int, topk_groups: int, topk: int, bias: b
     return unsupported(n_experts=n_experts, n_groups=n_groups, topk_groups=topk_groups, topk=topk, bias=bias) is None
 
 
+def launch_settings(
+    *, n_experts: int, n_groups: int, topk_groups: int, topk: int, sigmoid: bool, bias: bool, route_norm: bool
+) -> tuple[dict, int]:
+    """The kernel's constexprs and warps for a router (route() launches with them, scripts/compile_kernels.py
+    compiles them): the experts as groups x experts per group, each padded to a power of two; one warp up to 256
+    slots (every reduction within a warp), up to four for more."""
+    block_g, block_p = triton.next_power_of_2(n_groups), triton.next_power_of_2(n_experts // n_groups)
+    constexprs = dict(
+        BLOCK_G=block_g, BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(topk), TOPK=topk,
+        TOPK_GROUPS=topk_groups if n_groups > 1 else 1, SIGMOID=sigmoid, HAS_BIAS=bias, GROUPED=n_groups > 1,
+        NORM=bool(route_norm),
+    )  # fmt: skip
+    return constexprs, max(1, min(4, block_g * block_p // 256))
+
+
 @triton.jit
 def _route(
     logits, bias, weights, indices, stride_l, stride_w, stride_i, n_groups, per_group, route_scale,
@@ -134,13 +149,9 @@ def route(
     weights = torch.empty(tokens, topk, dtype=out_dtype, device=logits.device)
     indices = torch.empty(tokens, topk, dtype=torch.int64, device=logits.device)
     if tokens:
-        per_group = n_experts // n_groups
-        block_g, block_p = triton.next_power_of_2(n_groups), triton.next_power_of_2(per_group)
+        settings, warps = launch_settings(**shape, sigmoid=sigmoid, bias=bias is not None, route_norm=route_norm)
         _route[(tokens,)](
             logits, logits if bias is None else bias, weights, indices, logits.stride(0), weights.stride(0),
-            indices.stride(0), n_groups, per_group, float(route_scale),
-            BLOCK_G=block_g, BLOCK_P=block_p, BLOCK_K=triton.next_power_of_2(topk), TOPK=topk,
-            TOPK_GROUPS=topk_groups if n_groups > 1 else 1, SIGMOID=sigmoid, HAS_BIAS=bias is not None,
-            GROUPED=n_groups > 1, NORM=bool(route_norm), num_warps=max(1, min(4, block_g * block_p // 256)),
+            indices.stride(0), n_groups, n_experts // n_groups, float(route_scale), **settings, num_warps=warps,
         )  # fmt: skip
     return weights, indices
