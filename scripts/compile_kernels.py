@@ -95,6 +95,14 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
             constexprs = dict(**tiles.constexprs, K_ALONG_ROWS=along_rows, **settings)
             label = f"per-head FP8 product ({'w_k' if along_rows else 'w_v'}), {act}"
             out.append((label, tk._fp8_heads, pointers, constexprs, dict(num_warps=tiles.warps)))
+    from tp_infer.backends import triton_router  # the router after its logits: V3's, and V2-Lite's softmax
+
+    v3 = dict(n_experts=256, n_groups=8, topk_groups=4, topk=8, sigmoid=True, bias=True, route_norm=True)
+    v2_lite = dict(n_experts=64, n_groups=1, topk_groups=1, topk=6, sigmoid=False, bias=False, route_norm=False)
+    for label, router in (("V3", v3), ("V2-Lite", v2_lite)):
+        constexprs, warps = triton_router.launch_settings(**router)
+        pointers = dict(logits="fp32", bias="fp32", weights="bf16", indices="i64")
+        out.append((f"router, {label}", triton_router._route, pointers, constexprs, dict(num_warps=warps)))
     return out
 
 
@@ -112,7 +120,7 @@ def compile_one(kernel, pointers: dict, constexprs: dict, options: dict, arch: i
         elif name in pointers:
             signature[name] = f"*{pointers[name]}"
         else:
-            signature[name] = "fp32" if name == "sm_scale" else "i32"
+            signature[name] = "fp32" if name in ("sm_scale", "route_scale") else "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
