@@ -17,6 +17,9 @@ from the device, so every launch can be held in a CUDA graph).
   1x128 quantisation), any GPU Triton runs on will do (no FP8 tensor cores needed: this serves where torch's
   block-scaled F.scaled_mm does not, before sm90 and for shapes it refuses), and a decode-sized product, bound by
   reading its weight, reads it once. K and N need not be multiples of 128.
+- Routed experts with block-FP8 weights (fp8_experts): gate and up, then down, over the pairs sorted by expert, each
+  program working out its own tile from where each expert's pairs start (_tile_of).
+- Small fused ops, one launch each: activations quantised per 1x128 for F.scaled_mm (quantize_rows), RMSNorm, rope.
 
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (the tests). The interpreter's tl.dot is wrong on bf16
 operands (triton issue 11584), so there every product's operands are upcast to fp32 (UPCAST)."""
@@ -66,8 +69,35 @@ def _interpreter_takes_numpy_2_4() -> None:
     interpreter._patch_lang_tensor = patch
 
 
+def _interpreter_rounds_to_e4m3_as_gpus_do() -> None:
+    """Triton 3.6's interpreter narrows a float to float8_e4m3fn wrongly where rounding carries into the exponent
+    (127.9 becomes 64, not 128): its bit arithmetic adds the rounding bit to the mantissa and ORs the overflow into
+    the exponent. GPUs round to nearest, ties to even, saturating at 448 (cvt.rn.satfinite), as torch's conversion
+    does below 464; so under the interpreter only, narrowing to e4m3 is done by torch, clamped to 448."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_convert_float", None)
+    if original is None or getattr(original, "rounds_e4m3", False):
+        return
+    sources = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        source = sources.get(input_dtype)
+        if output_dtype != tl.float8e4nv or source is None:
+            return original(input, input_dtype, output_dtype, rounding_mode)
+        raw = torch.from_numpy(np.ascontiguousarray(input).reshape(-1).view(np.uint8)).view(source)
+        out = np.empty(np.shape(input), dtype=np.uint8)  # written through torch, so no tensor is read back
+        torch.from_numpy(out).view(-1).copy_(raw.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8))
+        return out
+
+    convert.rounds_e4m3 = True
+    interpreter._convert_float = convert
+
+
 if interpreting():
     _interpreter_takes_numpy_2_4()
+    _interpreter_rounds_to_e4m3_as_gpus_do()
 
 
 def runs_on(t: torch.Tensor, fp8: bool = False) -> bool:
@@ -121,7 +151,7 @@ def expert_tiles_of(pairs: int, dtype: torch.dtype) -> tuple[Tiles, Tiles]:
     """The expert kernels' (gate and up, down) tiles."""
     m = expert_block_m(pairs, dtype)
     if dtype == torch.float32:
-        return Tiles(m, 64, 64, 8), Tiles(m, 64, 32, 4)
+        return Tiles(m, 64, 64, 8), Tiles(m, 64, 32, 8)
     return Tiles(m, 64, 64, 8), Tiles(m, 64, 64, 4 if m == 16 else 8)
 
 
@@ -753,18 +783,68 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 
 # -- routed experts with block-FP8 weights ---------------------------------------------------------------------------
 @triton.jit
+def _tile_of(bounds, count, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's tile of an expert launch, from bounds [count + 1] (local expert e's pairs, sorted by expert,
+    are [bounds[e], bounds[e + 1])): expert e gets ceil(pairs / BLOCK_M) tiles, in expert order, the launch's
+    remaining tiles are spare. (expert or -1, start, end) of the tile's pairs; computed in registers by every
+    program, so no schedule is built or read back beforehand."""
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    em = e < count
+    starts = tl.load(bounds + e, mask=em, other=0)
+    ends = tl.load(bounds + e + 1, mask=em, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((em & (tile_end <= t)).to(tl.int32), axis=0)
+    mine = e == expert
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=0)
+    start = tl.sum(tl.where(mine, starts, 0), axis=0) + (t - first_tile) * BLOCK_M
+    end = tl.minimum(start + BLOCK_M, tl.sum(tl.where(mine, ends, 0), axis=0))
+    spare = expert >= count
+    return tl.where(spare, -1, expert), tl.where(spare, 0, start), tl.where(spare, 0, end)
+
+
+@triton.jit
+def _tile_schedule(bounds, count, expert_out, start_out, end_out, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Each tile's _tile_of written out (tile_schedule)."""
+    expert, start, end = _tile_of(bounds, count, BLOCK_M, BLOCK_E)
+    t = tl.program_id(0)
+    tl.store(expert_out + t, expert)
+    tl.store(start_out + t, start)
+    tl.store(end_out + t, end)
+
+
+def expert_tile_count(pairs: int, experts: int, block_m: int) -> int:
+    """The tiles an expert launch has: as many as any routing of `pairs` pairs over `experts` experts can need
+    (pairs / block_m + experts, a number known on the host)."""
+    return -(-pairs // block_m) + experts
+
+
+def tile_schedule(bounds: torch.Tensor, pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The schedule the expert kernels compute for themselves (_tile_of), written out: per tile its expert (-1 for a
+    spare tile, which does nothing: experts without pairs get no tile) and its pairs [start, end)."""
+    count = bounds.shape[0] - 1
+    tiles = expert_tile_count(pairs, count, block_m)
+    expert, start, end = (torch.empty(tiles, dtype=torch.int64, device=bounds.device) for _ in range(3))
+    _tile_schedule[(tiles,)](
+        bounds, count, expert, start, end, BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(max(count, 2))
+    )
+    return expert, start, end
+
+
+@triton.jit
 def _experts_up(
     x,
-    tokens,
+    order,
     pair_weights,
+    bounds,
     w1,
     s1,
     w3,
     s3,
-    tile_expert,
-    tile_start,
-    tile_end,
     hidden,
+    count,
+    topk,
     dim,
     inter,
     stride_xm,
@@ -776,22 +856,21 @@ def _experts_up(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One tile of up to BLOCK_M (token, choice) pairs of one expert, sorted by expert, and BLOCK_N hidden columns:
-    silu(x w1^T) * (x w3^T) times each pair's routing weight, the FP8 weight tiles read once with their block scales
-    (as _fp8_linear), the tokens gathered by index. A tile with no expert (-1: the schedule's spare tiles) reads
-    nothing: its loop runs no iteration."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert + tile)
-    start = tl.load(tile_start + tile)
-    end = tl.load(tile_end + tile)
+    """One tile of up to BLOCK_M (token, choice) pairs of one expert, sorted by expert (_tile_of), and BLOCK_N hidden
+    columns: silu(x w1^T) * (x w3^T) times each pair's routing weight, the FP8 weight tiles read once with their
+    block scales (as _fp8_linear), the tokens gathered by index (pair order[r] is token order[r] // topk's choice).
+    A spare tile reads nothing: its loop runs no iteration."""
+    expert, start, end = _tile_of(bounds, count, BLOCK_M, BLOCK_E)
     r = start + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = r < end, n < inter
-    token = tl.load(tokens + r, mask=rm, other=0)
+    pair = tl.load(order + r, mask=rm, other=0)
+    token = pair // topk
     e = tl.maximum(expert, 0)
     k_end = tl.where(expert >= 0, dim, 0)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -809,7 +888,7 @@ def _experts_up(
         b3 = tl.load(w3 + weight_at, mask=wmask, other=0.0).to(a.dtype)
         acc1 += tl.dot(a, b1, input_precision=PRECISION) * tl.load(s1 + scale_at, mask=nm, other=0.0)[None, :]
         acc3 += tl.dot(a, b3, input_precision=PRECISION) * tl.load(s3 + scale_at, mask=nm, other=0.0)[None, :]
-    routing = tl.load(pair_weights + r, mask=rm, other=0.0).to(tl.float32)
+    routing = tl.load(pair_weights + pair, mask=rm, other=0.0).to(tl.float32)
     h = acc1 / (1.0 + tl.exp(-acc1)) * acc3 * routing[:, None]
     tl.store(
         hidden + r[:, None] * stride_hm + n[None, :], h.to(hidden.dtype.element_ty), mask=rm[:, None] & nm[None, :]
@@ -819,12 +898,12 @@ def _experts_up(
 @triton.jit
 def _experts_down(
     hidden,
+    order,
+    bounds,
     w2,
     s2,
-    tile_expert,
-    tile_start,
-    tile_end,
     out,
+    count,
     inter,
     dim,
     stride_hm,
@@ -836,19 +915,18 @@ def _experts_down(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One tile of sorted pairs' hidden values times their expert's w2 (FP8, block scales): out [pairs, dim] in the
-    pairs' sorted order; a tile with no expert writes nothing."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert + tile)
-    start = tl.load(tile_start + tile)
-    end = tl.load(tile_end + tile)
+    """One tile of sorted pairs' hidden values times their expert's w2 (FP8, block scales), each pair's row written
+    where the pair stands unsorted (order[r]); a spare tile writes nothing."""
+    expert, start, end = _tile_of(bounds, count, BLOCK_M, BLOCK_E)
     r = start + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = r < end, n < dim
+    pair = tl.load(order + r, mask=rm, other=0)
     e = tl.maximum(expert, 0)
     k_end = tl.where(expert >= 0, inter, 0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -861,62 +939,46 @@ def _experts_down(
         b = tl.load(w2 + e * stride_we + n[None, :] * stride_wn + k[:, None], mask=nm[None, :] & km[:, None], other=0.0)
         s = tl.load(s2 + e * stride_se + (n // SCALE_BLOCK) * stride_sn + k0 // SCALE_BLOCK, mask=nm, other=0.0)
         acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s[None, :]
-    tl.store(out + r[:, None] * stride_om + n[None, :], acc.to(out.dtype.element_ty), mask=rm[:, None] & nm[None, :])
-
-
-def expert_tiles(counts: torch.Tensor, pairs: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The schedule of an expert launch, on the device, from each local expert's pair count counts [E] (pairs sorted
-    by expert): tiles of up to block_m pairs of one expert each, as many as any routing can need (pairs / block_m +
-    E, a shape known on the host), so that nothing is read back. Per tile: its expert (-1 for a spare tile, which
-    does nothing: experts without pairs get no tile), and its pairs [start, end)."""
-    experts = counts.shape[0]
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = tiles.cumsum(0)
-    first_tile = tile_end - tiles
-    first_pair = counts.cumsum(0) - counts
-    t = torch.arange(-(-pairs // block_m) + experts, device=counts.device)
-    expert = torch.searchsorted(tile_end, t, right=True)
-    spare = expert >= experts
-    e = expert.clamp(max=experts - 1)
-    start = first_pair[e] + (t - first_tile[e]) * block_m
-    end = torch.minimum(start + block_m, first_pair[e] + counts[e])
-    zero = torch.zeros_like(start)
-    return torch.where(spare, -1, expert), torch.where(spare, zero, start), torch.where(spare, zero, end)
+    tl.store(out + pair[:, None] * stride_om + n[None, :], acc.to(out.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
 
 def fp8_experts(
     x: torch.Tensor,
-    tokens: torch.Tensor,
+    order: torch.Tensor,
     pair_weights: torch.Tensor,
-    counts: torch.Tensor,
+    bounds: torch.Tensor,
     weights: tuple[torch.Tensor, ...],
     scales: tuple[torch.Tensor, ...],
 ) -> torch.Tensor:
-    """Routed experts with block-FP8 weights over pairs sorted by expert: pair p is token tokens[p] of x [N, dim]
-    with routing weight pair_weights[p]; the first counts[0] pairs go to local expert 0, the next counts[1] to expert
-    1, ...; pairs past sum(counts) (other ranks' experts) are left out. weights (w1, w3, w2) stacked [E, inter, dim],
+    """Routed experts with block-FP8 weights over the (token, choice) pairs of x [N, dim]'s tokens, N * topk of them
+    (pair p is token p // topk's choice, with routing weight pair_weights [P][p]): order [P] lists the pairs sorted
+    by expert, local expert e's pairs at sorted positions [bounds[e], bounds[e + 1]) (bounds [E + 1], int32); pairs
+    outside [bounds[0], bounds[E]) (other ranks' experts) are left out. weights (w1, w3, w2) stacked [E, inter, dim],
     [E, inter, dim], [E, dim, inter] in float8_e4m3fn with scales [E, ceil(rows / 128), ceil(cols / 128)]. Two
-    launches (gate and up with SwiGLU and the routing weight; down), each reading only the experts that have pairs,
-    once per tile of pairs; out [pairs, dim] in x's dtype, zero for the pairs left out."""
+    launches (gate and up with SwiGLU and the routing weight; down), each scheduling its own tiles from bounds and
+    reading only the experts that have pairs, once per tile of pairs; out [N, topk, dim] in x's dtype: each pair's
+    output where it stands, zero for the pairs left out."""
     w1, w3, w2 = weights
     s1, s3, s2 = scales
-    pairs, dim, inter = tokens.shape[0], x.shape[1], w1.shape[1]
+    pairs, dim, inter, count = order.shape[0], x.shape[1], w1.shape[1], bounds.shape[0] - 1
+    topk = pairs // x.shape[0] if x.shape[0] else 1
     assert w1.stride() == w3.stride() and s1.stride() == s3.stride() and x.stride(-1) == 1
     up, down = expert_tiles_of(pairs, x.dtype)
-    tile_expert, tile_start, tile_end = expert_tiles(counts, pairs, up.m)
-    tiles = tile_expert.shape[0]
+    tiles = expert_tile_count(pairs, count, up.m)
     upcast, precision = _dot_settings(x.dtype)
-    settings = dict(SCALE_BLOCK=FP8_BLOCK, UPCAST=upcast, PRECISION=precision)
+    settings = dict(
+        BLOCK_E=triton.next_power_of_2(max(count, 2)), SCALE_BLOCK=FP8_BLOCK, UPCAST=upcast, PRECISION=precision
+    )
     hidden = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     _experts_up[(tiles, triton.cdiv(inter, up.n))](
-        x, tokens, pair_weights, w1, s1, w3, s3, tile_expert, tile_start, tile_end, hidden, dim, inter,
+        x, order, pair_weights, bounds, w1, s1, w3, s3, hidden, count, topk, dim, inter,
         x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0), s1.stride(1), hidden.stride(0),
         **up.constexprs, **settings, num_warps=up.warps,
     )  # fmt: skip
-    out = torch.zeros(pairs, dim, dtype=x.dtype, device=x.device)
+    out = torch.zeros(x.shape[0], topk, dim, dtype=x.dtype, device=x.device)
     _experts_down[(tiles, triton.cdiv(dim, down.n))](
-        hidden, w2, s2, tile_expert, tile_start, tile_end, out, inter, dim,
-        hidden.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0),
+        hidden, order, bounds, w2, s2, out, count, inter, dim,
+        hidden.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), dim,
         **down.constexprs, **settings, num_warps=down.warps,
     )  # fmt: skip
     return out
@@ -1001,4 +1063,101 @@ def fp8_heads(
         **tiles.constexprs, SCALE_BLOCK=FP8_BLOCK, K_ALONG_ROWS=k_along_rows, UPCAST=upcast, PRECISION=precision,
         num_warps=tiles.warps,
     )  # fmt: skip
+    return y
+
+
+# -- small fused ops: one launch each where torch takes several ----------------------------------------------------
+@triton.jit
+def _quantize_rows(x, q, scale, stride_xm, stride_qm, stride_sm, stride_sk, BLOCK: tl.constexpr):
+    """One 1 x BLOCK block of row m: its absolute maximum over the largest e4m3 value (at least 1e-12 / 448) as the
+    block's fp32 scale, the values divided by it and rounded to e4m3 (nearest, ties to even)."""
+    m, b = tl.program_id(0), tl.program_id(1)
+    k = b * BLOCK + tl.arange(0, BLOCK)
+    values = tl.load(x + m * stride_xm + k).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(values), axis=0), 1e-12) / 448.0
+    tl.store(q + m * stride_qm + k, (values / s).to(q.dtype.element_ty))
+    tl.store(scale + m * stride_sm + b * stride_sk, s)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [M, K] (K a multiple of 128, the last dimension contiguous) quantised per 1x128 block as
+    tp_infer.model.fp8.quantize_rows does (the same values and scales), in one launch: (e4m3 values [M, K], fp32
+    scales [M, K / 128]), the scales laid out column-major as F.scaled_mm's BlockWise1x128 recipe takes them."""
+    rows, k = x.shape
+    assert k % FP8_BLOCK == 0 and x.stride(-1) == 1
+    q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty_strided((rows, k // FP8_BLOCK), (1, rows), dtype=torch.float32, device=x.device)
+    if rows:
+        _quantize_rows[(rows, k // FP8_BLOCK)](
+            x, q, scale, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1), BLOCK=FP8_BLOCK
+        )
+    return q, scale
+
+
+@triton.jit
+def _rms_norm(x, weight, y, D, eps, stride_xm, stride_ym, BLOCK_D: tl.constexpr, FP32: tl.constexpr):
+    """Row m of y: x over the root of its mean square plus eps, in fp32; fp32 rows times the weight there, others
+    rounded to their dtype first and multiplied by the weight in it (as the torch backend rounds)."""
+    m = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    values = tl.load(x + m * stride_xm + d, mask=dm, other=0.0).to(tl.float32)
+    normed = values * tl.rsqrt(tl.sum(values * values, axis=0) / D + eps)
+    w = tl.load(weight + d, mask=dm, other=0.0)
+    if FP32:  # noqa: SIM108 (a branch the compiler takes or drops, by the constexpr)
+        out = normed * w
+    else:
+        out = normed.to(w.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(y + m * stride_ym + d, out.to(y.dtype.element_ty), mask=dm)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The torch backend's rms_norm of x [..., D] (the last dimension contiguous) with weight [D] in x's dtype, one
+    launch, a program per row."""
+    d = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, d)
+    assert x2.stride(-1) == 1 and weight.stride(-1) == 1
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _rms_norm[(x2.shape[0],)](
+            x2, weight, y, d, eps, x2.stride(0), d,
+            BLOCK_D=triton.next_power_of_2(d), FP32=x.dtype == torch.float32, num_warps=8 if d > 2048 else 4,
+        )  # fmt: skip
+    return y
+
+
+@triton.jit
+def _rope(x, rotations, y, H, stride_xn, stride_xh, stride_yn, stride_yh, BLOCK_H: tl.constexpr, PAIRS: tl.constexpr):
+    """Token n's heads: each pair (even, odd) becomes (even cos - odd sin, even sin + odd cos) in fp32, with token n's
+    (cos, sin) per pair; y may be x (each program reads its pairs before writing them)."""
+    n = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, PAIRS)
+    hm = (h < H)[:, None]
+    at = x + n * stride_xn + h[:, None] * stride_xh + 2 * i[None, :]
+    even = tl.load(at, mask=hm, other=0.0).to(tl.float32)
+    odd = tl.load(at + 1, mask=hm, other=0.0).to(tl.float32)
+    cos = tl.load(rotations + n * 2 * PAIRS + 2 * i)[None, :]
+    sin = tl.load(rotations + n * 2 * PAIRS + 2 * i + 1)[None, :]
+    out = y + n * stride_yn + h[:, None] * stride_yh + 2 * i[None, :]
+    tl.store(out, (even * cos - odd * sin).to(y.dtype.element_ty), mask=hm)
+    tl.store(out + 1, (even * sin + odd * cos).to(y.dtype.element_ty), mask=hm)
+
+
+def rope(x: torch.Tensor, rotations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, H, D] or [N, D] (the last dimension contiguous, D even and a power of two) rotated pairwise by rotations
+    [N, D / 2, 2] (cos, sin; fp32, contiguous) as tp_infer.model.rope.apply_rope does, one launch: into `out` (of
+    x's shape; x itself rotates in place), else a new tensor."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    tokens, d = x.shape[0], x.shape[-1]
+    heads = x.shape[1] if x.dim() == 3 else 1
+    head_strides = (x.stride(1), y.stride(1)) if x.dim() == 3 else (0, 0)  # [N, D]: one head
+    assert x.stride(-1) == 1 and y.stride(-1) == 1 and y.shape == x.shape and rotations.is_contiguous()
+    assert d == 2 * rotations.shape[1] and d & (d - 1) == 0, "rope dims: a power of two, twice the rotations' pairs"
+    block_h = min(16, triton.next_power_of_2(heads))
+    if tokens:
+        _rope[(tokens, triton.cdiv(heads, block_h))](
+            x, rotations, y, heads, x.stride(0), head_strides[0], y.stride(0), head_strides[1],
+            BLOCK_H=block_h, PAIRS=d // 2,
+        )  # fmt: skip
     return y
