@@ -315,6 +315,77 @@ def test_block_fp8_linear_matches_the_dequantised_product(m, n, k, dtype):
     assert torch.allclose(got.float(), expected, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_activation_quantisation_matches_the_torch_one_in_scaled_mms_layout(rows, dtype):
+    """quantize_rows (one launch) gives fp8.quantize_rows' e4m3 values bit for bit and its scales exactly, for
+    blocks of very different magnitudes, an all-zero block, and a block whose largest value is 448 (scale 1: its
+    values are rounded to e4m3 as they are, including those whose rounding carries into the exponent, 127.9 to 128,
+    which Triton's interpreter alone gets wrong unpatched); the scales laid out column-major as F.scaled_mm's
+    BlockWise1x128 recipe takes them (stride 1 down the rows, even for one row)."""
+    generator = torch.Generator().manual_seed(rows)
+    magnitudes = torch.tensor([1e-3, 1.0, 30.0, 0.0]).repeat_interleave(128)
+    x = torch.randn(rows, 640, generator=generator)
+    x[:, :512] *= magnitudes
+    x[:, 512:520] = torch.tensor([448.0, 127.9, -239.9, 15.99, 0.0019, -0.99, 3.5, 1e-3])
+    x = x.to(DEVICE, dtype)
+    q, scale = tk.quantize_rows(x)
+    expected_q, expected_scale = fp8.quantize_rows(x)
+    assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))
+    assert torch.equal(scale, expected_scale)
+    assert q.float()[0, 513].item() == 128.0
+    assert scale.stride() == (1, rows)
+
+
+def test_the_quantised_activations_pass_torchs_checks_of_the_block_wise_recipe():
+    """What quantize_rows writes, moved to the meta device with its strides, goes into reference.scaled_linear as
+    given (quantized=...): torch's own checks of F.scaled_mm's block-wise layouts pass there without a GPU."""
+    from tp_infer.backends.reference import scaled_linear
+
+    x = torch.randn(1, 512).to(DEVICE, torch.float16)
+    q, scale = tk.quantize_rows(x)
+    meta = [t.to("meta") for t in (x.bfloat16(), q, scale)]
+    assert meta[2].stride() == scale.stride()
+    weight = torch.empty(384, 512, dtype=torch.float8_e4m3fn, device="meta")
+    y = scaled_linear(meta[0], weight, torch.empty(3, 4, device="meta"), quantized=(meta[1], meta[2]))
+    assert y.shape == (1, 384) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_matches_the_torch_backend(dtype):
+    """rms_norm (one launch, a program per row) on rows of 300 (not a power of two) taken from a wider tensor
+    (strided rows, as kv_norm's latent is a slice of wkv_a's output), and on a [2, 3, 300] input: the torch
+    backend's values within fp32's reduction order, rounded as it rounds (fp16: to fp16, then times the weight)."""
+    generator = torch.Generator().manual_seed(2)
+    wide = (torch.randn(7, 320, generator=generator) * 3).to(DEVICE, dtype)
+    weight = torch.randn(300, generator=generator).to(DEVICE, dtype)
+    for x in (wide[:, :300], wide[:6, :300].reshape(2, 3, 300)):
+        got, expected = tk.rms_norm(x, weight, 1e-6), reference().rms_norm(x, weight, 1e-6)
+        assert got.shape == x.shape and got.dtype == dtype
+        tolerance = 1e-6 if dtype == torch.float32 else 2e-3
+        assert torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_matches_apply_rope_and_rotates_a_view_in_place(dtype):
+    """rope (one launch) on [N, H, D] and [N, D] against apply_rope, and into its own input where that is the rope
+    part of each head's query (a strided view), leaving the rest of the query untouched."""
+    from tp_infer.model.rope import apply_rope
+
+    generator = torch.Generator().manual_seed(3)
+    rotations = torch.randn(4, 32, 2, generator=generator).to(DEVICE)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-3
+    for x in (torch.randn(4, 20, 64, generator=generator), torch.randn(4, 64, generator=generator)):
+        x = x.to(DEVICE, dtype)
+        assert torch.allclose(tk.rope(x, rotations).float(), apply_rope(x, rotations).float(), atol=tolerance)
+    q = torch.randn(4, 20, 96, generator=generator).to(DEVICE, dtype)
+    expected = q.clone()
+    expected[..., 32:] = apply_rope(expected[..., 32:], rotations)
+    tk.rope(q[..., 32:], rotations, out=q[..., 32:])
+    assert torch.equal(q[..., :32], expected[..., :32])
+    assert torch.allclose(q.float(), expected.float(), atol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_per_head_fp8_products_match_the_dequantised_heads(dtype):
     """fp8_heads over windows of one FP8 weight [H * (nope + v), C] (wkv_b's layout) that do not start on a 128-row
@@ -354,11 +425,12 @@ def test_a_decode_step_through_the_cuda_backend_dequantises_nothing(monkeypatch)
 
 
 def test_the_expert_schedule_gives_each_expert_with_pairs_its_tiles_and_spares_the_rest():
-    """Pairs per expert [0, 3, 17, 0, 1] in tiles of 16: expert 1's three pairs, expert 2's sixteen and one more,
-    expert 4's one; experts without pairs get no tile, and the tiles a routing may need beyond (21 pairs / 16 + 5
-    experts = 7 in all) are spare (-1, empty)."""
-    counts = torch.tensor([0, 3, 17, 0, 1], device=DEVICE)
-    expert, start, end = (t.tolist() for t in tk.expert_tiles(counts, 21, 16))
+    """Pairs per expert [0, 3, 17, 0, 1] (bounds [0, 0, 3, 20, 20, 21]) in tiles of 16, as each expert kernel's
+    program works out its own: expert 1's three pairs, expert 2's sixteen and one more, expert 4's one; experts
+    without pairs get no tile, and the tiles a routing may need beyond (21 pairs / 16 + 5 experts = 7 in all) are
+    spare (-1, empty)."""
+    bounds = torch.tensor([0, 0, 3, 20, 20, 21], dtype=torch.int32, device=DEVICE)
+    expert, start, end = (t.tolist() for t in tk.tile_schedule(bounds, 21, 16))
     assert expert == [1, 2, 2, 4, -1, -1, -1]
     assert start == [0, 3, 19, 20, 0, 0, 0]
     assert end == [3, 19, 20, 21, 0, 0, 0]
@@ -541,8 +613,7 @@ def test_around_its_kernels_the_cuda_backend_reads_nothing_back(monkeypatch, att
     reference's paths it hands over to; V3.2's top-k selection) read no value back to the host: on the meta device,
     where any read raises, with its kernels replaced by shape-only stand-ins (step_counts' ModelledKernels), a decode
     step of 8 rows and a prefill of the tiny model run whole (bf16, FP8 weights and cache, as on a GPU; with V3.2's
-    indexer keeping 8 positions, the decode rows' 71 narrowed); the experts' tile schedule, which the stand-in
-    skips, runs on meta as it is."""
+    indexer keeping 8 positions, the decode rows' 71 narrowed)."""
     import sys
     from pathlib import Path
 
@@ -557,6 +628,7 @@ def test_around_its_kernels_the_cuda_backend_reads_nothing_back(monkeypatch, att
     tally = Tally()
     stand_ins = ModelledKernels(StepCounter(tally), history=71, args=model.args)
     monkeypatch.setattr(cuda, "triton_kernels", lambda: stand_ins)
+    monkeypatch.setattr(cuda, "triton_router", lambda: stand_ins)
     model.use_backend(CudaBackend())
     pool = pool_for(model, "meta")
     tables = [[(r * 6 + i) % 48 for i in range(6)] for r in range(8)]
@@ -565,10 +637,9 @@ def test_around_its_kernels_the_cuda_backend_reads_nothing_back(monkeypatch, att
     for step in (decode, prefill):
         logits = model(step.tokens.to("meta"), build_batch(step, BLOCK, torch.device("meta")), pool.layers)
         assert logits.device.type == "meta" and logits.shape == (len(step.num_new), model.args.vocab_size)
-    kernels = {"paged decode (modelled)", "Triton FP8 experts (modelled)", "Triton block-FP8 product (modelled)"}
+    kernels = {"paged decode (modelled)", "Triton FP8 experts, down (modelled)", "Triton block-FP8 product (modelled)"}
+    kernels |= {"Triton router (modelled)", "Triton RMSNorm (modelled)", "Triton rope (modelled)"}
     assert kernels | ({"index scores (modelled)"} if sparse else set()) <= set(tally.by_op), "the stand-ins stood in"
-    schedule = tk.expert_tiles(torch.empty(8, dtype=torch.long, device="meta"), 40, 16)
-    assert [t.shape for t in schedule] == [(11,)] * 3
 
 
 def test_the_byte_model_counts_paged_decode_as_one_read_of_each_rows_history():

@@ -13,11 +13,16 @@
   same paged decode kernels over each row's selected positions only, read where they lie. Prefill and extend groups
   the indexer narrows keep the reference's (scores, top-k mask, attention over the gathered blocks).
 - Products with FP8 weights use torch's block-scaled F.scaled_mm where the reference's block_fp8_product allows
-  (sm90+, bf16, whole 128-blocks), else the Triton block-FP8 kernel, which reads the FP8 weight in place (wkv_a's 576
-  rows, fp32 compute, GPUs before sm90) instead of dequantising it into a full-size copy first. In a step of decode
-  rows alone (absorb form) wkv_b too is read as FP8 in place, by per-head products around the paged decode.
+  (sm90+, bf16, whole 128-blocks), the activations quantised per 1x128 in one launch into the layout it takes, else
+  the Triton block-FP8 kernel, which reads the FP8 weight in place (wkv_a's 576 rows, fp32 compute, GPUs before sm90)
+  instead of dequantising it into a full-size copy first. In a step of decode rows alone (absorb form) wkv_b too is
+  read as FP8 in place, by per-head products around the paged decode.
 - Routed experts with FP8 weights run in two Triton launches per layer over the (token, expert) pairs sorted by
-  expert on the device, reading only the chosen experts' FP8 weights.
+  expert on the device (one sort, one search for where each local expert's pairs start; each launch's programs
+  work out their own tiles), reading only the chosen experts' FP8 weights.
+- The small ops a decode step makes per layer, each one launch where torch takes several (a GPU pays for every
+  launch of an eager step): RMSNorm, rope (the query's in place), the router after its fp32 logits
+  (tp_infer.backends.triton_router).
 - Everything else is the reference's; FP8 operands on GPUs before sm89 (where Triton has no float8_e4m3fn) too.
   A decode step with FP8 weights dequantises nothing.
 
@@ -30,19 +35,27 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from tp_infer.backends.reference import Backend, block_fp8_product
+from tp_infer.backends.reference import Backend, block_fp8_product, scaled_linear
 
 if TYPE_CHECKING:
     from tp_infer.kv.pool import LayerCache
     from tp_infer.model.attention import MLA, IndexQueries
     from tp_infer.model.batch import AttentionGroup, ForwardBatch
-    from tp_infer.model.moe import MLP, Experts
+    from tp_infer.model.moe import MLP, Experts, Gate
 
 
 def triton_kernels():
     """The kernels' module (importing Triton on first use)."""
     from tp_infer.backends import triton_kernels as module
+
+    return module
+
+
+def triton_router():
+    """The router kernel's module (tp_infer.backends.triton_router, importing Triton on first use)."""
+    from tp_infer.backends import triton_router as module
 
     return module
 
@@ -99,34 +112,66 @@ class CudaBackend(Backend):
         )
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """FP8 weights: torch's block-scaled product where it serves, else the Triton kernel reading the weight in
-        place; other weights as the reference."""
-        if scale is None or block_fp8_product(x, weight) or not triton_kernels().runs_on(x, fp8=True):
+        """FP8 weights: torch's block-scaled product where it serves, its activations quantised per 1x128 in one
+        launch (quantize_rows), else the Triton kernel reading the weight in place; other weights as the
+        reference."""
+        if scale is None or not triton_kernels().runs_on(x, fp8=True):
             return super().linear(x, weight, scale)
+        if block_fp8_product(x, weight):
+            return scaled_linear(x, weight, scale, triton_kernels().quantize_rows(x))
         return triton_kernels().fp8_linear(x, weight, scale)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """One launch where the reference's takes seven (the same rounding: fp32, then x's dtype times the weight)."""
+        if not triton_kernels().runs_on(x) or x.stride(-1) != 1:
+            return super().rms_norm(x, weight, eps)
+        return triton_kernels().rms_norm(x, weight, eps)
+
+    def rope(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        if not self.rope_kernel_takes(x, rotations):
+            return super().rope(x, rotations)
+        return triton_kernels().rope(x, rotations)
+
+    def rope_(self, x: torch.Tensor, rotations: torch.Tensor) -> None:
+        """In place in one launch (the reference rotates a copy, then copies it back)."""
+        if not self.rope_kernel_takes(x, rotations):
+            return super().rope_(x, rotations)
+        triton_kernels().rope(x, rotations, out=x)
+
+    def rope_kernel_takes(self, x: torch.Tensor, rotations: torch.Tensor) -> bool:
+        d = x.shape[-1]
+        return triton_kernels().runs_on(x) and x.stride(-1) == 1 and rotations.is_contiguous() and d & (d - 1) == 0
+
+    def route(self, x: torch.Tensor, gate: Gate) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch's fp32 logits, then everything after them in one Triton launch (tp_infer.backends.triton_router):
+        routers it does not take keep the reference's."""
+        router = triton_router()
+        groups = dict(n_groups=gate.n_groups, topk_groups=gate.topk_groups, topk=gate.topk)
+        experts = gate.weight.shape[0]
+        if not triton_kernels().runs_on(x) or not router.takes(n_experts=experts, bias=gate.bias is not None, **groups):
+            return super().route(x, gate)
+        return router.route(
+            F.linear(x.float(), gate.weight), gate.bias, sigmoid=gate.score_func == "sigmoid", **groups,
+            route_norm=gate.route_norm, route_scale=gate.route_scale, out_dtype=x.dtype,
+        )  # fmt: skip
 
     def experts(
         self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: Experts, shared: MLP | None
     ) -> torch.Tensor:
-        """FP8 experts in the Triton expert kernels: the (token, choice) pairs sorted by local expert on the device
-        (other ranks' experts last, left out), each expert's pairs counted there, then two launches that read only
-        the chosen experts' FP8 weights, once per tile of their pairs, with the routing weights applied inside; the
-        pairs' outputs added to their tokens. Nothing is read back. Other weights as the reference."""
+        """FP8 experts in the Triton expert kernels: the (token, choice) pairs sorted by expert on the device (one
+        stable sort of the chosen experts' ids), where each local expert's pairs start found by one search of the
+        sorted ids, then two launches that schedule their own tiles from those bounds and read only the chosen
+        experts' FP8 weights, once per tile of their pairs, with the routing weights applied inside; each token's
+        pairs summed. Nothing is read back. Other weights as the reference."""
         if not experts.fp8 or not triton_kernels().runs_on(x, fp8=True):
             return super().experts(x, weights, indices, experts, shared)
-        k = indices.shape[1]
-        local = indices.flatten() - experts.first
-        mine = (local >= 0) & (local < experts.count)
-        group = torch.where(mine, local, experts.count)  # other ranks' experts after every local one
-        order = group.argsort(stable=True)
-        rows = order // k
-        counts = torch.zeros(experts.count + 1, dtype=torch.int64, device=x.device)
-        counts.index_add_(0, group, torch.ones_like(group))
+        chosen, order = indices.flatten().sort(stable=True)
+        first = torch.arange(experts.first, experts.first + experts.count + 1, device=x.device, dtype=chosen.dtype)
+        bounds = torch.searchsorted(chosen, first, out_int32=True)  # [E + 1]: where expert e's pairs start, then end
         stacks = (experts.w1, experts.w3, experts.w2)
         scales = (experts.w1_scale, experts.w3_scale, experts.w2_scale)
-        pair_weights = weights.flatten().index_select(0, order)
-        out = triton_kernels().fp8_experts(x.contiguous(), rows, pair_weights, counts[:-1], stacks, scales)
-        y = torch.zeros_like(x).index_add_(0, rows, out)
+        out = triton_kernels().fp8_experts(x.contiguous(), order, weights.flatten(), bounds, stacks, scales)
+        y = out.sum(dim=1)  # [N, topk, dim]: each token's pairs (zero where another rank's)
         return y if shared is None else y + self.swiglu(x, shared)
 
     def attention(

@@ -55,6 +55,10 @@ class Backend:
         """x [N, H, D] or [N, D] rotated pairwise by rotations [N, D / 2, 2] (cos, sin)."""
         return apply_rope(x, rotations)
 
+    def rope_(self, x: torch.Tensor, rotations: torch.Tensor) -> None:
+        """rope() in place (x may be a view, such as the rope part of each head's query)."""
+        x.copy_(self.rope(x, rotations))
+
     # -- feed-forward ----------------------------------------------------------------------------------------------
     def swiglu(self, x: torch.Tensor, mlp: MLP) -> torch.Tensor:
         """w2(silu(w1(x)) * w3(x)) over this rank's slices, not reduced."""
@@ -245,17 +249,27 @@ def scaled_mm_works(device_index: int) -> bool:
     return bool(torch.allclose(got.float(), expected.float(), rtol=0.1, atol=0.1 * expected.abs().mean().item()))
 
 
-def scaled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def scaled_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """x [M, K] (bf16) times an FP8 weight [N, K] with block scales [N / 128, K / 128], on CUDA: x quantised per
-    1x128, one F.scaled_mm with the block-wise recipes, bf16 out."""
+    1x128 (or given so, `quantized`: e4m3 values [M, K] and fp32 scales [M, K / 128] column-major, as the cuda
+    backend's kernel writes them), one F.scaled_mm with the block-wise recipes, bf16 out."""
     blocks = F.ScalingType
-    xq, x_scale = fp8.quantize_rows(x)
-    # the recipes' layouts: the activations' scales [M, K / 128] column-major (stride 1 down the rows, whatever M:
-    # .t().contiguous().t() keeps a one-row tensor row-major); the weight's [K / 128, N / 128] column-major with
-    # K / 128 padded to a multiple of 4
-    x_scale = x_scale.new_empty(x_scale.shape[::-1]).copy_(x_scale.mT).mT
+    if quantized is None:
+        xq, x_scale = fp8.quantize_rows(x)
+        # the recipe's layout of the activations' scales [M, K / 128]: column-major (stride 1 down the rows, whatever
+        # M: .t().contiguous().t() keeps a one-row tensor row-major)
+        x_scale = x_scale.new_empty(x_scale.shape[::-1]).copy_(x_scale.mT).mT
+    else:
+        xq, x_scale = quantized
+    # the weight's scales [K / 128, N / 128] column-major, K / 128 padded to a multiple of 4 (DeepSeek's widths but a
+    # few are that already: no pad then)
     k_blocks = scale.shape[1]
-    scale = F.pad(scale, (0, -k_blocks % 4)).t()
+    scale = (F.pad(scale, (0, -k_blocks % 4)) if k_blocks % 4 else scale).t()
     return F.scaled_mm(
         xq,
         weight.t(),

@@ -181,7 +181,7 @@ class MLA(Layer):
         """The query q [N, H, nope + rope] with its rope part rotated (in place), and the cache entries of kv
         [N, C + P] (wkv_a's output): the latent normalised, the rope key rotated; in naive form taken to each head's
         keys and values by wkv_b [H, nope + v, C]."""
-        q[..., self.nope_dim :].copy_(self.backend.rope(q[..., self.nope_dim :], rotations))
+        self.backend.rope_(q[..., self.nope_dim :], rotations)
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
         k_pe = self.backend.rope(k_pe, rotations)
