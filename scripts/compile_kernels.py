@@ -79,22 +79,33 @@ def variants(quick: bool) -> list[tuple[str, object, dict, dict, dict]]:
         for pairs in (8, 512):  # a decode step's (token, expert) pairs, and a long step's
             up, down = tk.expert_tiles_of(pairs, dtype)
             pointers = dict(
-                x=act, tokens="i64", pair_weights=act, w1="fp8e4nv", s1="fp32", w3="fp8e4nv", s3="fp32",
-                tile_expert="i64", tile_start="i64", tile_end="i64", hidden=act,
+                x=act, order="i64", pair_weights=act, bounds="i32", w1="fp8e4nv", s1="fp32", w3="fp8e4nv",
+                s3="fp32", hidden=act,
             )  # fmt: skip
+            experts = dict(BLOCK_E=32 if pairs == 8 else 256)  # 256 experts over 8 ranks, or on one
             label = f"experts gate and up, {act}, {up.m} pairs a tile"
-            out.append((label, tk._experts_up, pointers, {**up.constexprs, **settings}, dict(num_warps=up.warps)))
-            pointers = dict(
-                hidden=act, w2="fp8e4nv", s2="fp32", tile_expert="i64", tile_start="i64", tile_end="i64", out=act
-            )
+            constexprs = {**up.constexprs, **experts, **settings}
+            out.append((label, tk._experts_up, pointers, constexprs, dict(num_warps=up.warps)))
+            pointers = dict(hidden=act, order="i64", bounds="i32", w2="fp8e4nv", s2="fp32", out=act)
             label = f"experts down, {act}, {down.m} pairs a tile"
-            out.append((label, tk._experts_down, pointers, {**down.constexprs, **settings}, dict(num_warps=down.warps)))
+            constexprs = {**down.constexprs, **experts, **settings}
+            out.append((label, tk._experts_down, pointers, constexprs, dict(num_warps=down.warps)))
         tiles = tk.heads_tiles(dtype)
         for along_rows in (True, False):
             pointers = dict(x=act, w="fp8e4nv", scale="fp32", y=act)
             constexprs = dict(**tiles.constexprs, K_ALONG_ROWS=along_rows, **settings)
             label = f"per-head FP8 product ({'w_k' if along_rows else 'w_v'}), {act}"
             out.append((label, tk._fp8_heads, pointers, constexprs, dict(num_warps=tiles.warps)))
+        # the small fused ops at DeepSeek-V3's widths: dim 7168 (norms), 64 rope dims over 128 / 8 heads
+        out.append((f"activation quantisation, {act}", tk._quantize_rows, dict(x=act, q="fp8e4nv", scale="fp32"),
+                    dict(BLOCK=128), {}))  # fmt: skip
+        pointers = dict(x=act, weight=act, y=act)
+        constexprs = dict(BLOCK_D=8192, FP32=act == "fp32")
+        out.append((f"RMSNorm, {act}", tk._rms_norm, pointers, constexprs, dict(num_warps=8)))
+        pointers = dict(x=act, rotations="fp32", y=act)
+        out.append((f"rope, {act}", tk._rope, pointers, dict(BLOCK_H=16, PAIRS=32), {}))
+    out.append(("expert schedule", tk._tile_schedule, dict(bounds="i32", expert_out="i64", start_out="i64",
+                end_out="i64"), dict(BLOCK_M=16, BLOCK_E=256), {}))  # fmt: skip
     from tp_infer.backends import triton_router  # the router after its logits: V3's, and V2-Lite's softmax
 
     v3 = dict(n_experts=256, n_groups=8, topk_groups=4, topk=8, sigmoid=True, bias=True, route_norm=True)
@@ -120,7 +131,7 @@ def compile_one(kernel, pointers: dict, constexprs: dict, options: dict, arch: i
         elif name in pointers:
             signature[name] = f"*{pointers[name]}"
         else:
-            signature[name] = "fp32" if name in ("sm_scale", "route_scale") else "i32"
+            signature[name] = "fp32" if name in ("sm_scale", "eps", "route_scale") else "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 

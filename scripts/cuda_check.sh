@@ -83,11 +83,12 @@ arch=90
 DRY_REAL=1 TAIL=3 step compile 120 "$py" scripts/compile_kernels.py --arch "$arch"
 if ((dry)); then
 	DRY_REAL=1 TRITON_INTERPRET=1 TAIL=5 step triton 120 "$py" -m pytest -q -p no:cacheprovider -rfE \
-		tests/test_triton_kernels.py
+		tests/test_triton_kernels.py tests/test_triton_router.py
 	DRY_REAL=1 TAIL=20 step bench_decode 120 "$py" scripts/bench_decode.py --dry-run --out "$out/decode.json"
 	DRY_REAL=1 TAIL=8 step bench_cuda_step 120 "$py" scripts/bench_cuda_step.py --dry-run --out "$out/cuda_step.json"
 else
-	TAIL=8 step triton 120 "$py" -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_kernels.py
+	TAIL=8 step triton 120 "$py" -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_kernels.py \
+		tests/test_triton_router.py
 	# paged MLA decode, the Triton kernel against the torch backend, at V2-Lite's and V3's widths, batch 1 and 64,
 	# 1K and 16K of history: time per decode group against the bytes it must read over the measured bandwidth
 	TAIL=22 step bench_decode 90 "$py" scripts/bench_decode.py --out "$out/decode.json"

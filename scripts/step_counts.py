@@ -41,10 +41,16 @@ path gathers them; a lone row on consecutive blocks is read in place instead).
      an FP8 product torch's block-wise recipes refuse (wkv_a's 576 rows) reads its FP8 weight once in the Triton
      product instead of dequantising it; the routed experts' Triton kernels read the expected distinct local
      experts' FP8 weights once and the expected local pairs' activations once; wkv_b's FP8 weight is read in place
-     by the per-head products around the paged decode (no dequantised copy); the rest as the torch backend.
+     by the per-head products around the paged decode (no dequantised copy); the activations of F.scaled_mm's
+     products quantised in one launch, RMSNorm, rope and the router after its logits one launch each, each reading
+     its input once and writing its output once; the rest as the torch backend. Each modelled kernel makes the
+     allocations its wrapper makes.
    And a modelled line, `CUDA, experts in one scaled grouped product`: the torch backend's CUDA path with the routed
    experts' measured bytes replaced by their FP8 weights of the expected distinct experts read once, plus the
    activations in and out.
+
+   Each path's ops dispatched in that eager step are counted too: aten ops, and each launch outside aten (a
+   modelled Triton kernel, the modelled F.scaled_mm) as one; the GPU pays for each eager launch.
 
 Progress goes to stderr, the tables to stdout; --out gets every figure as JSON.
 """
@@ -153,13 +159,10 @@ VIEW_OPS = {
     "real",
     "imag",
 }
+# allocations: no bytes moved (the op that fills the memory counts its writes)
+ALLOCATION_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 # ops that write their output without reading it (a copy reads its source only)
 WRITE_ONLY_OPS = {
-    "empty",
-    "empty_like",
-    "empty_strided",
-    "new_empty",
-    "new_empty_strided",
     "zeros",
     "zeros_like",
     "new_zeros",
@@ -329,13 +332,13 @@ def distinct_bytes(t: torch.Tensor) -> int:
 
 
 def op_bytes(func, args: tuple, kwargs: dict, out) -> tuple[int, int]:
-    """(bytes read, bytes written) of one aten op: views move nothing; ops that create or fill write their output
-    only; a copy reads its source; a gather reads what it gathers and the indices; a scatter (index_put_,
+    """(bytes read, bytes written) of one aten op: views and allocations move nothing; ops that create or fill
+    write their output only; a copy reads its source; a gather reads what it gathers and the indices; a scatter (index_put_,
     index_add_, index_copy_, scatter*) reads its values and indices (an add also the destination rows) and writes
     the rows it touches; any other op reads each distinct input tensor once (its distinct elements) and writes its
     outputs (an in-place op reads and writes self)."""
     name = op_name(func)
-    if name in VIEW_OPS:
+    if name in VIEW_OPS or name in ALLOCATION_OPS:
         return 0, 0
     outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     written = sum(t.numel() * t.element_size() for t in outputs)
@@ -438,7 +441,9 @@ class StepCounter(TorchDispatchMode):
         return out
 
     def record(self, op: str, read: int, written: int) -> None:
-        """Bytes of work done outside aten's dispatch (a modelled product), under the current label."""
+        """A launch made outside aten's dispatch (a modelled kernel or product), counted as one op, and its bytes
+        under the current label."""
+        self.tally.ops[op] += 1
         self.tally.read[self.labels[-1]] += read
         self.tally.written[self.labels[-1]] += written
         self.tally.by_op[op] += read + written
@@ -723,6 +728,8 @@ class ModelledKernels:
         extra = () if selected is None else (selected,)
         read = sum(distinct_bytes(t) for t in (*queries, table, lengths, *extra)) + rows * history * per_token
         partial = rows * heads * pieces * (out_dim + 1) * 4
+        torch.empty(rows, heads, pieces, out_dim, dtype=torch.float32, device=table.device)  # as the wrapper allocates
+        torch.empty(rows, heads, pieces, dtype=torch.float32, device=table.device)
         out = torch.empty(rows, heads, out_dim, dtype=dtype, device=table.device)
         self.counter.record("paged decode (modelled)", read, partial)
         self.counter.record("decode combine (modelled)", partial, out.numel() * out.element_size())
@@ -760,26 +767,29 @@ class ModelledKernels:
         self.counter.record("index scores (modelled)", read, scores.numel() * scores.element_size())
         return scores
 
-    def fp8_experts(self, x, tokens, pair_weights, counts, weights, scales):
+    def fp8_experts(self, x, order, pair_weights, bounds, weights, scales):
         """The expert kernels of a step of `rows` tokens choosing topk of the model's experts uniformly: the
         expected distinct local experts' FP8 weights and scales read once (a decode step's pairs per expert fit one
-        tile), the expected local pairs' tokens and hidden values read and written once, outputs written."""
-        rows, experts = x.shape[0], counts.shape[0]
-        topk = tokens.shape[0] // rows
+        tile), the expected local pairs' tokens and hidden values read and written once, outputs written; the
+        wrapper's allocations (hidden values, zeroed outputs) made as it makes them."""
+        rows, experts = x.shape[0], bounds.shape[0] - 1
+        topk = order.shape[0] // rows
         share = topk / self.args.n_routed_experts
         distinct = experts * (1 - (1 - share) ** rows)
-        per_expert = sum(w[0].numel() * w.element_size() + s[0].numel() * s.element_size() for w, s in zip(
-            weights, scales, strict=True
-        ))  # fmt: skip
+        per_expert = sum(
+            (w.numel() * w.element_size() + s.numel() * s.element_size()) / w.shape[0]
+            for w, s in zip(weights, scales, strict=True)
+        )
         pairs = rows * topk * experts * share / topk  # the local ones expected
         dim, inter, size = x.shape[1], weights[0].shape[1], x.element_size()
-        read = (
-            distinct * per_expert
-            + pairs * (dim + inter) * size
-            + sum(distinct_bytes(t) for t in (tokens, pair_weights, counts))
-        )
-        self.counter.record("Triton FP8 experts (modelled)", int(read), int(pairs * (inter + dim) * size))
-        return torch.zeros(tokens.shape[0], dim, dtype=x.dtype, device=x.device)
+        schedule = sum(distinct_bytes(t) for t in (order, pair_weights, bounds))
+        torch.empty(order.shape[0], inter, dtype=x.dtype, device=x.device)  # the hidden values
+        up = distinct * per_expert * 2 / 3 + pairs * dim * size + schedule
+        self.counter.record("Triton FP8 experts, gate and up (modelled)", int(up), int(pairs * inter * size))
+        out = torch.zeros(rows, topk, dim, dtype=x.dtype, device=x.device)
+        down = distinct * per_expert / 3 + pairs * inter * size + schedule
+        self.counter.record("Triton FP8 experts, down (modelled)", int(down), int(pairs * dim * size))
+        return out
 
     def fp8_heads(self, x, weight, scale, out_features, rows_per_head, first_row, k_along_rows):
         """Per-head products with windows of an FP8 weight: x, each head's window (and its share of the block
@@ -792,10 +802,46 @@ class ModelledKernels:
         return out
 
     def fp8_linear(self, x, weight, scale):
+        x.reshape(-1, x.shape[-1])  # as the wrapper does
         out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
         read = distinct_bytes(x) + distinct_bytes(weight) + distinct_bytes(scale)
         self.counter.record("Triton block-FP8 product (modelled)", read, out.numel() * out.element_size())
         return out
+
+    def takes(self, **_) -> bool:
+        return True
+
+    def route(self, logits, bias, *, topk: int, out_dtype, **_):
+        """The router after its logits (triton_router.route): the logits and bias read once, the weights and
+        indices written once."""
+        weights = torch.empty(logits.shape[0], topk, dtype=out_dtype, device=logits.device)
+        indices = torch.empty(logits.shape[0], topk, dtype=torch.int64, device=logits.device)
+        read = distinct_bytes(logits) + (0 if bias is None else distinct_bytes(bias))
+        self.counter.record("Triton router (modelled)", read, distinct_bytes(weights) + distinct_bytes(indices))
+        return weights, indices
+
+    def quantize_rows(self, x):
+        """x read once; its e4m3 values and fp32 scales (one per 128) written once, in the layouts the kernel
+        writes."""
+        rows, k = x.shape
+        q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+        scale = torch.empty_strided((rows, k // fp8.BLOCK), (1, rows), dtype=torch.float32, device=x.device)
+        self.counter.record(
+            "Triton activation quantisation (modelled)", distinct_bytes(x), q.numel() + scale.numel() * 4
+        )
+        return q, scale
+
+    def rms_norm(self, x, weight, eps):
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        self.counter.record("Triton RMSNorm (modelled)", distinct_bytes(x) + distinct_bytes(weight), distinct_bytes(y))
+        return y
+
+    def rope(self, x, rotations, out=None):
+        """x and its tokens' rotations read once, the rotated values written once (into x itself where out is x)."""
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+        read = distinct_bytes(x) + x.shape[0] * rotations[0].numel() * rotations.element_size()
+        self.counter.record("Triton rope (modelled)", read, x.numel() * x.element_size())
+        return y
 
 
 @contextlib.contextmanager
@@ -803,16 +849,16 @@ def cuda_backend_kernels(counter: StepCounter, history: int, args: ModelArgs) ->
     """The cuda backend as on an sm90 GPU, on meta: its Triton kernels modelled (ModelledKernels), and torch's
     block-scaled product where the backend's rule takes it (bf16, whole 128-blocks: every FP8 weight but wkv_a's),
     counted as cuda_products counts it."""
-    kernels, rule = cuda_backend.triton_kernels, cuda_backend.block_fp8_product
+    kernels, router, rule = cuda_backend.triton_kernels, cuda_backend.triton_router, cuda_backend.block_fp8_product
     modelled = ModelledKernels(counter, history, args)
-    cuda_backend.triton_kernels = lambda: modelled
+    cuda_backend.triton_kernels = cuda_backend.triton_router = lambda: modelled
     cuda_backend.block_fp8_product = lambda x, weight: (
         x.dtype == torch.bfloat16 and weight.shape[0] % fp8.BLOCK == weight.shape[1] % fp8.BLOCK == 0
     )
     try:
         yield
     finally:
-        cuda_backend.triton_kernels, cuda_backend.block_fp8_product = kernels, rule
+        cuda_backend.triton_kernels, cuda_backend.triton_router, cuda_backend.block_fp8_product = kernels, router, rule
 
 
 def path_bytes(model: Transformer, args: ModelArgs, step: Step, pool: KVPool, context: int, path: str) -> dict:
@@ -844,6 +890,7 @@ def path_bytes(model: Transformer, args: ModelArgs, step: Step, pool: KVPool, co
         "total": tally.bytes_moved,
         "dequantised_matrices": tally.dequantised,
         "aten_ops": tally.aten_ops,
+        "non_view_ops": tally.non_view_ops,
         "refused_scaled_mm": sorted(set(refused)),
         "top_ops": tally.by_op.most_common(8),
     }
@@ -997,6 +1044,16 @@ def print_bytes(results: list[dict]) -> None:
         refused = e["paths"]["torch, CUDA path"]["refused_scaled_mm"]
         if refused:
             print(f"F.scaled_mm's checks refuse (on meta): {', '.join(refused)}")
+    print("\ndispatched ops per eager decode step at the real widths (aten ops, and each launch made outside aten:")
+    print("a Triton kernel, F.scaled_mm, counted as one; views apart)")
+    paths = ("torch, CPU path", "torch, CUDA path", CUDA_BACKEND)
+    print("| rows | context | " + " | ".join(paths) + " |")
+    print("|---" * (2 + len(paths)) + "|")
+    for e in results:
+        cells = " | ".join(
+            f"{e['paths'][p]['aten_ops']:,} ({e['paths'][p]['non_view_ops']:,} not views)" for p in paths
+        )
+        print(f"| {e['rows']} | {e['context']:,} | {cells} |")
 
 
 def print_sparse_bytes(results: list[dict]) -> None:
