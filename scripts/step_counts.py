@@ -333,10 +333,10 @@ def distinct_bytes(t: torch.Tensor) -> int:
 
 def op_bytes(func, args: tuple, kwargs: dict, out) -> tuple[int, int]:
     """(bytes read, bytes written) of one aten op: views and allocations move nothing; ops that create or fill
-    write their output only; a copy reads its source; a gather reads what it gathers and the indices; a scatter (index_put_,
-    index_add_, index_copy_, scatter*) reads its values and indices (an add also the destination rows) and writes
-    the rows it touches; any other op reads each distinct input tensor once (its distinct elements) and writes its
-    outputs (an in-place op reads and writes self)."""
+    write their output only; a copy reads its source; a gather reads what it gathers and the indices; a scatter
+    (index_put_, index_add_, index_copy_, scatter*) reads its values and indices (an add also the destination rows)
+    and writes the rows it touches; any other op reads each distinct input tensor once (its distinct elements) and
+    writes its outputs (an in-place op reads and writes self)."""
     name = op_name(func)
     if name in VIEW_OPS or name in ALLOCATION_OPS:
         return 0, 0
@@ -891,6 +891,7 @@ def path_bytes(model: Transformer, args: ModelArgs, step: Step, pool: KVPool, co
         "dequantised_matrices": tally.dequantised,
         "aten_ops": tally.aten_ops,
         "non_view_ops": tally.non_view_ops,
+        "launches": {op: n for op, n in tally.ops.items() if op.endswith("(modelled)")},
         "refused_scaled_mm": sorted(set(refused)),
         "top_ops": tally.by_op.most_common(8),
     }
