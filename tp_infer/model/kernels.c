@@ -350,9 +350,22 @@ static int64_t take_largest(const float *v, char *taken, int64_t n) {
  *
  *   x [m, dim]   gate [E, dim]   bias [E] or NULL   weights [m, topk] fp32   indices [m, topk] int64
  * 0, -2 out of memory. */
-int route(const float *x, const float *gate, const float *bias, float *weights, int64_t *indices, int64_t m,
-          int64_t dim, int64_t E, int sigmoid, int64_t groups, int64_t topk_groups, int64_t topk, int norm,
-          float scale, int threads) {
+typedef struct {
+    const float *x, *gate, *bias;
+    float *weights;
+    int64_t *indices;
+    int64_t m, dim, E, groups, topk_groups, topk;
+    int sigmoid, norm;
+    float scale;
+} Route;
+
+int route(const Route *a, int threads) {
+    const float *x = a->x, *gate = a->gate, *bias = a->bias;
+    float *weights = a->weights;
+    int64_t *indices = a->indices;
+    const int64_t m = a->m, dim = a->dim, E = a->E, groups = a->groups, topk_groups = a->topk_groups, topk = a->topk;
+    const int sigmoid = a->sigmoid, norm = a->norm;
+    const float scale = a->scale;
     float *logits = malloc(sizeof(float) * (m * E + E + groups)), *choice = logits + m * E, *group_scores = choice + E;
     char *taken = malloc(E + groups);
     if (!logits || !taken) return free(logits), free(taken), -2;
@@ -410,10 +423,21 @@ int route(const float *x, const float *gate, const float *bias, float *weights, 
  * Each element of y gets the experts in ascending order: the thread adding expert e's passed the barrier of e only
  * after every thread had added e - 1's.
  * 0, -2 out of memory. */
-int moe(const float *x, const float *weights, const int64_t *indices, const int64_t *ids, const float *const *w1s,
-        const float *const *w3s, const float *const *w2s, int64_t n, const float *sw1, const float *sw3,
-        const float *sw2, float *y, int64_t m, int64_t topk, int64_t dim, int64_t inter, int64_t shared_inter,
-        int threads) {
+typedef struct {
+    const float *x, *weights;
+    const int64_t *indices, *ids;
+    const float *const *w1s, *const *w3s, *const *w2s;
+    const float *sw1, *sw3, *sw2;
+    float *y;
+    int64_t n, m, topk, dim, inter, shared_inter;
+} Moe;
+
+int moe(const Moe *a, int threads) {
+    const float *x = a->x, *weights = a->weights, *sw1 = a->sw1, *sw3 = a->sw3, *sw2 = a->sw2;
+    const int64_t *indices = a->indices, *ids = a->ids;
+    const float *const *w1s = a->w1s, *const *w3s = a->w3s, *const *w2s = a->w2s;
+    float *y = a->y;
+    const int64_t n = a->n, m = a->m, topk = a->topk, dim = a->dim, inter = a->inter, shared_inter = a->shared_inter;
     /* the (token, weight) pairs by expert: expert e's from start[e], count[e] of them */
     int64_t *start = malloc(sizeof(int64_t) * (2 * n + m * topk)), *count = start + n, *tokens = count + n;
     float *wt = malloc(sizeof(float) * m * topk);
@@ -696,11 +720,33 @@ static void write_new(const float *kv, const float *norm, float eps, const float
     rope(kv + C, rot, pe + slot * P, 1, 1, P / 2, 0, 0);
 }
 
-int mla_decode(const float *q_nope, const float *q_pe, const float *kv, const float *norm, const float *rot,
-               const int64_t *slots, const float *wkv_b, float *latent, float *pe, const int64_t *block_table,
-               const int64_t *lengths, float *out, int64_t R, int64_t H, int64_t D, int64_t V, int64_t C, int64_t P,
-               int64_t nb, int64_t bs, int64_t q_rs, int64_t q_hs, int64_t p_rs, int64_t p_hs, float scale, float eps,
-               int threads) {
+/* The operands of mla_decode and mha_decode (each described above its function): cache0 and cache1 are the pool's
+ * first two quantities, the latent and rope key (absorbed) or the per-head keys and values (naive); kv NULL when the
+ * new entries are stored already. */
+typedef struct {
+    const float *q_nope, *q_pe, *kv, *norm, *rot;
+    const int64_t *slots;
+    const float *wkv_b;
+    float *cache0, *cache1;
+    const int64_t *block_table, *lengths;
+    float *out;
+    int64_t R, H, D, P, V, C, nb, bs, q_rs, q_hs, p_rs, p_hs;
+    float scale, eps;
+} Decode;
+
+/* the operands' fields under the names the kernels' bodies use */
+#define DECODE_FIELDS(a)                                                                                               \
+    const float *q_nope = (a)->q_nope, *q_pe = (a)->q_pe, *kv = (a)->kv, *norm = (a)->norm, *rot = (a)->rot;           \
+    const int64_t *slots = (a)->slots, *block_table = (a)->block_table, *lengths = (a)->lengths;                       \
+    const float *wkv_b = (a)->wkv_b;                                                                                   \
+    float *out = (a)->out;                                                                                             \
+    const int64_t R = (a)->R, H = (a)->H, D = (a)->D, P = (a)->P, V = (a)->V, C = (a)->C, nb = (a)->nb, bs = (a)->bs;  \
+    const int64_t q_rs = (a)->q_rs, q_hs = (a)->q_hs, p_rs = (a)->p_rs, p_hs = (a)->p_hs;                              \
+    const float scale = (a)->scale, eps = (a)->eps
+
+int mla_decode(const Decode *a, int threads) {
+    DECODE_FIELDS(a);
+    float *latent = a->cache0, *pe = a->cache1;
     const int64_t S = nb * bs, per_row = H * (C + P + S + C);
     if (C % 16) return -1;
     for (int64_t r = 0; r < R; r++)
@@ -774,11 +820,9 @@ static void mha_row(const float *qn, const float *qpe, int64_t q_hs, int64_t p_h
     }
 }
 
-int mha_decode(const float *q_nope, const float *q_pe, const float *kv, const float *norm, const float *rot,
-               const int64_t *slots, const float *wkv_b, float *keys, float *values, const int64_t *block_table,
-               const int64_t *lengths, float *out, int64_t R, int64_t H, int64_t D, int64_t P, int64_t V, int64_t C,
-               int64_t nb, int64_t bs, int64_t q_rs, int64_t q_hs, int64_t p_rs, int64_t p_hs, float scale, float eps,
-               int threads) {
+int mha_decode(const Decode *a, int threads) {
+    DECODE_FIELDS(a);
+    float *keys = a->cache0, *values = a->cache1;
     const int64_t S = nb * bs, K = D + P, per_row = H * (S + P);
     if (V % 8) return -1;
     for (int64_t r = 0; r < R; r++)

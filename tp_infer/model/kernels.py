@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -100,7 +100,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.small_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.small_matmul.restype = ctypes.c_int
-    lib.mla_decode.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 12 + [ctypes.c_float] * 2 + [ctypes.c_int]
+    lib.mla_decode.argtypes = [ctypes.POINTER(DecodeArgs), ctypes.c_int]
     lib.mla_decode.restype = ctypes.c_int
     lib.mha_decode.argtypes = lib.mla_decode.argtypes
     lib.mha_decode.restype = ctypes.c_int
@@ -110,11 +110,9 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.restype = None
     lib.rope.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
     lib.rope.restype = None
-    lib.route.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 3
-    lib.route.argtypes += [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    lib.route.argtypes = [ctypes.POINTER(RouteArgs), ctypes.c_int]
     lib.route.restype = ctypes.c_int
-    lib.moe.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-    lib.moe.argtypes += [ctypes.c_int]
+    lib.moe.argtypes = [ctypes.POINTER(MoeArgs), ctypes.c_int]
     lib.moe.restype = ctypes.c_int
     lib.extend_attention.argtypes = [ctypes.POINTER(ExtendArgs), ctypes.c_int]
     lib.extend_attention.restype = ctypes.c_int
@@ -207,6 +205,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return y
 
 
+class RouteArgs(ctypes.Structure):
+    """route's operands (kernels.c's Route): pointers, sizes, then the rules."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "gate", "bias", "weights", "indices")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("m", "dim", "E", "groups", "topk_groups", "topk")]
+    _fields_ += [("sigmoid", ctypes.c_int), ("norm", ctypes.c_int), ("scale", ctypes.c_float)]
+
+
 def route(
     x: torch.Tensor,
     gate: torch.Tensor,
@@ -225,11 +231,22 @@ def route(
     if lib is None:
         return None
     weights, indices = x.new_empty(x.shape[0], topk), torch.empty(x.shape[0], topk, dtype=torch.int64)
-    pointers = (x.data_ptr(), gate.data_ptr(), None if bias is None else bias.data_ptr())
-    shape = (*x.shape, gate.shape[0], sigmoid, groups, topk_groups, topk, norm, scale)
-    status = lib.route(*pointers, weights.data_ptr(), indices.data_ptr(), *shape, torch.get_num_threads())
+    args = RouteArgs(
+        x=x.data_ptr(), gate=gate.data_ptr(), bias=None if bias is None else bias.data_ptr(),
+        weights=weights.data_ptr(), indices=indices.data_ptr(), m=x.shape[0], dim=x.shape[1], E=gate.shape[0],
+        groups=groups, topk_groups=topk_groups, topk=topk, sigmoid=sigmoid, norm=norm, scale=scale,
+    )  # fmt: skip
+    status = lib.route(ctypes.byref(args), torch.get_num_threads())
     assert status == 0, f"route: out of memory for {x.shape[0]} x {gate.shape[0]} scores"
     return weights, indices
+
+
+class MoeArgs(ctypes.Structure):
+    """moe's operands (kernels.c's Moe): pointers (the chosen experts' ids and weight arrays), then sizes."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "weights", "indices", "ids", "w1s", "w3s", "w2s")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("sw1", "sw3", "sw2", "y")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("n", "m", "topk", "dim", "inter", "shared_inter")]
 
 
 def moe(
@@ -253,10 +270,15 @@ def moe(
     (rows, dim), topk = x.shape, weights.shape[1]
     inter, shared_inter = experts[ids[0]][0].shape[0] if ids else 0, 0 if shared is None else shared[0].shape[0]
     y = torch.empty_like(x)
-    pointers = (x.data_ptr(), weights.data_ptr(), indices.data_ptr(), (ctypes.c_int64 * len(ids))(*ids), *per_expert)
-    shared_pointers = (None, None, None) if shared is None else tuple(w.data_ptr() for w in shared)
-    sizes = (rows, topk, dim, inter, shared_inter)
-    status = lib.moe(*pointers, len(ids), *shared_pointers, y.data_ptr(), *sizes, torch.get_num_threads())
+    chosen = (ctypes.c_int64 * len(ids))(*ids)
+    sw1, sw3, sw2 = (None, None, None) if shared is None else tuple(w.data_ptr() for w in shared)
+    args = MoeArgs(
+        x=x.data_ptr(), weights=weights.data_ptr(), indices=indices.data_ptr(), ids=ctypes.addressof(chosen),
+        w1s=ctypes.addressof(per_expert[0]), w3s=ctypes.addressof(per_expert[1]), w2s=ctypes.addressof(per_expert[2]),
+        sw1=sw1, sw3=sw3, sw2=sw2, y=y.data_ptr(), n=len(ids), m=rows, topk=topk, dim=dim, inter=inter,
+        shared_inter=shared_inter,
+    )  # fmt: skip
+    status = lib.moe(ctypes.byref(args), torch.get_num_threads())
     assert status == 0, f"moe: out of memory for {rows} tokens"
     return y
 
@@ -331,6 +353,18 @@ def extend_attention(
     return True
 
 
+class DecodeArgs(ctypes.Structure):
+    """mla_decode's and mha_decode's operands (kernels.c's Decode): pointers, then sizes and strides in floats, then
+    the softmax scale and the norm's eps. cache0 and cache1 are the pool's first two quantities (absorbed: latent and
+    rope key; naive: keys and values); kv and the rest of the new entries None where they are stored already."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("q_nope", "q_pe", "kv", "norm", "rot", "slots", "wkv_b")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("cache0", "cache1", "block_table", "lengths", "out")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("R", "H", "D", "P", "V", "C", "nb", "bs")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("q_rs", "q_hs", "p_rs", "p_hs")]
+    _fields_ += [("scale", ctypes.c_float), ("eps", ctypes.c_float)]
+
+
 @dataclass
 class NewEntries:
     """What mla_decode stores before it attends: each row's new latent and rope key as wkv_a gives them, kv [R, C + P],
@@ -347,6 +381,36 @@ class NewEntries:
         rotations = self.rotations
         contiguous = self.kv.is_contiguous() and rotations.is_contiguous()
         return contiguous and rotations.dtype == torch.complex64 and self.slots.dtype == torch.int64
+
+
+def decode_args(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    wkv_b: torch.Tensor | None,
+    caches: tuple[torch.Tensor, torch.Tensor],
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    new: NewEntries | None,
+    latent_dim: int,
+) -> DecodeArgs:
+    """The struct both decode kernels take, from their operands (tensors as pointers, contiguous where the kernel
+    reads them so)."""
+    (rows, heads, nope), rope_dim = q_nope.shape, q_pe.shape[-1]
+
+    def pointer(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    return DecodeArgs(
+        q_nope=pointer(q_nope), q_pe=pointer(q_pe), kv=pointer(None if new is None else new.kv),
+        norm=pointer(None if new is None else new.norm_weight), rot=pointer(None if new is None else new.rotations),
+        slots=pointer(None if new is None else new.slots), wkv_b=pointer(wkv_b), cache0=pointer(caches[0]),
+        cache1=pointer(caches[1]), block_table=pointer(block_table), lengths=pointer(lengths), out=pointer(out),
+        R=rows, H=heads, D=nope, P=rope_dim, V=out.shape[-1], C=latent_dim, nb=block_table.shape[1],
+        bs=caches[0].shape[1], q_rs=q_nope.stride(0), q_hs=q_nope.stride(1), p_rs=q_pe.stride(0),
+        p_hs=q_pe.stride(1), scale=scale, eps=0.0 if new is None else new.eps,
+    )  # fmt: skip
 
 
 def mla_decode(
@@ -372,16 +436,12 @@ def mla_decode(
     lib = usable(q_nope, q_pe, wkv_b, latent, pe, *(() if new is None else (new.kv, new.norm_weight))) if fits else None
     if lib is None:
         return None
-    (rows, heads, nope), rope_dim, (nb, bs) = q_nope.shape, q_pe.shape[-1], (block_table.shape[1], latent.shape[1])
-    v_dim, width = wkv_b.shape[1] - nope, latent.shape[-1]
-    out = q_nope.new_empty(rows, heads, v_dim)
-    stored = (None,) * 4 if new is None else (new.kv, new.norm_weight, new.rotations, new.slots.contiguous())
-    pointers = (q_nope, q_pe, *stored, wkv_b, latent, pe, block_table.contiguous(), lengths.contiguous(), out)
-    shape = (rows, heads, nope, v_dim, width, rope_dim, nb, bs, *q_nope.stride()[:2], *q_pe.stride()[:2])
-    eps = 0.0 if new is None else new.eps
-    status = lib.mla_decode(
-        *(None if t is None else t.data_ptr() for t in pointers), *shape, scale, eps, torch.get_num_threads()
-    )
+    (rows, heads, nope), nb, bs = q_nope.shape, block_table.shape[1], latent.shape[1]
+    out = q_nope.new_empty(rows, heads, wkv_b.shape[1] - nope)
+    block_table, lengths = block_table.contiguous(), lengths.contiguous()
+    new = None if new is None else replace(new, slots=new.slots.contiguous())
+    args = decode_args(q_nope, q_pe, wkv_b, (latent, pe), block_table, lengths, out, scale, new, latent.shape[-1])
+    status = lib.mla_decode(ctypes.byref(args), torch.get_num_threads())
     assert status == 0, f"mla_decode: lengths {lengths.tolist()} outside 1 .. {nb * bs}, or out of memory"
     return out
 
@@ -411,16 +471,14 @@ def mha_decode(
     lib = usable(*operands) if fits else None
     if lib is None:
         return None
-    (rows, heads, nope), rope_dim, (nb, bs) = q_nope.shape, q_pe.shape[-1], (block_table.shape[1], keys.shape[1])
-    v_dim, latent_dim = values.shape[-1], 0 if new is None else wkv_b.shape[-1]
-    out = q_nope.new_empty(rows, heads, v_dim)
-    stored = (None,) * 5 if new is None else (new.kv, new.norm_weight, new.rotations, new.slots.contiguous(), wkv_b)
-    pointers = (q_nope, q_pe, *stored, keys, values, block_table.contiguous(), lengths.contiguous(), out)
-    shape = (rows, heads, nope, rope_dim, v_dim, latent_dim, nb, bs, *q_nope.stride()[:2], *q_pe.stride()[:2])
-    eps = 0.0 if new is None else new.eps
-    status = lib.mha_decode(
-        *(None if t is None else t.data_ptr() for t in pointers), *shape, scale, eps, torch.get_num_threads()
-    )
+    (rows, heads, _), nb, bs = q_nope.shape, block_table.shape[1], keys.shape[1]
+    out = q_nope.new_empty(rows, heads, values.shape[-1])
+    block_table, lengths = block_table.contiguous(), lengths.contiguous()
+    new = None if new is None else replace(new, slots=new.slots.contiguous())
+    latent_dim = 0 if new is None else wkv_b.shape[-1]
+    wkv_b = None if new is None else wkv_b  # read only to store the new entries
+    args = decode_args(q_nope, q_pe, wkv_b, (keys, values), block_table, lengths, out, scale, new, latent_dim)
+    status = lib.mha_decode(ctypes.byref(args), torch.get_num_threads())
     assert status == 0, f"mha_decode: lengths {lengths.tolist()} outside 1 .. {nb * bs}, or out of memory"
     return out
 
