@@ -353,6 +353,38 @@ def _history_span(block_table: torch.Tensor, block_size: int, selected: torch.Te
     return selected.shape[1]
 
 
+@dataclass(frozen=True)
+class Pieces:
+    """A paged decode launch's split of history: tokens per piece, how many pieces, and the buffers each piece's
+    weighted sums partial [R, H, pieces, D] and log-sum-exps lse [R, H, pieces] (fp32) go to, for _combined."""
+
+    split_tokens: int
+    count: int
+    partial: torch.Tensor
+    lse: torch.Tensor
+
+
+def _pieces(
+    q: torch.Tensor,
+    groups: int,
+    out_dim: int,
+    block_table: torch.Tensor,
+    block_size: int,
+    selected: torch.Tensor | None,
+    split_tokens: int | None,
+    block_n: int,
+) -> Pieces:
+    """The pieces a decode launch of q [R, H, ...]'s rows in `groups` programs per row splits each history into
+    (split_tokens given, or split_tokens_for this device), with their buffers."""
+    rows, heads = q.shape[:2]
+    max_tokens = _history_span(block_table, block_size, selected)
+    split_tokens = split_tokens or split_tokens_for(rows, groups, max_tokens, q.device, block_n)
+    count = -(-max_tokens // split_tokens)
+    partial = torch.empty(rows, heads, count, out_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(rows, heads, count, dtype=torch.float32, device=q.device)
+    return Pieces(split_tokens=split_tokens, count=count, partial=partial, lse=lse)
+
+
 def _combined(partial: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The pieces [R, H, S, D] joined by their log-sum-exps [R, H, S]: out [R, H, D] in `dtype`."""
     rows, heads, pieces, dim = partial.shape
@@ -399,13 +431,9 @@ def mla_decode(
     assert q_latent.stride(-1) == q_pe.stride(-1) == latent.stride(-1) == rope.stride(-1) == 1
     block_h, block_n = DECODE_BLOCK_H, decode_block_n(latent_dim)
     groups = -(-heads // block_h)
-    max_tokens = _history_span(block_table, latent.shape[1], selected)
-    split_tokens = split_tokens or split_tokens_for(rows, groups, max_tokens, q_latent.device, block_n)
-    pieces = -(-max_tokens // split_tokens)
-    partial = torch.empty(rows, heads, pieces, latent_dim, dtype=torch.float32, device=q_latent.device)
-    lse = torch.empty(rows, heads, pieces, dtype=torch.float32, device=q_latent.device)
+    pieces = _pieces(q_latent, groups, latent_dim, block_table, latent.shape[1], selected, split_tokens, block_n)
     upcast, precision = _dot_settings(q_latent.dtype)
-    _absorbed_split[(rows, groups, pieces)](
+    _absorbed_split[(rows, groups, pieces.count)](
         q_latent,
         q_pe,
         latent,
@@ -415,8 +443,8 @@ def mla_decode(
         block_table,
         lengths,
         block_table if selected is None else selected,
-        partial,
-        lse,
+        pieces.partial,
+        pieces.lse,
         sm_scale,
         q_latent.stride(0),
         q_latent.stride(1),
@@ -430,12 +458,12 @@ def mla_decode(
         _scale_strides(rope_scale),
         block_table.stride(0),
         0 if selected is None else selected.stride(0),
-        *partial.stride()[:3],
+        *pieces.partial.stride()[:3],
         heads,
         latent_dim,
         rope_dim,
         latent.shape[1],
-        split_tokens,
+        pieces.split_tokens,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
         BLOCK_C=triton.next_power_of_2(latent_dim),
@@ -447,7 +475,7 @@ def mla_decode(
         num_warps=8 if latent_dim > 256 else 4,
         num_stages=1 if upcast else 2,  # fp32 tiles of a 512-wide latent: one in shared memory at a time
     )
-    return _combined(partial, lse, q_latent.dtype)
+    return _combined(pieces.partial, pieces.lse, q_latent.dtype)
 
 
 # -- paged MLA decode, naive form ------------------------------------------------------------------------------------
@@ -565,14 +593,9 @@ def mha_decode(
     value_dim = values.shape[-1]
     fp8 = key_scale is not None
     assert q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
-    block_n = PER_HEAD_BLOCK_N
-    max_tokens = _history_span(block_table, keys.shape[1], selected)
-    split_tokens = split_tokens or split_tokens_for(rows, heads, max_tokens, q.device, block_n)
-    pieces = -(-max_tokens // split_tokens)
-    partial = torch.empty(rows, heads, pieces, value_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(rows, heads, pieces, dtype=torch.float32, device=q.device)
+    pieces = _pieces(q, heads, value_dim, block_table, keys.shape[1], selected, split_tokens, PER_HEAD_BLOCK_N)
     scale_strides = (key_scale.stride()[:2] + value_scale.stride()[:2]) if fp8 else (0, 0, 0, 0)
-    _per_head_split[(rows, heads, pieces)](
+    _per_head_split[(rows, heads, pieces.count)](
         q,
         keys,
         key_scale if fp8 else keys,
@@ -581,8 +604,8 @@ def mha_decode(
         block_table,
         lengths,
         block_table if selected is None else selected,
-        partial,
-        lse,
+        pieces.partial,
+        pieces.lse,
         sm_scale,
         q.stride(0),
         q.stride(1),
@@ -591,19 +614,19 @@ def mha_decode(
         *scale_strides,
         block_table.stride(0),
         0 if selected is None else selected.stride(0),
-        *partial.stride()[:3],
+        *pieces.partial.stride()[:3],
         heads,
         key_dim,
         value_dim,
         keys.shape[1],
-        split_tokens,
-        BLOCK_N=block_n,
+        pieces.split_tokens,
+        BLOCK_N=PER_HEAD_BLOCK_N,
         BLOCK_D=triton.next_power_of_2(key_dim),
         BLOCK_V=triton.next_power_of_2(value_dim),
         FP8=fp8,
         SELECTED=selected is not None,
     )
-    return _combined(partial, lse, q.dtype)
+    return _combined(pieces.partial, pieces.lse, q.dtype)
 
 
 # -- V3.2's lightning indexer: decode rows' index scores over the cached indexer keys ------------------------------
