@@ -86,14 +86,15 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def layer(heads: int, device: torch.device):
-    """An MLA layer at V2-Lite's attention widths with `heads` local heads, random bf16 wkv_b."""
+def layer(heads: int, device: torch.device, **options):
+    """An MLA layer at V2-Lite's attention widths with `heads` local heads (and any other config `options`), random
+    bf16 wkv_b."""
     from tp_infer.config import load_config
     from tp_infer.model.attention import MLA
     from tp_infer.model.layers import TensorParallel
 
     args = load_config(ROOT / "configs" / "config_16B.json", dtype="bf16", attn_impl="absorb").with_options(
-        n_heads=heads
+        n_heads=heads, **options
     )
     with torch.device(device):
         mla = MLA(args, TensorParallel(0, 1), torch.bfloat16)
@@ -128,18 +129,7 @@ def decode_group(mla, rows: int, history: int, cache_dtype: torch.dtype, device:
 
 def sparse_layer(heads: int, topk: int, device: torch.device):
     """layer()'s widths with V3.2's lightning indexer (64 heads of 128, q_lora_rank 1,536) keeping topk positions."""
-    from tp_infer.config import load_config
-    from tp_infer.model.attention import MLA
-    from tp_infer.model.layers import TensorParallel
-
-    args = load_config(ROOT / "configs" / "config_16B.json", dtype="bf16", attn_impl="absorb").with_options(
-        n_heads=heads, q_lora_rank=1536, index_n_heads=64, index_head_dim=128, index_topk=topk
-    )
-    with torch.device(device):
-        mla = MLA(args, TensorParallel(0, 1), torch.bfloat16)
-    with torch.no_grad():
-        mla.wkv_b.weight.normal_(0, 1 / math.sqrt(args.kv_lora_rank))
-    return mla
+    return layer(heads, device, q_lora_rank=1536, index_n_heads=64, index_head_dim=128, index_topk=topk)
 
 
 def sparse_decode_group(mla, rows: int, history: int, cache_dtype: torch.dtype, device: torch.device):
